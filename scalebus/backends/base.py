@@ -1,0 +1,232 @@
+"""The ports: what the controller, worker and self-destroy need from the outside world.
+
+Each port is a ``typing.Protocol``. ``backends/local`` (SQLite, process pool, folder) and ``backends/azure``
+(Service Bus, VMSS, ADLS Gen2) implement them and pass the same contract tests in ``tests/contract``. Values
+crossing a port are plain frozen dataclasses, never SDK objects, and times are epoch seconds (``time.time()``).
+Adapters raise only :mod:`scalebus.errors` types.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+# --------------------------------------------------------------------------------------------- queue
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message to enqueue. ``message_id`` is the job id, so Service Bus duplicate detection works."""
+
+    message_id: str
+    body: bytes
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """A message received in peek-lock mode. Service Bus semantics: ``delivery_count`` is 1 on first delivery."""
+
+    message_id: str
+    body: bytes
+    lock_token: str
+    delivery_count: int
+    sequence_number: int
+    enqueued_at: float
+    locked_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered message as ``status`` and tests see it."""
+
+    message_id: str
+    reason: str
+    description: str
+    delivery_count: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DepthSample:
+    """How much work is waiting, and how old that knowledge is.
+
+    ``in_flight`` (messages locked by a receiver) is ``None`` when the source cannot tell (Azure Monitor).
+    ``sampled_at`` is when the numbers were true: a Monitor metric is minutes old, the policy must know.
+    """
+
+    active: int
+    in_flight: int | None
+    dead_lettered: int
+    sampled_at: float
+    scheduled: int = 0
+    transfer: int = 0
+    source: str = ""
+
+
+class LockKeeper(Protocol):
+    """Keeps one message's lock alive in the background until ``stop``."""
+
+    @property
+    def lost(self) -> BaseException | None:
+        """The error that ended renewal, or ``None`` while the lock is held."""
+
+    def stop(self) -> None:
+        """Stop renewing (before settling the message)."""
+
+
+class JobQueue(Protocol):
+    """A peek-lock queue with Service Bus semantics (complete / abandon / dead-letter, max deliveries)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Enqueue messages (batched where the service allows). A duplicate id raises ``DuplicateJobError``
+        where the backend can tell (SQLite); Service Bus duplicate detection drops it silently."""
+
+    def receive(self, *, max_wait_s: float) -> ReceivedMessage | None:
+        """Lock and return the next message, or ``None`` after ``max_wait_s``. Messages delivered more than
+        the queue's max delivery count are dead-lettered (``MaxDeliveryCountExceeded``), never returned."""
+
+    def renew_lock(self, message: ReceivedMessage) -> float:
+        """Extend the lock; returns the new ``locked_until``. Raises ``LockLostError`` if no longer held."""
+
+    def keep_locked(self, message: ReceivedMessage, *, on_lost: Callable[[BaseException], None]) -> LockKeeper:
+        """Renew the lock in the background for as long as the job runs, however long that is."""
+
+    def complete(self, message: ReceivedMessage) -> None:
+        """Remove the message for good. Raises ``LockLostError`` if the lock is gone."""
+
+    def abandon(self, message: ReceivedMessage) -> None:
+        """Release the lock so the message is delivered again (delivery count + 1)."""
+
+    def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
+        """Move the message to the dead-letter queue with a reason."""
+
+    def peek_dead_letters(self, *, max_count: int) -> list[DeadLetter]:
+        """Look at dead-lettered messages without removing them."""
+
+    def close(self) -> None: ...
+
+
+class QueueDepth(Protocol):
+    """Where the controller learns the queue depth (the queue itself, an admin API, or a metric)."""
+
+    def read_depth(self) -> DepthSample: ...
+
+
+# --------------------------------------------------------------------------------------------- scale set
+
+
+class InstanceState(enum.StrEnum):
+    """An instance's life as the scale set reports it (not whether it is busy: see ``Heartbeat``)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DELETING = "deleting"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    instance_id: str
+    state: InstanceState
+    created_at: float
+    protected: bool = False
+    name: str = ""
+
+
+class ScaleSet(Protocol):
+    """A set of identical worker machines the controller sizes.
+
+    Lowering capacity removes instances the *scale set* chooses (as VMSS does), so the controller never lowers
+    it to scale in: idle workers delete themselves, and the controller deletes only named broken instances.
+    """
+
+    def get_capacity(self) -> int: ...
+
+    def list_instances(self) -> list[Instance]: ...
+
+    def set_capacity(self, capacity: int) -> None:
+        """One write; returns when the scale set has accepted it (long-running operations polled to the end)."""
+
+    def delete_instances(self, instance_ids: Sequence[str]) -> None:
+        """Delete named instances in one call; capacity drops by as many. Already gone counts as done."""
+
+    def set_protection(self, instance_id: str, *, protected: bool) -> None:
+        """Protect a busy instance from scale-in by anything else (a no-op where nothing else scales in)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """Who this process runs on: what IMDS tells a VM, what the local pool tells its processes."""
+
+    instance_id: str
+    scale_set: str
+    name: str = ""
+
+
+class InstanceIdentity(Protocol):
+    def whoami(self) -> InstanceInfo:
+        """Raises ``IdentityError`` when this process is not an instance of a scale set."""
+
+
+class WorkerState(enum.StrEnum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    instance_id: str
+    state: WorkerState
+    at: float
+    job_id: str | None = None
+
+
+class HeartbeatStore(Protocol):
+    """Workers report liveness and busy/idle here; the controller reads it to tell idle from busy."""
+
+    def beat(self, heartbeat: Heartbeat) -> None: ...
+
+    def read_all(self) -> list[Heartbeat]: ...
+
+    def forget(self, instance_id: str) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    """A file in the object store. ``rel_path`` is '/'-separated, relative to the URI that was listed."""
+
+    uri: str
+    rel_path: str
+    size: int
+    etag: str
+    content_md5: bytes | None = None
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A data lake: list, read (ranged) and write files addressed by URI (``file://``, ``abfss://``)."""
+
+    def list_files(self, uri: str) -> Iterator[RemoteObject]:
+        """Every file under ``uri`` (recursively); a file URI yields itself with its base name as
+        ``rel_path``. Directory markers are skipped. Raises ``ObjectNotFoundError`` if nothing is there."""
+
+    def read_into(self, obj: RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None) -> int:
+        """Stream bytes ``[offset, offset+length)`` of ``obj`` into ``sink``; returns the count written."""
+
+    def write_file(self, source: Path, uri: str) -> None:
+        """Upload a local file to ``uri`` (overwriting)."""
+
+    def write_bytes(self, data: bytes, uri: str) -> None: ...
+
+    def exists(self, uri: str) -> bool: ...

@@ -1,0 +1,131 @@
+"""Our own error hierarchy.
+
+Client-library exceptions never cross a port: adapters translate them (``raise ... from exc``) so the
+controller and worker decide on the *type* — transient or permanent — never on a message string.
+"""
+
+from __future__ import annotations
+
+
+class ScalebusError(Exception):
+    """Base of every error scalebus raises on purpose."""
+
+
+class ConfigError(ScalebusError):
+    """A setting is missing or invalid. The message names the key and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"config {key}: {problem} — {fix}")
+
+
+class UserInputError(ScalebusError):
+    """A command-line mistake (unreadable file, bad flag value). Printed as one line, no traceback."""
+
+
+class InvalidJobError(ScalebusError):
+    """A job message fails validation. Producers see it at submit time; workers dead-letter it."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        self.reason = reason
+        self.description = description
+        super().__init__(f"{reason}: {description}")
+
+
+class BackendError(ScalebusError):
+    """An external system failed. ``transient`` says whether trying again later can help."""
+
+    transient: bool = False
+
+
+class TransientBackendError(BackendError):
+    """Timeouts, throttling, 5xx, dropped connections: back off and try again."""
+
+    transient = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class PermanentBackendError(BackendError):
+    """Authorisation, not found, bad request: retrying the same call cannot help."""
+
+
+class QueueError(BackendError):
+    """The job queue failed."""
+
+
+class TransientQueueError(QueueError, TransientBackendError):
+    """The job queue failed in a way that may pass."""
+
+
+class LockLostError(QueueError):
+    """The message lock expired or was taken by another receiver: this worker no longer owns the job."""
+
+
+class QueueNotFoundError(QueueError, PermanentBackendError):
+    """The configured queue does not exist."""
+
+
+class ScaleSetError(BackendError):
+    """The scale set failed."""
+
+
+class TransientScaleSetError(ScaleSetError, TransientBackendError):
+    """The scale set is throttled or briefly unavailable."""
+
+
+class InstanceNotFoundError(ScaleSetError, PermanentBackendError):
+    """The named instance does not exist (already deleted counts as success for self-destroy)."""
+
+
+class StorageError(BackendError):
+    """The object store failed."""
+
+
+class TransientStorageError(StorageError, TransientBackendError):
+    """The object store failed in a way that may pass (timeouts, 503 ServerBusy, resets)."""
+
+
+class ObjectNotFoundError(StorageError, PermanentBackendError):
+    """The object or folder does not exist."""
+
+
+class UnsafePathError(StorageError, PermanentBackendError):
+    """A remote name would escape the staging directory or is not representable locally."""
+
+
+class IntegrityError(StorageError):
+    """A downloaded file does not match its size or checksum."""
+
+
+class IdentityError(BackendError):
+    """This process cannot tell which instance it runs on."""
+
+
+class SelfDestroyRefused(ScalebusError):
+    """A guard stopped self-destroy (not in a scale set, identity mismatch, a job lock still held)."""
+
+
+class JobError(ScalebusError):
+    """Raised by job handling to choose how the message is settled."""
+
+
+class RetryJob(JobError):
+    """Give the job back (abandon): another attempt may succeed."""
+
+
+class RejectJob(JobError):
+    """The job can never succeed: dead-letter it with this reason."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        self.reason = reason
+        self.description = description
+        super().__init__(f"{reason}: {description}")
+
+
+class DuplicateJobError(QueueError, PermanentBackendError):
+    """A message with this id is already in the queue."""

@@ -1,0 +1,209 @@
+"""One typed settings tree, loaded once by the composition root.
+
+Sources, later wins: built-in defaults, a TOML file (``--config``), then ``SCALEBUS_<SECTION>__<KEY>``
+environment variables (``SCALEBUS_CONTROLLER__MAX_INSTANCES=8``). Units are in the names (``_s``, ``_bytes``).
+Every validation failure becomes a :class:`~scalebus.errors.ConfigError` naming the key and the fix. Nothing
+else in scalebus reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from scalebus import errors
+
+ENV_PREFIX = "SCALEBUS_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class QueueSettings(_Section):
+    url: str = "sqlite:///.scalebus/queue.db?queue=jobs"
+    """Where jobs wait. ``sqlite:///path?queue=name`` (embedded) or
+    ``servicebus://<namespace>.servicebus.windows.net/<queue>``."""
+    lock_duration_s: float = Field(default=30.0, ge=5.0, le=300.0)
+    """Peek-lock duration for the embedded queue (Service Bus: set on the queue itself; 5 s to 5 min)."""
+    max_delivery_count: int = Field(default=5, ge=1, le=2000)
+    """Deliveries before a message is dead-lettered (embedded queue; Service Bus reads the queue's own)."""
+    connection_string_env: str = ""
+    """Name of an environment variable holding a Service Bus connection string. Empty: use
+    DefaultAzureCredential (managed identity on the VMs)."""
+    depth_source: Literal["queue", "admin", "monitor"] = "queue"
+    """Where the controller reads the depth: ``queue`` (embedded: the queue itself), ``admin`` (Service Bus
+    runtime properties, real time, needs Manage rights), ``monitor`` (Azure Monitor ActiveMessages, minutes
+    late, needs only Monitoring Reader)."""
+    namespace_resource_id: str = ""
+    """ARM id of the Service Bus namespace; required when ``depth_source = "monitor"``."""
+    depth_cache_s: float = Field(default=2.0, ge=0.0)
+    """Read the admin API at most once per this many seconds per queue."""
+    admin_endpoint: str = ""
+    """Override the admin API endpoint (``https://host:port``); for emulators and tests."""
+    monitor_endpoint: str = ""
+    """Override the Azure Monitor metrics endpoint; for sovereign clouds and tests."""
+    connection_verify: str = ""
+    """CA bundle path for HTTPS to the admin/metrics endpoints (self-signed test peers). Empty: system CAs."""
+
+
+class ScaleSetSettings(_Section):
+    url: str = "local://"
+    """The worker fleet. ``local://`` (worker processes on this machine) or the ARM resource id of a VM scale
+    set (``/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachineScaleSets/<n>``)."""
+    arm_endpoint: str = "https://management.azure.com"
+    """Azure Resource Manager endpoint (change for sovereign clouds and tests)."""
+    connection_verify: str = ""
+    """CA bundle path for HTTPS to ARM (self-signed test peers). Empty: system CAs."""
+    protect_busy: bool = False
+    """Set ``protectFromScaleIn`` on busy instances (only useful alongside Azure's native autoscale)."""
+    state_path: str = ".scalebus/pool.db"
+    """Where the local pool keeps its instance table and worker heartbeats."""
+
+
+class StorageSettings(_Section):
+    account_url: str = ""
+    """Override the blob endpoint for ``abfss://`` URIs (Azurite, sovereign clouds). Empty: derive it."""
+    connection_string_env: str = ""
+    """Name of an environment variable holding a storage connection string or SAS. Empty:
+    DefaultAzureCredential."""
+    connection_verify: str = ""
+    """CA bundle path for HTTPS to the storage endpoint. Empty: system CAs."""
+
+
+class StagingSettings(_Section):
+    max_concurrency: int = Field(default=16, ge=1, le=512)
+    """Files downloaded at once."""
+    chunk_size_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Ranged-read size within large files."""
+    memory_budget_bytes: int = Field(default=96 * 1024 * 1024, ge=1024 * 1024)
+    """Upper bound on bytes buffered in memory by staging at once."""
+    bandwidth_cap_bytes_per_s: int = Field(default=0, ge=0)
+    """Per-VM cap on download rate (0 = none); keeps a large fleet within the account's egress."""
+    verify_md5: bool = True
+    """Check Content-MD5 where the service stored one."""
+    min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Disk space that must remain free after staging (the preflight refuses otherwise)."""
+
+
+class ControllerSettings(_Section):
+    min_instances: int = Field(default=0, ge=0)
+    """Instances kept even with an empty queue."""
+    max_instances: int = Field(default=10, ge=1)
+    """Upper bound on instances."""
+    jobs_per_instance: int = Field(default=1, ge=1)
+    """Jobs one instance works on at once (workers run one job each by default)."""
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    """Seconds between observe → decide → apply rounds."""
+    boot_timeout_s: float = Field(default=600.0, gt=0)
+    """An instance still starting after this long is deleted as broken."""
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    """A running instance silent for this long is deleted as broken."""
+    max_writes_per_minute: int = Field(default=4, ge=1)
+    """Capacity writes per minute the controller allows itself (ARM allows ~4/min per scale set)."""
+    exit_when_drained: bool = False
+    """Stop once the queue is empty and no instances remain (the demo and batch runs)."""
+
+
+class WorkerSettings(_Section):
+    command: list[str] = Field(default_factory=lambda: ["python", "-m", "scalebus.analytics.fastq_qc"])
+    """The analytics, as an argv list (never a shell). It runs with cwd = the job's work directory and gets
+    SCALEBUS_INPUT_DIR, SCALEBUS_OUTPUT_DIR, SCALEBUS_JOB_ID and each param as SCALEBUS_PARAM_<NAME>."""
+    work_dir: str = ".scalebus/work"
+    """Local disk where inputs are staged and outputs written (the VM's premium/NVMe disk)."""
+    idle_timeout_s: float = Field(default=30.0, ge=0)
+    """With no message for this long the worker self-destroys."""
+    receive_wait_s: float = Field(default=5.0, gt=0, le=60)
+    """Longest single wait for a message."""
+    job_timeout_s: float = Field(default=3600.0, gt=0)
+    """Analytics timeout when the job does not set its own."""
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM, how long the running job may continue before it is stopped and abandoned."""
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    """How often the worker reports busy/idle."""
+    self_destroy: bool = True
+    """Delete this instance when idle. Off for a worker run by hand."""
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "console", "json"] = "auto"
+    """``auto``: console on a terminal, JSON otherwise."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class IdentitySettings(_Section):
+    imds_endpoint: str = "http://169.254.169.254"
+    """Instance Metadata Service (changed only for tests)."""
+
+
+class Settings(_Section):
+    """The whole tree. Sections match the TOML tables."""
+
+    queue: QueueSettings = QueueSettings()
+    scale_set: ScaleSetSettings = ScaleSetSettings()
+    storage: StorageSettings = StorageSettings()
+    staging: StagingSettings = StagingSettings()
+    controller: ControllerSettings = ControllerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    log: LogSettings = LogSettings()
+    identity: IdentitySettings = IdentitySettings()
+
+
+def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any) and the ``SCALEBUS_*`` environment, once."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = _read_toml(path) if path is not None else {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            _apply_env(tree, key, value)
+    try:
+        return Settings.model_validate(tree)
+    except pydantic.ValidationError as exc:
+        raise _config_error(exc, path) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise errors.ConfigError("--config", f"{path} does not exist", "pass an existing TOML file") from None
+    except OSError as exc:
+        raise errors.ConfigError("--config", f"cannot read {path} ({exc.strerror})", "check permissions") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.ConfigError("--config", f"{path} is not valid TOML ({exc})", "fix the syntax") from None
+
+
+def _apply_env(tree: dict[str, Any], key: str, raw: str) -> None:
+    section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
+    if not section or not field:
+        return
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        return
+    node[field] = _parse_env_value(raw)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """JSON where it parses (numbers, booleans, lists), the plain string otherwise."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _config_error(exc: pydantic.ValidationError, path: Path | None) -> errors.ConfigError:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    where = f"in {path} or " if path else ""
+    env = ENV_PREFIX + "__".join(str(part) for part in first["loc"][:2]).upper()
+    if first["type"] == "extra_forbidden":
+        return errors.ConfigError(key, "unknown setting", f"remove it {where}check its spelling (env {env})")
+    return errors.ConfigError(key, first["msg"], f"set a valid value {where}via {env}")
