@@ -1,0 +1,1 @@
+"""Azure adapters. The only package in scalebus that imports ``azure.*`` (and, via ``_retry``, tenacity)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures for the azurite test peer (filled in by its backend work)."""
