@@ -85,7 +85,7 @@ def _status(exc: core_exc.AzureError) -> str:
 
 
 def _code(exc: core_exc.HttpResponseError) -> str:
-    return str(exc.error_code or getattr(exc, "reason", "") or "")
+    return str(getattr(exc, "error_code", None) or getattr(exc, "reason", "") or "")
 
 
 QUEUE = ErrorKinds(errors.QueueError, errors.TransientQueueError, errors.QueueNotFoundError)
