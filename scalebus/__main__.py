@@ -1,0 +1,5 @@
+"""``python -m scalebus`` — the same CLI as the ``scalebus`` script (the local pool starts workers this way)."""
+
+from scalebus.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Example analytics shipped with scalebus (the demo runs ``fastq_qc``)."""

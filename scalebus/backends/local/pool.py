@@ -1,0 +1,227 @@
+"""The embedded scale set: worker processes on this machine, with the life cycle of VMSS instances.
+
+A SQLite file (``scale_set.state_path``) holds the instance table and worker heartbeats, so the controller,
+the workers (which delete themselves) and ``scalebus status`` all see one truth. Each instance is one
+``scalebus worker run`` process, told who it is through ``SCALEBUS_INSTANCE_ID`` — the local stand-in for what
+IMDS tells a VM. An instance is *starting* until its worker's first heartbeat, *running* after, *deleting* once
+deletion was asked for and the process has not exited yet, and *failed* if its process died without being
+deleted (a crash or SIGKILL), which is what a VM that failed provisioning or died looks like to the controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import psutil
+import structlog
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.local import _sqlite
+
+log = structlog.get_logger(__name__)
+
+INSTANCE_ID_ENV = "SCALEBUS_INSTANCE_ID"
+SCALE_SET_ENV = "SCALEBUS_SCALE_SET"
+_KILL_AFTER_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id TEXT UNIQUE NOT NULL,
+    deleting_since REAL,
+    pid INTEGER,
+    pid_started REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    instance_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    job_id TEXT,
+    at REAL NOT NULL
+);
+"""
+
+
+class LocalScaleSet:
+    """Implements ``base.ScaleSet`` with ``scalebus worker run`` processes (``scale_set.url = "local://"``)."""
+
+    def __init__(self, state_path: Path, *, worker_argv: Sequence[str], worker_env: Mapping[str, str]) -> None:
+        self._db = _sqlite.Database(state_path, _SCHEMA)
+        self._argv = list(worker_argv)
+        self._env = dict(worker_env)
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self.url = f"local://{state_path}"
+
+    def get_capacity(self) -> int:
+        return sum(1 for i in self.list_instances() if i.state is not base.InstanceState.DELETING)
+
+    def list_instances(self) -> list[base.Instance]:
+        self._reap()
+        beats = {hb.instance_id for hb in SqliteHeartbeatStore(self._db).read_all()}
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT instance_id, deleting_since, pid, pid_started, created_at FROM instances ORDER BY seq"
+            ).fetchall()
+        instances = []
+        for instance_id, deleting_since, pid, pid_started, created_at in rows:
+            alive = _alive(pid, pid_started)
+            if deleting_since is not None:
+                state = base.InstanceState.DELETING
+            elif not alive:
+                state = base.InstanceState.FAILED
+            elif instance_id in beats:
+                state = base.InstanceState.RUNNING
+            else:
+                state = base.InstanceState.STARTING
+            instances.append(base.Instance(instance_id, state, created_at, name=f"pid {pid}"))
+        return instances
+
+    def set_capacity(self, capacity: int) -> None:
+        if capacity < 0:
+            raise errors.ScaleSetError(f"capacity must be >= 0, not {capacity}")
+        live = [i for i in self.list_instances() if i.state is not base.InstanceState.DELETING]
+        if capacity > len(live):
+            for _ in range(capacity - len(live)):
+                self._spawn()
+        elif capacity < len(live):
+            # Like VMSS: the scale set, not the caller, picks which instances go (the newest first).
+            self.delete_instances([i.instance_id for i in live[capacity:]])
+
+    def delete_instances(self, instance_ids: Sequence[str]) -> None:
+        now = time.time()
+        with self._db.write() as conn:
+            rows = [
+                conn.execute(
+                    "SELECT pid, pid_started, deleting_since FROM instances WHERE instance_id = ?", (iid,)
+                ).fetchone()
+                for iid in instance_ids
+            ]
+            conn.executemany(
+                "UPDATE instances SET deleting_since = COALESCE(deleting_since, ?) WHERE instance_id = ?",
+                [(now, iid) for iid in instance_ids],
+            )
+        for iid, row in zip(instance_ids, rows, strict=True):
+            if row is not None and row[2] is None:
+                log.info("instance_deleting", instance_id=iid)
+                _signal(row[0], row[1], signal.SIGTERM)
+        self._reap()
+
+    def set_protection(self, instance_id: str, *, protected: bool) -> None:
+        """Nothing but the controller scales a local pool in, so there is nothing to protect against."""
+
+    def heartbeats(self) -> SqliteHeartbeatStore:
+        return SqliteHeartbeatStore(self._db)
+
+    def _spawn(self) -> None:
+        with self._db.write() as conn:
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM instances").fetchone()[0]
+            instance_id = f"local-{seq}"
+            conn.execute(
+                "INSERT INTO instances (seq, instance_id, created_at) VALUES (?, ?, ?)",
+                (seq, instance_id, time.time()),
+            )
+        env = {**os.environ, **self._env, INSTANCE_ID_ENV: instance_id, SCALE_SET_ENV: self.url}
+        proc = subprocess.Popen(self._argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._children[proc.pid] = proc
+        started = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else time.time()
+        with self._db.write() as conn:
+            conn.execute(
+                "UPDATE instances SET pid = ?, pid_started = ? WHERE instance_id = ?",
+                (proc.pid, started, instance_id),
+            )
+        log.info("instance_started", instance_id=instance_id, pid=proc.pid)
+
+    def _reap(self) -> None:
+        """Collect exited children; forget deleted instances whose process is gone; kill stragglers."""
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+        now = time.time()
+        with self._db.write() as conn:
+            rows = conn.execute(
+                "SELECT instance_id, pid, pid_started, deleting_since FROM instances "
+                "WHERE deleting_since IS NOT NULL"
+            ).fetchall()
+            for instance_id, pid, pid_started, since in rows:
+                if not _alive(pid, pid_started):
+                    conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+                    conn.execute("DELETE FROM heartbeats WHERE instance_id = ?", (instance_id,))
+                    log.info("instance_deleted", instance_id=instance_id)
+                elif now - since > _KILL_AFTER_S:
+                    _signal(pid, pid_started, signal.SIGKILL)
+
+    def close(self, *, wait_s: float = 10.0) -> None:
+        """Release the database; wait a little for children already told to exit (others keep running)."""
+        deadline = time.monotonic() + wait_s
+        for proc in self._children.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self._db.close()
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    if pid is None:
+        return True  # being spawned right now
+    try:
+        proc = psutil.Process(pid)
+        same = started is None or abs(proc.create_time() - started) < 1.0
+        return bool(same and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _signal(pid: int | None, started: float | None, sig: signal.Signals) -> None:
+    if pid is None or pid == os.getpid() or not _alive(pid, started):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+class SqliteHeartbeatStore:
+    """Implements ``base.HeartbeatStore`` in the pool's database."""
+
+    def __init__(self, db: _sqlite.Database) -> None:
+        self._db = db
+
+    @classmethod
+    def open(cls, state_path: Path) -> SqliteHeartbeatStore:
+        return cls(_sqlite.Database(state_path, _SCHEMA))
+
+    def beat(self, heartbeat: base.Heartbeat) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO heartbeats (instance_id, state, job_id, at) VALUES (?, ?, ?, ?)",
+                (heartbeat.instance_id, heartbeat.state.value, heartbeat.job_id, heartbeat.at),
+            )
+
+    def read_all(self) -> list[base.Heartbeat]:
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT instance_id, state, job_id, at FROM heartbeats").fetchall()
+        return [base.Heartbeat(iid, base.WorkerState(state), at, job_id) for iid, state, job_id, at in rows]
+
+    def forget(self, instance_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM heartbeats WHERE instance_id = ?", (instance_id,))
+
+
+class LocalIdentity:
+    """Implements ``base.InstanceIdentity`` from the variables the pool gives each worker process."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def whoami(self) -> base.InstanceInfo:
+        instance_id = self._environ.get(INSTANCE_ID_ENV, "")
+        if not instance_id:
+            raise errors.IdentityError(
+                f"not started by a local scale set ({INSTANCE_ID_ENV} is unset); "
+                "a worker run by hand cannot self-destroy"
+            )
+        return base.InstanceInfo(instance_id, self._environ.get(SCALE_SET_ENV, "local://"), name=instance_id)

@@ -1,0 +1,273 @@
+"""The embedded job queue: SQLite with Service Bus peek-lock semantics, safe across processes.
+
+It behaves like a Service Bus queue so the same worker code runs on both: a receive locks a message for
+``lock_duration_s`` and raises its delivery count (1 on first delivery); complete deletes it; abandon releases
+it; dead-letter moves it aside with a reason and description; an expired lock makes it available again; a
+message delivered more than ``max_delivery_count`` times goes to the dead-letter queue with reason
+``MaxDeliveryCountExceeded``. Settling with a lock that expired or moved to another receiver raises
+``LockLostError``, as Service Bus does.
+
+URL: ``sqlite:///relative/path.db?queue=name`` or ``sqlite:////absolute/path.db?queue=name``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.local import _sqlite
+
+log = structlog.get_logger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    enqueued_at REAL NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT,
+    locked_until REAL,
+    dead INTEGER NOT NULL DEFAULT 0,
+    dl_reason TEXT,
+    dl_description TEXT,
+    UNIQUE (queue, message_id)
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, dead, seq);
+"""
+_POLL_S = 0.05
+_MAX_POLL_S = 0.5
+
+
+def parse_url(url: str) -> tuple[Path, str]:
+    """``sqlite:///path?queue=name`` → (path, queue name)."""
+    parts = urllib.parse.urlsplit(url)
+    queue = urllib.parse.parse_qs(parts.query).get("queue", [""])[0]
+    if parts.scheme != "sqlite" or not parts.path.startswith("/") or len(parts.path) < 2:
+        raise errors.ConfigError(
+            "queue.url", f"{url!r} is not a SQLite queue URL", "use sqlite:///path?queue=jobs"
+        )
+    if not queue:
+        raise errors.ConfigError("queue.url", f"{url!r} names no queue", "add ?queue=<name> to the URL")
+    return Path(parts.path[1:]), queue
+
+
+class SqliteJobQueue:
+    """A named queue inside a SQLite file. Implements ``base.JobQueue`` and ``base.QueueDepth``."""
+
+    def __init__(self, path: Path, *, queue: str, lock_duration_s: float, max_delivery_count: int) -> None:
+        self._db = _sqlite.Database(path, _SCHEMA)
+        self._queue = queue
+        self._lock_duration_s = lock_duration_s
+        self._max_delivery_count = max_delivery_count
+
+    @classmethod
+    def from_url(cls, url: str, *, lock_duration_s: float, max_delivery_count: int) -> SqliteJobQueue:
+        path, queue = parse_url(url)
+        return cls(path, queue=queue, lock_duration_s=lock_duration_s, max_delivery_count=max_delivery_count)
+
+    @property
+    def name(self) -> str:
+        return self._queue
+
+    @property
+    def lock_duration_s(self) -> float:
+        return self._lock_duration_s
+
+    def send(self, messages: Sequence[base.OutgoingMessage]) -> None:
+        now = time.time()
+        rows = [(self._queue, m.message_id, m.body, now) for m in messages]
+        with self._db.write() as conn:
+            duplicate = _first_present(conn, self._queue, [m.message_id for m in messages])
+            if duplicate is not None:
+                raise errors.DuplicateJobError(f"a job with id {duplicate} is already in queue {self._queue}")
+            conn.executemany("INSERT INTO messages (queue, message_id, body, enqueued_at) VALUES (?,?,?,?)", rows)
+
+    def receive(self, *, max_wait_s: float) -> base.ReceivedMessage | None:
+        deadline = time.monotonic() + max_wait_s
+        pause = _POLL_S
+        while True:
+            message = self._try_lock_next()
+            if message is not None:
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, _MAX_POLL_S)
+
+    def _try_lock_next(self) -> base.ReceivedMessage | None:
+        now = time.time()
+        with self._db.write() as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT seq, message_id, body, enqueued_at, delivery_count FROM messages "
+                    "WHERE queue = ? AND dead = 0 AND (locked_until IS NULL OR locked_until < ?) "
+                    "ORDER BY seq LIMIT 1",
+                    (self._queue, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                seq, message_id, body, enqueued_at, count = row
+                if count >= self._max_delivery_count:
+                    _dead_letter_row(conn, seq, "MaxDeliveryCountExceeded", _exceeded(count))
+                    log.warning("message_dead_lettered", message_id=message_id, reason="MaxDeliveryCountExceeded")
+                    continue
+                token, until = str(uuid.uuid4()), now + self._lock_duration_s
+                conn.execute(
+                    "UPDATE messages SET delivery_count = ?, lock_token = ?, locked_until = ? WHERE seq = ?",
+                    (count + 1, token, until, seq),
+                )
+                return base.ReceivedMessage(
+                    message_id=message_id,
+                    body=bytes(body),
+                    lock_token=token,
+                    delivery_count=count + 1,
+                    sequence_number=seq,
+                    enqueued_at=enqueued_at,
+                    locked_until=until,
+                )
+
+    def renew_lock(self, message: base.ReceivedMessage) -> float:
+        until = time.time() + self._lock_duration_s
+        self._update_locked(message, "UPDATE messages SET locked_until = ?", (until,))
+        return until
+
+    def keep_locked(
+        self, message: base.ReceivedMessage, *, on_lost: Callable[[BaseException], None]
+    ) -> base.LockKeeper:
+        return ThreadedLockKeeper(
+            renew=lambda: self.renew_lock(message), interval_s=self._lock_duration_s / 3, on_lost=on_lost
+        )
+
+    def complete(self, message: base.ReceivedMessage) -> None:
+        self._update_locked(message, "DELETE FROM messages", ())
+
+    def abandon(self, message: base.ReceivedMessage) -> None:
+        self._update_locked(message, "UPDATE messages SET lock_token = NULL, locked_until = NULL", ())
+
+    def dead_letter(self, message: base.ReceivedMessage, *, reason: str, description: str) -> None:
+        self._update_locked(
+            message,
+            "UPDATE messages SET dead = 1, lock_token = NULL, locked_until = NULL, dl_reason = ?, "
+            "dl_description = ?",
+            (reason, description),
+        )
+
+    def _update_locked(self, message: base.ReceivedMessage, statement: str, args: tuple[object, ...]) -> None:
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                f"{statement} WHERE seq = ? AND lock_token = ? AND locked_until >= ?",
+                (*args, message.sequence_number, message.lock_token, time.time()),
+            )
+            if cursor.rowcount != 1:
+                raise errors.LockLostError(
+                    f"lock on message {message.message_id} expired or is held by another receiver"
+                )
+
+    def peek_dead_letters(self, *, max_count: int) -> list[base.DeadLetter]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT message_id, dl_reason, dl_description, delivery_count, body FROM messages "
+                "WHERE queue = ? AND dead = 1 ORDER BY seq LIMIT ?",
+                (self._queue, max_count),
+            ).fetchall()
+        return [
+            base.DeadLetter(mid, reason or "", desc or "", count, bytes(body))
+            for mid, reason, desc, count, body in rows
+        ]
+
+    def read_depth(self) -> base.DepthSample:
+        now = time.time()
+        with self._db.read() as conn:
+            active, in_flight, dead = conn.execute(
+                "SELECT "
+                "COALESCE(SUM(dead = 0 AND (locked_until IS NULL OR locked_until < :now)), 0), "
+                "COALESCE(SUM(dead = 0 AND locked_until >= :now), 0), "
+                "COALESCE(SUM(dead = 1), 0) FROM messages WHERE queue = :queue",
+                {"now": now, "queue": self._queue},
+            ).fetchone()
+        return base.DepthSample(
+            active=active, in_flight=in_flight, dead_lettered=dead, sampled_at=now, source="sqlite"
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _first_present(conn: sqlite3.Connection, queue: str, ids: list[str]) -> str | None:
+    if len(set(ids)) != len(ids):
+        return next(i for i in ids if ids.count(i) > 1)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        row = conn.execute(
+            f"SELECT message_id FROM messages WHERE queue = ? AND message_id IN ({marks}) LIMIT 1",
+            (queue, *chunk),
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+    return None
+
+
+def _dead_letter_row(conn: sqlite3.Connection, seq: int, reason: str, description: str) -> None:
+    conn.execute(
+        "UPDATE messages SET dead = 1, lock_token = NULL, locked_until = NULL, dl_reason = ?, dl_description = ? "
+        "WHERE seq = ?",
+        (reason, description, seq),
+    )
+
+
+def _exceeded(count: int) -> str:
+    return f"delivered {count} times without being completed"
+
+
+class ThreadedLockKeeper:
+    """Renews a lock from a daemon thread every ``interval_s`` until stopped or the lock is lost."""
+
+    def __init__(
+        self, *, renew: Callable[[], float], interval_s: float, on_lost: Callable[[BaseException], None]
+    ) -> None:
+        self._renew = renew
+        self._interval_s = interval_s
+        self._on_lost = on_lost
+        self._stopped = threading.Event()
+        self._lost: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lock-keeper", daemon=True)
+        self._thread.start()
+
+    @property
+    def lost(self) -> BaseException | None:
+        return self._lost
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self._renew()
+            except errors.LockLostError as exc:
+                self._fail(exc)
+                return
+            except errors.BackendError as exc:
+                log.warning("lock_renewal_failed", error=str(exc), transient=exc.transient)
+                if not exc.transient:
+                    self._fail(exc)
+                    return
+
+    def _fail(self, exc: BaseException) -> None:
+        self._lost = exc
+        self._on_lost(exc)

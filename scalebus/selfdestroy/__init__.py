@@ -1,0 +1,1 @@
+"""Self-destroy: an idle worker deletes its own instance from the scale set (see ``routine``)."""

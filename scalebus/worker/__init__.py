@@ -1,0 +1,1 @@
+"""The worker: receive → stage → run → publish → settle, then self-destroy when idle."""

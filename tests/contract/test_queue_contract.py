@@ -1,0 +1,164 @@
+"""The queue port's contract: Service Bus peek-lock semantics, asserted the same way on every backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from scalebus import errors
+from scalebus.backends import base
+
+WAIT_S = 5.0
+
+
+def _msg(i: int | str) -> base.OutgoingMessage:
+    return base.OutgoingMessage(message_id=f"job-{i}", body=f'{{"n": "{i}"}}'.encode())
+
+
+def _wait_for_depth(depth: base.QueueDepth, predicate: object, timeout_s: float = 10.0) -> base.DepthSample:
+    """Depth sources may lag a little (cached admin reads): poll until the predicate holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sample = depth.read_depth()
+        if predicate(sample) or time.monotonic() > deadline:  # type: ignore[operator]
+            return sample
+        time.sleep(0.2)
+
+
+def test_send_receive_complete_removes_message(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, depth = queue_factory()
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    assert (got.message_id, got.body, got.delivery_count) == ("job-1", b'{"n": "1"}', 1)
+    assert got.locked_until > time.time()
+    queue.complete(got)
+    assert queue.receive(max_wait_s=0.5) is None
+    sample = _wait_for_depth(depth, lambda s: s.active == 0 and not s.in_flight)
+    assert (sample.active, sample.dead_lettered) == (0, 0)
+
+
+def test_messages_arrive_in_order_and_locked_ones_are_not_redelivered(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory()
+    queue.send([_msg(1), _msg(2), _msg(3)])
+    first = queue.receive(max_wait_s=WAIT_S)
+    second = queue.receive(max_wait_s=WAIT_S)
+    assert first is not None and second is not None
+    assert [first.message_id, second.message_id] == ["job-1", "job-2"]
+    third = queue.receive(max_wait_s=WAIT_S)
+    assert third is not None and third.message_id == "job-3"
+    assert queue.receive(max_wait_s=0.5) is None
+    for message in (first, second, third):
+        queue.complete(message)
+
+
+def test_abandon_redelivers_with_higher_delivery_count(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory()
+    queue.send([_msg(1)])
+    first = queue.receive(max_wait_s=WAIT_S)
+    assert first is not None
+    queue.abandon(first)
+    again = queue.receive(max_wait_s=WAIT_S)
+    assert again is not None and again.message_id == "job-1"
+    assert again.delivery_count == 2
+    assert again.lock_token != first.lock_token
+    queue.complete(again)
+
+
+def test_expired_lock_redelivers_and_old_lock_cannot_settle(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory(lock_duration_s=5)
+    queue.send([_msg(1)])
+    first = queue.receive(max_wait_s=WAIT_S)
+    assert first is not None
+    again = queue.receive(max_wait_s=15)  # arrives once the 5 s lock has expired
+    assert again is not None and again.message_id == "job-1" and again.delivery_count == 2
+    with pytest.raises(errors.LockLostError):
+        queue.complete(first)
+    queue.complete(again)
+
+
+def test_renew_lock_extends_the_lock(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory(lock_duration_s=5)
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    time.sleep(1.0)
+    renewed = queue.renew_lock(got)
+    assert renewed > got.locked_until
+
+
+def test_keep_locked_holds_a_job_past_several_lock_durations(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory(lock_duration_s=5)
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    lost: list[BaseException] = []
+    keeper = queue.keep_locked(got, on_lost=lost.append)
+    try:
+        # Nobody else can take it during 2.5 lock durations, because the keeper renews it.
+        assert queue.receive(max_wait_s=12.5) is None
+    finally:
+        keeper.stop()
+    assert lost == [] and keeper.lost is None
+    queue.complete(got)
+
+
+def test_dead_letter_keeps_reason_and_description(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, depth = queue_factory()
+    queue.send([_msg("bad")])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    queue.dead_letter(got, reason="SchemaViolation", description="inputs: field required")
+    assert queue.receive(max_wait_s=0.5) is None
+    dead = queue.peek_dead_letters(max_count=10)
+    assert [(d.message_id, d.reason, d.description) for d in dead] == [
+        ("job-bad", "SchemaViolation", "inputs: field required")
+    ]
+    assert _wait_for_depth(depth, lambda s: s.dead_lettered == 1).dead_lettered == 1
+
+
+def test_max_delivery_count_moves_message_to_dead_letter(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory(max_delivery_count=2)
+    queue.send([_msg(1)])
+    for expected in (1, 2):
+        got = queue.receive(max_wait_s=WAIT_S)
+        assert got is not None and got.delivery_count == expected
+        queue.abandon(got)
+    assert queue.receive(max_wait_s=1.0) is None
+    dead = queue.peek_dead_letters(max_count=10)
+    assert [(d.message_id, d.reason) for d in dead] == [("job-1", "MaxDeliveryCountExceeded")]
+
+
+def test_depth_counts_active_and_in_flight(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, depth = queue_factory()
+    queue.send([_msg(i) for i in range(4)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    sample = _wait_for_depth(depth, lambda s: s.active + (s.in_flight or 0) == 4 and s.in_flight != 0)
+    assert sample.active + (sample.in_flight or 0) == 4
+    if sample.in_flight is not None:
+        assert sample.in_flight == 1
+    assert sample.sampled_at <= time.time()
+    queue.complete(got)
+
+
+def test_concurrent_receivers_never_share_a_message(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory()
+    queue.send([_msg(i) for i in range(20)])
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while (got := queue.receive(max_wait_s=1.0)) is not None:
+            with lock:
+                seen.append(got.message_id)
+            queue.complete(got)
+
+    threads = [threading.Thread(target=drain) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen) == sorted(f"job-{i}" for i in range(20))
