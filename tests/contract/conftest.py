@@ -11,8 +11,8 @@ import pytest
 
 from tests.contract.local_backends import *  # noqa: F403  (fixtures)
 
-QUEUE_BACKENDS = ["sqlite"]
-SCALE_SET_BACKENDS = ["local"]
+QUEUE_BACKENDS = ["sqlite", "servicebus"]
+SCALE_SET_BACKENDS = ["local", "vmss", "vmss_flexible"]
 STORE_BACKENDS = ["folder"]
 
 

@@ -1,0 +1,129 @@
+"""The CLI as a user meets it: real ``scalebus`` processes, one-line errors, ``-o json`` output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def scalebus(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scalebus", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "scalebus.toml"
+    path.write_text(
+        f'[queue]\nurl = "sqlite:///{tmp_path}/q.db?queue=jobs"\n[scale_set]\nstate_path = "{tmp_path}/pool.db"\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param(
+            ["status", "--config", "missing.toml"], {}, "missing.toml does not exist", id="missing-config"
+        ),
+        pytest.param(
+            ["status"], {"SCALEBUS_CONTROLLER__MAX_INSTANCES": "zero"}, "controller.max_instances", id="bad-env"
+        ),
+        pytest.param(
+            ["status"], {"SCALEBUS_QUEUE__URL": "redis://x"}, "queue.url: unknown scheme", id="bad-queue-url"
+        ),
+        pytest.param(["submit", "--file", "nope.jsonl"], {}, "cannot read nope.jsonl", id="unreadable-file"),
+        pytest.param(
+            ["submit", "--job-id", "a"], {}, "give --job-id, --input and --output-uri", id="missing-flags"
+        ),
+        pytest.param(
+            ["submit", "--job-id", "a", "-i", "s3://b/k", "--output-uri", "file:///o/"],
+            {},
+            "scheme",
+            id="bad-scheme",
+        ),
+        pytest.param(["selfdestroy"], {}, "not running in a scale set", id="selfdestroy-outside-pool"),
+    ],
+)
+def test_user_mistakes_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
+    result = scalebus(
+        *args,
+        cwd=tmp_path,
+        env={
+            "SCALEBUS_QUEUE__URL": f"sqlite:///{tmp_path}/q.db?queue=jobs",
+            "SCALEBUS_SCALE_SET__STATE_PATH": f"{tmp_path}/pool.db",
+            **env,
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalebus: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_then_status_as_json(tmp_path: Path, config: Path) -> None:
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text(
+        "\n".join(
+            json.dumps({"job_id": f"j{i}", "inputs": ["file:///lake/x/"], "output": f"file:///out/j{i}/"})
+            for i in range(3)
+        )
+    )
+    submitted = scalebus("submit", "-c", str(config), "-f", str(jobs_file), "-o", "json", cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["job_ids"] == ["j0", "j1", "j2"]
+    again = scalebus(
+        "submit",
+        "-c",
+        str(config),
+        "--job-id",
+        "j1",
+        "-i",
+        "file:///lake/x/",
+        "--output-uri",
+        "file:///out/j1/",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 2 and "j1 is already in queue" in again.stderr
+    status = scalebus("status", "-c", str(config), "-o", "json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert (data["depth"]["active"], data["depth"]["in_flight"], data["instances"]) == (3, 0, [])
+
+
+def test_help_explains_commands(tmp_path: Path) -> None:
+    result = scalebus("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("demo", "controller", "worker", "selfdestroy", "submit", "status", "stage", "simulate"):
+        assert command in result.stdout
+
+
+def test_stage_command_copies_and_reports_json(tmp_path: Path) -> None:
+    src = tmp_path / "lake" / "s1"
+    src.mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"x" * 1000)
+    result = scalebus(
+        "stage",
+        src.as_uri() + "/",
+        str(tmp_path / "dest"),
+        "-o",
+        "json",
+        cwd=tmp_path,
+        env={"SCALEBUS_STAGING__MIN_FREE_BYTES": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bytes"] == 1000
+    assert (tmp_path / "dest" / "s1" / "a.bin").read_bytes() == b"x" * 1000

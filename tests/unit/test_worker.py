@@ -1,0 +1,232 @@
+"""The worker loop over the real embedded backends (SQLite queue, folder store, real subprocess analytics).
+
+No mocks: each test writes a tiny analytics program, submits a job and asserts on the queue's and the data
+lake's state afterwards — what a user would check.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from scalebus import jobs
+from scalebus.backends import base
+from scalebus.backends.local import folder, pool, sqlite_queue
+from scalebus.settings import StagingSettings, WorkerSettings
+from scalebus.worker import loop
+
+OK_PROGRAM = """
+import os, pathlib
+src = pathlib.Path(os.environ["SCALEBUS_INPUT_DIR"])
+out = pathlib.Path(os.environ["SCALEBUS_OUTPUT_DIR"])
+names = sorted(str(p.relative_to(src)) for p in src.rglob("*.txt"))
+(out / "result.txt").write_text(os.environ.get("SCALEBUS_PARAM_GREETING", "") + ":" + ",".join(names))
+print("done")
+"""
+
+
+class Lake:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "in" / "sample").mkdir(parents=True)
+        (root / "in" / "sample" / "a.txt").write_text("A" * 100)
+        (root / "in" / "sample" / "sub").mkdir()
+        (root / "in" / "sample" / "sub" / "b.txt").write_text("B" * 10)
+
+    def job(self, job_id: str, **extra: object) -> jobs.Job:
+        raw = {
+            "job_id": job_id,
+            "inputs": [(self.root / "in" / "sample").as_uri() + "/"],
+            "output": (self.root / "out" / job_id).as_uri() + "/",
+            **extra,
+        }
+        return jobs.validate(raw)
+
+    def out(self, job_id: str) -> Path:
+        return self.root / "out" / job_id
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    return Lake(tmp_path / "lake")
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> sqlite_queue.SqliteJobQueue:
+    q = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=5, max_delivery_count=2)
+    yield q
+    q.close()
+
+
+def make_worker(
+    queue: base.JobQueue,
+    tmp_path: Path,
+    program: str,
+    *,
+    heartbeats: base.HeartbeatStore | None = None,
+    **overrides: object,
+) -> loop.Worker:
+    script = tmp_path / "analytics.py"
+    script.write_text(program)
+    settings = WorkerSettings(
+        command=[sys.executable, str(script)],
+        work_dir=str(tmp_path / "work"),
+        idle_timeout_s=1.5,
+        receive_wait_s=0.5,
+        heartbeat_interval_s=0.2,
+        **overrides,  # type: ignore[arg-type]
+    )
+    store = folder.FolderStore()
+    return loop.Worker(
+        queue=queue,
+        resolve=lambda _uri: store,
+        heartbeats=heartbeats,
+        instance_id="test-1",
+        settings=settings,
+        staging_settings=StagingSettings(min_free_bytes=0),
+    )
+
+
+def submit(queue: base.JobQueue, *job_list: jobs.Job) -> None:
+    jobs.JobProducer(queue).submit(job_list)
+
+
+def test_job_is_staged_run_published_and_completed(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    submit(queue, lake.job("j1", params={"greeting": "hi"}))
+    stats = make_worker(queue, tmp_path, OK_PROGRAM).run()
+    out = lake.out("j1")
+    assert (out / "result.txt").read_text() == "hi:sample/a.txt,sample/sub/b.txt"
+    assert (out / "stdout.txt").read_text().strip() == "done"
+    assert (out / "_SUCCESS").exists()
+    report = json.loads((out / loop.JOB_REPORT).read_text())
+    assert report["bytes_staged"] == 110 and report["files_staged"] == 2 and report["instance_id"] == "test-1"
+    assert stats.completed == 1
+    assert queue.read_depth().active == 0 and queue.receive(max_wait_s=0.1) is None
+    assert not list((tmp_path / "work").iterdir()), "job work dirs are cleaned up"
+
+
+def test_invalid_job_is_dead_lettered_with_reason(queue, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    queue.send([base.OutgoingMessage("bad-1", b"{not json"), base.OutgoingMessage("bad-2", b'{"job_id": "x"}')])
+    make_worker(queue, tmp_path, OK_PROGRAM).run()
+    dead = {d.message_id: d for d in queue.peek_dead_letters(max_count=10)}
+    assert dead["bad-1"].reason == "InvalidJson"
+    assert dead["bad-2"].reason == "SchemaViolation"
+    assert "inputs" in dead["bad-2"].description and "output" in dead["bad-2"].description
+
+
+def test_analytics_exit_3_dead_letters(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    submit(queue, lake.job("j1"))
+    make_worker(queue, tmp_path, "import sys; print('bad reference', file=sys.stderr); sys.exit(3)").run()
+    (dead,) = queue.peek_dead_letters(max_count=10)
+    assert (dead.reason, dead.description) == ("AnalyticsRejected", "bad reference")
+    assert not lake.out("j1").exists()
+
+
+def test_failing_analytics_is_retried_then_dead_lettered(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    submit(queue, lake.job("j1"))
+    with capture_logs() as logs:
+        stats = make_worker(queue, tmp_path, "import sys; sys.exit(1)").run()
+    assert stats.abandoned == 2  # max_delivery_count = 2
+    (dead,) = queue.peek_dead_letters(max_count=10)
+    assert dead.reason == "MaxDeliveryCountExceeded"
+    abandoned = [e for e in logs if e["event"] == "job_abandoned"]
+    assert [e["delivery_count"] for e in abandoned] == [1, 2]
+
+
+def test_missing_input_is_dead_lettered(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    job = jobs.validate(
+        {"job_id": "j1", "inputs": [(lake.root / "nope").as_uri() + "/"], "output": lake.out("j1").as_uri()}
+    )
+    submit(queue, job)
+    make_worker(queue, tmp_path, OK_PROGRAM).run()
+    (dead,) = queue.peek_dead_letters(max_count=10)
+    assert dead.reason == "ObjectNotFound"
+
+
+def test_already_published_job_is_completed_without_running(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lake.out("j1").mkdir(parents=True)
+    (lake.out("j1") / "_SUCCESS").write_text("{}")
+    submit(queue, lake.job("j1"))
+    stats = make_worker(queue, tmp_path, "import sys; sys.exit(1)").run()
+    assert stats.completed == 1 and stats.abandoned == 0
+    assert sorted(p.name for p in lake.out("j1").iterdir()) == ["_SUCCESS"]
+
+
+def test_lost_lock_stops_the_job_and_publishes_nothing(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    submit(queue, lake.job("j1"))
+    worker = make_worker(queue, tmp_path, "import time; time.sleep(30)")
+    steal = threading.Thread(target=_steal_lock_once_locked, args=(tmp_path / "q.db",))
+    steal.start()
+    stats = worker.run()
+    steal.join()
+    assert stats.lock_lost == 1 and stats.completed == 0
+    assert not lake.out("j1").exists()
+
+
+def _steal_lock_once_locked(db: Path) -> None:
+    """Play another receiver: replace the lock token as Service Bus would after the lock moved."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if conn.execute("UPDATE messages SET lock_token = 'someone-else' WHERE lock_token IS NOT NULL").rowcount:
+            break
+        time.sleep(0.05)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("program", "drain_timeout_s", "completed", "abandoned"),
+    [
+        pytest.param("import time; time.sleep(1)", 20.0, 1, 0, id="job-finishes-within-drain"),
+        pytest.param("import time; time.sleep(60)", 0.5, 0, 1, id="job-abandoned-at-drain-deadline"),
+    ],
+)
+def test_sigterm_drains(queue, lake, tmp_path, program, drain_timeout_s, completed, abandoned) -> None:  # type: ignore[no-untyped-def]
+    submit(queue, lake.job("j1"), lake.job("j2"))
+    worker = make_worker(queue, tmp_path, program, drain_timeout_s=drain_timeout_s)
+    _when_busy(queue, worker.request_stop)
+    stats = worker.run()
+    assert (stats.completed, stats.abandoned) == (completed, abandoned)
+    remaining = queue.receive(max_wait_s=0.5)
+    assert remaining is not None  # j2 was never taken (and j1 is back if it was abandoned)
+
+
+def _when_busy(queue: sqlite_queue.SqliteJobQueue, action: Callable[[], None]) -> None:
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not queue.read_depth().in_flight:
+            time.sleep(0.02)
+        action()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_heartbeats_report_busy_then_idle(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    submit(queue, lake.job("j1"))
+    seen: list[tuple[base.WorkerState, str | None]] = []
+
+    class Recording:
+        def beat(self, hb: base.Heartbeat) -> None:
+            seen.append((hb.state, hb.job_id))
+            beats.beat(hb)
+
+        def read_all(self) -> list[base.Heartbeat]:
+            return beats.read_all()
+
+        def forget(self, instance_id: str) -> None:
+            beats.forget(instance_id)
+
+    make_worker(queue, tmp_path, "import time; time.sleep(0.5)", heartbeats=Recording()).run()
+    assert (base.WorkerState.BUSY, "j1") in seen
+    assert seen[-1] == (base.WorkerState.IDLE, None)
+    (last,) = beats.read_all()
+    assert (last.instance_id, last.state) == ("test-1", base.WorkerState.IDLE)
