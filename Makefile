@@ -2,41 +2,47 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 AZURITE_DIR := .tools/azurite
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 
-.PHONY: demo test lint unit bench bench-staging bench-policy clean
+.PHONY: demo test lint bench bench-staging bench-policy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+# The demo needs only scalebus itself; tests and benchmarks add the dev tools and matplotlib.
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(DEV_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev,plot]'
-	touch $(STAMP)
+	touch $(RUN_STAMP) $(DEV_STAMP)
 
 $(AZURITE):
 	mkdir -p $(AZURITE_DIR)
 	npm install --silent --no-audit --no-fund --prefix $(AZURITE_DIR) azurite@3.35.0
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/scalebus demo
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check scalebus tests bench
 	$(VENV)/bin/ruff format --check scalebus tests bench
 	$(VENV)/bin/mypy
 
-test: $(STAMP) $(AZURITE) lint
+test: $(DEV_STAMP) $(AZURITE) lint
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) -m pytest -q
 
 bench: bench-staging bench-policy
 
-bench-staging: $(STAMP) $(AZURITE)
+bench-staging: $(DEV_STAMP) $(AZURITE)
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) bench/staging.py
 
-bench-policy: $(STAMP)
+bench-policy: $(DEV_STAMP)
 	$(PY) bench/policy.py
 
 clean:
