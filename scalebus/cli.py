@@ -113,9 +113,12 @@ def open_scale_set(cfg: settings.Settings, config_path: Path | None) -> base.Sca
             argv += ["--config", str(config_path.resolve())]
         return pool.LocalScaleSet(Path(cfg.scale_set.state_path), worker_argv=argv, worker_env={})
     if cfg.scale_set.url.lower().startswith("/subscriptions/"):
-        from scalebus.backends.azure import compute
+        from scalebus.backends.azure import compute, imds
 
-        return compute.open_scale_set(cfg.scale_set)
+        credential = None
+        if cfg.identity.imds_endpoint.rstrip("/") != imds.DEFAULT_IMDS_ENDPOINT:
+            credential = imds.managed_identity_credential(imds_endpoint=cfg.identity.imds_endpoint)
+        return compute.open_scale_set(cfg.scale_set, credential=credential)
     raise errors.ConfigError(
         "scale_set.url",
         f"{cfg.scale_set.url!r} is neither local:// nor a VM scale set resource id",

@@ -62,6 +62,8 @@ class ScaleSetSettings(_Section):
     """Azure Resource Manager endpoint (change for sovereign clouds and tests)."""
     connection_verify: str = ""
     """CA bundle path for HTTPS to ARM (self-signed test peers). Empty: system CAs."""
+    polling_interval_s: float = Field(default=15.0, gt=0)
+    """How often to poll a long-running ARM operation (a capacity write, a delete) until it finishes."""
     protect_busy: bool = False
     """Set ``protectFromScaleIn`` on busy instances (only useful alongside Azure's native autoscale)."""
     state_path: str = ".scalebus/pool.db"

@@ -23,7 +23,7 @@ class _WaitHonouringRetryAfter(tenacity_wait.wait_base):
     """Exponential back-off with jitter, but never sooner than the server's Retry-After."""
 
     def __init__(self, *, initial_s: float, max_s: float) -> None:
-        self._backoff = tenacity.wait_exponential_jitter(initial=initial_s, max=max_s)
+        self._backoff = tenacity.wait_exponential_jitter(multiplier=initial_s, max=max_s)
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         backoff = float(self._backoff(retry_state))
@@ -83,4 +83,13 @@ def retry_messaging(fn: Callable[..., T]) -> Callable[..., T]:
     decorated: Callable[..., T] = _policy(name="messaging", attempts=5, deadline_s=60.0, initial_s=0.5, max_s=8.0)(
         fn
     )
+    return decorated
+
+
+def retry_long_running_poll(fn: Callable[..., T]) -> Callable[..., T]:
+    """Waiting on an accepted ARM operation: a poll that fails transiently resumes polling (never re-sends the
+    write). The deadline is long because the operation itself (VMs provisioning) can take many minutes."""
+    decorated: Callable[..., T] = _policy(
+        name="long_running_poll", attempts=8, deadline_s=1800.0, initial_s=1.0, max_s=30.0
+    )(fn)
     return decorated

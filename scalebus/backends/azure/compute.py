@@ -1,0 +1,431 @@
+"""The scale-set port over an Azure Virtual Machine Scale Set, through ``azure-mgmt-compute``.
+
+Boundary: this module turns ARM resources into ``base.Instance`` values and ARM failures into
+``errors.ScaleSetError``; it decides nothing. Both orchestration modes are handled and detected from the scale
+set itself: **Uniform** instances come from the scale set's ``virtualMachines`` (instance ids ``0``, ``1``, ...);
+**Flexible** instances are ordinary VMs filtered by ``virtualMachineScaleSet/id`` and their instance id is the VM
+name (the id ``delete`` and the instance-protection API take). Instance protection on Flexible needs
+api-version 2023-09-01 or later; the SDK's default (2026-04-01) is.
+
+ARM allows a scale set about four updates and four VM deletions per minute, so every write is one request:
+``set_capacity`` PATCHes ``sku.capacity`` once and polls the long-running operation to its end (a concurrent
+call waits for it instead of writing again), ``delete_instances`` is one batch ``POST .../delete``. The SDK's own
+retry policy is switched off: retries happen here, through the named policies in ``_retry`` (429 waits at least
+``Retry-After``; 5xx backs off), and a poll that fails after the write was accepted resumes polling from the
+operation's continuation token rather than writing again. Every HTTP request and every 429 is counted in
+:class:`ArmCallStats` for the controller to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+from azure.core.credentials import TokenCredential
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.polling import LROPoller
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.compute import models as compute_models
+
+from scalebus import errors, settings
+from scalebus.backends import base
+from scalebus.backends.azure import _errors, _retry
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ARM_ENDPOINT = "https://management.azure.com"
+
+_SCALE_SET_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/\s]+)/resourceGroups/(?P<rg>[^/\s]+)"
+    r"/providers/Microsoft\.Compute/virtualMachineScaleSets/(?P<name>[^/\s]+)/?$",
+    re.IGNORECASE,
+)
+_UNIFORM = "Uniform"
+_FLEXIBLE = "Flexible"
+_NOT_RUNNING = frozenset({"stopped", "stopping", "deallocated", "deallocating"})
+
+
+# --------------------------------------------------------------------------------------------- resource ids
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScaleSetRef:
+    """Where a scale set lives in ARM."""
+
+    subscription_id: str
+    resource_group: str
+    name: str
+
+    @property
+    def resource_id(self) -> str:
+        return (
+            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachineScaleSets/{self.name}"
+        )
+
+
+def parse_scale_set_id(value: str, *, key: str = "scale_set.url") -> ScaleSetRef:
+    """Split a scale set's ARM resource id; a malformed one is a ``ConfigError`` naming ``key``."""
+    match = _SCALE_SET_ID.match(value.strip())
+    if match is None:
+        raise errors.ConfigError(
+            key,
+            f"{value!r} is not the ARM resource id of a VM scale set",
+            "use /subscriptions/<subscription>/resourceGroups/<group>/providers/Microsoft.Compute/"
+            "virtualMachineScaleSets/<name> (az vmss show --query id)",
+        )
+    return ScaleSetRef(match["sub"], match["rg"], match["name"])
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArmCallStats:
+    """ARM requests made by one adapter since it was built (a snapshot; every retry and poll counts)."""
+
+    calls: int = 0
+    writes: int = 0
+    throttled: int = 0
+    server_errors: int = 0
+
+
+class _CallCounter(SansIOHTTPPolicy[Any, Any]):
+    """Sits after the (disabled) SDK retry policy, so it sees every request on the wire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = ArmCallStats()
+
+    @property
+    def stats(self) -> ArmCallStats:
+        with self._lock:
+            return self._stats
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        write = request.http_request.method.upper() != "GET"
+        with self._lock:
+            self._stats = dataclasses.replace(
+                self._stats, calls=self._stats.calls + 1, writes=self._stats.writes + int(write)
+            )
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        status = response.http_response.status_code
+        if status == 429:
+            retry_after = _errors.retry_after_s(response.http_response)
+            log.warning("arm_throttled", method=request.http_request.method, retry_after_s=retry_after)
+        with self._lock:
+            self._stats = dataclasses.replace(
+                self._stats,
+                throttled=self._stats.throttled + int(status == 429),
+                server_errors=self._stats.server_errors + int(status >= 500),
+            )
+
+
+# --------------------------------------------------------------------------------------------- state mapping
+
+
+def instance_state(provisioning_state: str | None, power_state: str | None) -> base.InstanceState:
+    """One instance's state from ARM's provisioning state and the ``PowerState/...`` code.
+
+    A stopped or deallocated VM does no work and does not start by itself: for the controller it is broken.
+    """
+    provisioning = (provisioning_state or "").lower()
+    power = (power_state or "").lower()
+    if provisioning == "deleting":
+        return base.InstanceState.DELETING
+    if provisioning == "failed":
+        return base.InstanceState.FAILED
+    if provisioning == "creating":
+        return base.InstanceState.STARTING
+    if power == "running":
+        return base.InstanceState.RUNNING
+    if power in _NOT_RUNNING:
+        return base.InstanceState.FAILED
+    return base.InstanceState.STARTING
+
+
+def _power_state(statuses: Iterable[Any] | None) -> str | None:
+    for status in statuses or ():
+        code = str(getattr(status, "code", "") or "")
+        if code.startswith("PowerState/"):
+            return code.split("/", 1)[1]
+    return None
+
+
+def _epoch(value: datetime.datetime | None) -> float:
+    return value.timestamp() if value is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------- adapter
+
+
+def open_scale_set(cfg: settings.ScaleSetSettings, *, credential: TokenCredential | None = None) -> VmssScaleSet:
+    """The scale set named by ``scale_set.url``; authenticates with ``DefaultAzureCredential`` unless told
+    otherwise (on a VM that is its managed identity, through IMDS)."""
+    parse_scale_set_id(cfg.url)  # a ConfigError before any credential is built
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return VmssScaleSet(
+        cfg.url,
+        credential=credential,
+        arm_endpoint=cfg.arm_endpoint,
+        connection_verify=cfg.connection_verify,
+        polling_interval_s=cfg.polling_interval_s,
+    )
+
+
+class VmssScaleSet:
+    """``base.ScaleSet`` over one VM scale set (Uniform or Flexible), addressed by its ARM resource id."""
+
+    def __init__(
+        self,
+        scale_set_id: str,
+        *,
+        credential: TokenCredential,
+        arm_endpoint: str = DEFAULT_ARM_ENDPOINT,
+        connection_verify: str = "",
+        polling_interval_s: float = 15.0,
+    ) -> None:
+        self._ref = parse_scale_set_id(scale_set_id)
+        self._polling_interval_s = polling_interval_s
+        self._counter = _CallCounter()
+        self._client = ComputeManagementClient(
+            credential,
+            self._ref.subscription_id,
+            base_url=arm_endpoint.rstrip("/"),
+            connection_verify=connection_verify or True,
+            retry_total=0,
+            per_retry_policies=[self._counter],
+            logging_enable=False,
+        )
+        self._mode: str | None = None
+        self._location: str | None = None
+        self._write_done = threading.Condition()
+        self._capacity_in_flight: int | None = None
+        self._last_capacity_write: tuple[int, bool] | None = None
+        self._protected_here: set[str] = set()
+        self._log = log.bind(scale_set=self._ref.name)
+
+    # -- facts ------------------------------------------------------------------------------------------------
+
+    @property
+    def resource_id(self) -> str:
+        return self._ref.resource_id
+
+    @property
+    def stats(self) -> ArmCallStats:
+        """Every ARM request and 429 so far (the controller logs this)."""
+        return self._counter.stats
+
+    @property
+    def orchestration_mode(self) -> str:
+        """``"Uniform"`` or ``"Flexible"``, read from the scale set once."""
+        if self._mode is None:
+            self._read_scale_set()
+        assert self._mode is not None
+        return self._mode
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def get_capacity(self) -> int:
+        vmss = self._read_scale_set()
+        return int(vmss.sku.capacity or 0) if vmss.sku is not None else 0
+
+    def list_instances(self) -> list[base.Instance]:
+        listing = self._list_flexible if self.orchestration_mode == _FLEXIBLE else self._list_uniform
+        found: list[base.Instance] = self._read("list instances", listing)
+        return found
+
+    def _read_scale_set(self) -> Any:
+        vmss = self._read(
+            "get scale set",
+            lambda: self._client.virtual_machine_scale_sets.get(self._ref.resource_group, self._ref.name),
+        )
+        props = vmss.properties
+        mode = getattr(props, "orchestration_mode", None) if props is not None else None
+        mode = getattr(mode, "value", mode)  # an SDK enum or a plain string
+        self._mode = _FLEXIBLE if str(mode or "").lower() == "flexible" else _UNIFORM
+        self._location = vmss.location
+        return vmss
+
+    def _list_uniform(self) -> list[base.Instance]:
+        pages = self._client.virtual_machine_scale_set_vms.list(
+            self._ref.resource_group, self._ref.name, expand="instanceView"
+        )
+        found = []
+        for vm in pages:
+            props = vm.properties
+            view = props.instance_view if props is not None else None
+            policy = props.protection_policy if props is not None else None
+            found.append(
+                base.Instance(
+                    instance_id=str(vm.instance_id),
+                    state=instance_state(
+                        props.provisioning_state if props is not None else None,
+                        _power_state(view.statuses if view is not None else None),
+                    ),
+                    created_at=_epoch(props.time_created if props is not None else None),
+                    protected=bool(policy is not None and policy.protect_from_scale_in),
+                    name=str(vm.name or ""),
+                )
+            )
+        return found
+
+    def _list_flexible(self) -> list[base.Instance]:
+        pages = self._client.virtual_machines.list(
+            self._ref.resource_group,
+            filter=f"'virtualMachineScaleSet/id' eq '{self._ref.resource_id}'",
+            expand="instanceView",
+        )
+        found = []
+        for vm in pages:
+            props = vm.properties
+            view = props.instance_view if props is not None else None
+            name = str(vm.name or "")
+            found.append(
+                base.Instance(
+                    instance_id=name,
+                    state=instance_state(
+                        props.provisioning_state if props is not None else None,
+                        _power_state(view.statuses if view is not None else None),
+                    ),
+                    created_at=_epoch(props.time_created if props is not None else None),
+                    # The VM resource does not carry the scale set's protection policy; report what we set.
+                    protected=name in self._protected_here,
+                    name=name,
+                )
+            )
+        return found
+
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def set_capacity(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        with self._write_done:
+            while self._capacity_in_flight is not None:
+                # One write at a time: a call for the capacity already being written rides on that write.
+                riding = self._capacity_in_flight == capacity
+                self._write_done.wait()
+                if riding and self._last_capacity_write == (capacity, True):
+                    return
+            self._capacity_in_flight = capacity
+        succeeded = False
+        try:
+            body = compute_models.VirtualMachineScaleSetUpdate(sku=compute_models.Sku(capacity=capacity))
+            self._run_operation(
+                "set capacity",
+                lambda **kw: self._client.virtual_machine_scale_sets.begin_update(
+                    self._ref.resource_group, self._ref.name, body, polling_interval=self._polling_interval_s, **kw
+                ),
+            )
+            succeeded = True
+            self._log.info("capacity_set", capacity=capacity, arm_calls=self.stats.calls)
+        finally:
+            with self._write_done:
+                self._capacity_in_flight = None
+                self._last_capacity_write = (capacity, succeeded)
+                self._write_done.notify_all()
+
+    def delete_instances(self, instance_ids: Sequence[str]) -> None:
+        wanted = list(dict.fromkeys(str(i) for i in instance_ids))
+        if not wanted:
+            return
+        try:
+            self._delete(wanted)
+        except errors.ScaleSetError as exc:
+            if exc.transient:
+                raise
+            # Azure refuses the whole batch when an id is unknown; already gone counts as done.
+            present = {i.instance_id for i in self.list_instances()}
+            remaining = [i for i in wanted if i in present]
+            if remaining == wanted:
+                raise
+            self._log.info("instances_already_gone", gone=[i for i in wanted if i not in present])
+            if remaining:
+                self._delete(remaining)
+        self._protected_here.difference_update(wanted)
+
+    def _delete(self, instance_ids: list[str]) -> None:
+        body = compute_models.VirtualMachineScaleSetVMInstanceRequiredIDs(instance_ids=instance_ids)
+        self._run_operation(
+            "delete instances",
+            lambda **kw: self._client.virtual_machine_scale_sets.begin_delete_instances(
+                self._ref.resource_group, self._ref.name, body, polling_interval=self._polling_interval_s, **kw
+            ),
+        )
+        self._log.info("instances_deleted", instance_ids=instance_ids)
+
+    def set_protection(self, instance_id: str, *, protected: bool) -> None:
+        if self._location is None:
+            self._read_scale_set()
+        body = compute_models.VirtualMachineScaleSetVM(
+            location=self._location or "",
+            properties=compute_models.VirtualMachineScaleSetVMProperties(
+                protection_policy=compute_models.VirtualMachineScaleSetVMProtectionPolicy(
+                    protect_from_scale_in=protected
+                )
+            ),
+        )
+        self._run_operation(
+            "set protection",
+            lambda **kw: self._client.virtual_machine_scale_set_vms.begin_update(
+                self._ref.resource_group,
+                self._ref.name,
+                instance_id,
+                body,
+                polling_interval=self._polling_interval_s,
+                **kw,
+            ),
+        )
+        if protected:
+            self._protected_here.add(instance_id)
+        else:
+            self._protected_here.discard(instance_id)
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def _read(self, what: str, call: Callable[[], Any]) -> Any:
+        @_retry.retry_control_plane_read
+        def attempt() -> Any:
+            with _errors.translated(_errors.SCALE_SET, what=f"{what} {self._ref.name}"):
+                return call()
+
+        return attempt()
+
+    def _run_operation(self, what: str, begin: Callable[..., LROPoller[Any]]) -> Any:
+        """Send one write (retried only while ARM has not accepted it), then poll it to the end."""
+        label = f"{what} {self._ref.name}"
+
+        @_retry.retry_control_plane_write
+        def send() -> LROPoller[Any]:
+            with _errors.translated(_errors.SCALE_SET, what=label):
+                return begin()
+
+        started = time.monotonic()
+        poller = send()
+        token = poller.continuation_token()
+        pending: list[LROPoller[Any]] = [poller]
+
+        @_retry.retry_long_running_poll
+        def wait() -> Any:
+            with _errors.translated(_errors.SCALE_SET, what=label):
+                current = pending.pop() if pending else begin(continuation_token=token)
+                return current.result()
+
+        result = wait()
+        self._log.debug("operation_done", what=what, seconds=round(time.monotonic() - started, 3))
+        return result

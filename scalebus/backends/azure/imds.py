@@ -1,0 +1,124 @@
+"""Who am I, on an Azure VM: the Instance Metadata Service (IMDS) behind ``base.InstanceIdentity``.
+
+IMDS answers on a link-local address, only from inside the VM, only with the ``Metadata: true`` header and never
+through a proxy (so proxies are bypassed here). ``/metadata/instance`` tells the subscription, resource group,
+scale set name and the VM's own name and resource id. A **Uniform** instance's resource id ends in
+``virtualMachineScaleSets/<vmss>/virtualMachines/<instanceId>`` (its name is ``<vmss>_<instanceId>``); a
+**Flexible** instance is a plain VM whose name is its instance id for the scale-set API. A VM outside any scale
+set has an empty ``vmScaleSetName``: that is an ``IdentityError``, never a guess.
+
+:func:`managed_identity_credential` builds the credential the VM's managed identity uses for ARM. azure-identity
+reads the IMDS host only from ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` (at request time), so a non-default endpoint
+is handed to it through that variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import structlog
+from azure.core.credentials import TokenCredential
+from azure.identity import ManagedIdentityCredential
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.azure import _errors, _retry
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+INSTANCE_API_VERSION = "2021-02-01"
+_IMDS_HOST_ENV = "AZURE_POD_IDENTITY_AUTHORITY_HOST"
+_TRANSIENT_STATUS = frozenset({408, 410, 429, 500, 502, 503, 504})
+
+
+class _TransientIdentityError(errors.IdentityError, errors.TransientBackendError):
+    """IMDS throttled (5 requests/s per VM) or briefly unavailable: worth a retry."""
+
+
+class ImdsIdentity:
+    """``base.InstanceIdentity`` from IMDS ``/metadata/instance``."""
+
+    def __init__(self, endpoint: str = DEFAULT_IMDS_ENDPOINT, *, timeout_s: float = 2.0) -> None:
+        self._endpoint = endpoint.rstrip("/")
+        self._timeout_s = timeout_s
+        # IMDS must never be reached through a proxy.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def whoami(self) -> base.InstanceInfo:
+        compute = self._read_compute()
+        return instance_info(compute)
+
+    def _read_compute(self) -> dict[str, Any]:
+        url = f"{self._endpoint}/metadata/instance?{urllib.parse.urlencode({'api-version': INSTANCE_API_VERSION})}"
+
+        @_retry.retry_control_plane_read
+        def attempt() -> dict[str, Any]:
+            request = urllib.request.Request(url, headers={"Metadata": "true"})
+            try:
+                with self._opener.open(request, timeout=self._timeout_s) as response:
+                    document = json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code in _TRANSIENT_STATUS:
+                    raise _TransientIdentityError(
+                        f"IMDS answered HTTP {exc.code}", retry_after_s=_errors.retry_after_s(exc)
+                    ) from exc
+                raise errors.IdentityError(f"IMDS answered HTTP {exc.code}: not an Azure VM?") from exc
+            except (urllib.error.URLError, OSError) as exc:
+                raise errors.IdentityError(
+                    f"IMDS at {self._endpoint} is unreachable ({type(exc).__name__}): not running on an Azure VM"
+                ) from exc
+            except ValueError as exc:
+                raise errors.IdentityError("IMDS answered something that is not JSON") from exc
+            compute = document.get("compute") if isinstance(document, dict) else None
+            if not isinstance(compute, dict):
+                raise errors.IdentityError("IMDS instance metadata has no 'compute' section")
+            return compute
+
+        result: dict[str, Any] = attempt()
+        return result
+
+
+def instance_info(compute: dict[str, Any]) -> base.InstanceInfo:
+    """This VM's place in its scale set, from IMDS's ``compute`` document (pure; see the module docstring)."""
+    vmss = str(compute.get("vmScaleSetName") or "")
+    name = str(compute.get("name") or "")
+    subscription = str(compute.get("subscriptionId") or "")
+    group = str(compute.get("resourceGroupName") or "")
+    resource_id = str(compute.get("resourceId") or "")
+    if not vmss:
+        raise errors.IdentityError(
+            f"VM {name or '?'} is not an instance of a VM scale set (IMDS vmScaleSetName is empty)"
+        )
+    if not (subscription and group and name):
+        raise errors.IdentityError("IMDS instance metadata lacks subscriptionId, resourceGroupName or name")
+    scale_set = (
+        f"/subscriptions/{subscription}/resourceGroups/{group}"
+        f"/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}"
+    )
+    marker = f"/virtualmachinescalesets/{vmss.lower()}/virtualmachines/"
+    at = resource_id.lower().find(marker)
+    if at >= 0:  # Uniform: .../virtualMachineScaleSets/<vmss>/virtualMachines/<instanceId>
+        instance_id = resource_id[at + len(marker) :].strip("/")
+    elif name.lower().startswith(vmss.lower() + "_") and "/virtualmachines/" not in resource_id.lower():
+        instance_id = name[len(vmss) + 1 :]  # Uniform, when resourceId is missing
+    else:  # Flexible: the VM name is the instance id
+        instance_id = name
+    if not instance_id:
+        raise errors.IdentityError(f"cannot tell the instance id of {name} in scale set {vmss}")
+    return base.InstanceInfo(instance_id=instance_id, scale_set=scale_set, name=name)
+
+
+def managed_identity_credential(*, imds_endpoint: str = DEFAULT_IMDS_ENDPOINT) -> TokenCredential:
+    """The VM's system-assigned managed identity, asking the IMDS at ``imds_endpoint`` for tokens."""
+    endpoint = imds_endpoint.rstrip("/")
+    if endpoint != DEFAULT_IMDS_ENDPOINT:
+        # azure-identity has no argument for the IMDS host; this variable is its documented override. The default
+        # endpoint leaves the variable alone (AKS pod identity sets it itself).
+        os.environ[_IMDS_HOST_ENV] = endpoint
+    return ManagedIdentityCredential()

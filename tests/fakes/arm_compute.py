@@ -1,0 +1,711 @@
+"""A wire-level fake of Azure Resource Manager's Microsoft.Compute scale-set API, over HTTPS on 127.0.0.1.
+
+It serves what ``VmssScaleSet`` calls through the real ``azure-mgmt-compute`` client, so tests exercise the SDK's
+serialisation, bearer-token policy (which refuses plain HTTP, hence TLS with a ``trustme`` CA), long-running
+operation polling and error mapping:
+
+- ``GET|PATCH|PUT .../virtualMachineScaleSets/<n>`` (PATCH ``sku.capacity`` scales out or in);
+- ``GET .../virtualMachineScaleSets/<n>/virtualMachines`` (Uniform instances; ``$expand=instanceView``);
+- ``GET .../resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines?$filter='virtualMachineScaleSet/id'
+  eq '<id>'`` (Flexible: VMs of the scale set, the VM name is the instance id);
+- ``GET|PUT .../virtualMachineScaleSets/<n>/virtualMachines/<id>`` (``protectionPolicy.protectFromScaleIn``;
+  on Flexible only from api-version 2023-09-01, as Azure documents);
+- ``POST .../virtualMachineScaleSets/<n>/delete`` with ``{"instanceIds": [...]}``;
+- ``GET /subscriptions/<s>/providers/Microsoft.Compute/locations/<loc>/operations/<op>`` — the
+  ``Azure-AsyncOperation`` status monitor, and with ``monitor=true`` the ``Location`` result URL.
+
+Bodies follow the Azure/azure-rest-api-specs examples for api-version **2026-04-01** (the default of
+azure-mgmt-compute 39.0), under ``specification/compute/resource-manager/Microsoft.Compute/Compute/Compute/
+examples/2026-04-01/``: ``virtualMachineScaleSetExamples/VirtualMachineScaleSetVM_List_MaximumSet_Gen.json`` and
+``..._MinimumSet_Gen.json`` (instance shape: ``instanceId``, ``properties.provisioningState``,
+``properties.instanceView.statuses``, ``properties.protectionPolicy``, ``properties.timeCreated``),
+``VirtualMachineScaleSetVM_Update_MinimumSet_Gen.json`` (PUT on one instance, 200/202 + ``location``),
+``VirtualMachineScaleSet_Update_MinimumSet_Gen.json`` (PATCH on the scale set) and
+``virtualMachineExamples/VirtualMachine_List_MaximumSet_Gen.json`` (Flexible VMs with
+``properties.virtualMachineScaleSet.id``). Asynchronous operations follow the ARM async pattern (initial
+200/202 with ``Azure-AsyncOperation`` and ``Location``; status body ``{"status": "InProgress"|"Succeeded"|
+"Failed", "startTime", "endTime", "name"}``).
+
+Simplifications: one token is accepted (any non-empty bearer unless ``expected_token`` is set); deleting an
+unknown instance id answers 404 ``NotFound`` for the whole batch; scale-in by capacity removes the newest
+unprotected instances. Faults are injected per request kind (``inject``) and every request is counted per kind
+(``count``), so tests can assert "one write per decision".
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import http.server
+import json
+import re
+import secrets
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+API_VERSION_FLEX_PROTECTION = "2023-09-01"
+DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
+DEFAULT_RESOURCE_GROUP = "rg-scalebus"
+
+WRITE_KINDS = frozenset({"PATCH scaleset", "PUT scaleset", "POST delete", "PUT instance"})
+
+_PROVIDER = r"/providers/Microsoft\.Compute"
+_RG = r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)" + _PROVIDER
+_ROUTES: list[tuple[str, re.Pattern[str]]] = [
+    ("scaleset", re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)$", re.I)),
+    ("instances", re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/virtualMachines$", re.I)),
+    (
+        "instance",
+        re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/virtualMachines/(?P<iid>[^/]+)$", re.I),
+    ),
+    ("delete", re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/delete$", re.I)),
+    ("vms", re.compile(_RG + r"/virtualMachines$", re.I)),
+    (
+        "operation",
+        re.compile(
+            r"^/subscriptions/(?P<sub>[^/]+)" + _PROVIDER + r"/locations/(?P<loc>[^/]+)/operations/(?P<op>[^/]+)$",
+            re.I,
+        ),
+    ),
+]
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass
+class FakeInstance:
+    instance_id: str
+    name: str
+    vm_id: str
+    created_at: float
+    ready_at: float
+    provisioning_state: str = "Creating"
+    power_state: str = "starting"
+    protected: bool = False
+    gone_at: float | None = None
+
+
+@dataclasses.dataclass
+class FakeScaleSet:
+    subscription: str
+    resource_group: str
+    name: str
+    mode: str
+    location: str
+    capacity: int = 0
+    provisioning_delay_s: float = 0.0
+    next_index: int = 0
+    unique_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    instances: dict[str, FakeInstance] = dataclasses.field(default_factory=dict)
+
+    @property
+    def resource_id(self) -> str:
+        return (
+            f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachineScaleSets/{self.name}"
+        )
+
+
+@dataclasses.dataclass
+class _Operation:
+    op_id: str
+    subscription: str
+    location: str
+    started_at: float
+    done_at: float
+    error: dict[str, str] | None = None
+
+
+@dataclasses.dataclass
+class _Fault:
+    status: int
+    retry_after_s: float | None
+    code: str
+
+
+class ArmComputeFake:
+    """The fake ARM endpoint. ``start()`` it (or use it as a context manager), then point clients at ``endpoint``
+    with ``connection_verify=ca_path``."""
+
+    def __init__(self, workdir: Path, *, expected_token: str | None = None) -> None:
+        self._workdir = workdir
+        self.expected_token = expected_token
+        self.ca_path = workdir / "arm-ca.pem"
+        self._lock = threading.Lock()
+        self._seen = threading.Condition(self._lock)
+        self._scale_sets: dict[tuple[str, str, str], FakeScaleSet] = {}
+        self._operations: dict[str, _Operation] = {}
+        self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(collections.deque)
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._requests: list[tuple[float, str]] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.delete_delay_s = 0.0
+        """How long deleted instances stay in ``Deleting`` (and their delete operation in progress)."""
+        self.scale_in_delay_s = 0.0
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> ArmComputeFake:
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        ca.cert_pem.write_to_path(str(self.ca_path))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="arm-compute-fake", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> ArmComputeFake:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"https://127.0.0.1:{self._server.server_address[1]}"
+
+    # ----------------------------------------------------------------------------------------- test controls
+
+    def create_scale_set(
+        self,
+        name: str | None = None,
+        *,
+        mode: str = "Uniform",
+        capacity: int = 0,
+        subscription: str = DEFAULT_SUBSCRIPTION,
+        resource_group: str = DEFAULT_RESOURCE_GROUP,
+        location: str = "westus",
+        provisioning_delay_s: float = 0.0,
+    ) -> str:
+        """Add a scale set (instances already running if ``capacity`` > 0); returns its ARM resource id."""
+        assert mode in ("Uniform", "Flexible")
+        name = name or f"vmss-{secrets.token_hex(4)}"
+        vmss = FakeScaleSet(subscription, resource_group, name, mode, location)
+        vmss.provisioning_delay_s = provisioning_delay_s
+        now = time.time()
+        with self._lock:
+            self._scale_sets[self._key(subscription, resource_group, name)] = vmss
+            for _ in range(capacity):
+                inst = self._new_instance(vmss, now)
+                inst.ready_at = now
+            vmss.capacity = capacity
+            self._advance(vmss, now)
+        return vmss.resource_id
+
+    def scale_set(self, resource_id: str) -> FakeScaleSet:
+        sub, rg, name = _parse_id(resource_id)
+        with self._lock:
+            return self._scale_sets[self._key(sub, rg, name)]
+
+    def set_provisioning_delay(self, resource_id: str, delay_s: float) -> None:
+        self.scale_set(resource_id).provisioning_delay_s = delay_s
+
+    def add_instances(self, resource_id: str, count: int, *, ready_in_s: float = 0.0) -> list[str]:
+        """Add instances as Azure would on scale-out (capacity follows); ``Creating`` until ``ready_in_s``."""
+        now = time.time()
+        with self._lock:
+            vmss = self._scale_set_locked(resource_id)
+            added = []
+            for _ in range(count):
+                inst = self._new_instance(vmss, now)
+                inst.ready_at = now + ready_in_s
+                added.append(inst.instance_id)
+            vmss.capacity += count
+            self._advance(vmss, now)
+            return added
+
+    def set_instance_state(self, resource_id: str, instance_id: str, *, provisioning: str, power: str) -> None:
+        """Force one instance's provisioning state and ``PowerState/<power>`` (e.g. a Failed VM), for good."""
+        with self._lock:
+            inst = self._scale_set_locked(resource_id).instances[instance_id]
+            inst.provisioning_state, inst.power_state = provisioning, power
+            inst.ready_at = float("inf")
+            inst.gone_at = None
+
+    def fail_instance(self, resource_id: str, instance_id: str) -> None:
+        """Mark one instance's provisioning as Failed (a broken VM the controller should delete)."""
+        self.set_instance_state(resource_id, instance_id, provisioning="Failed", power="stopped")
+
+    def wait_for_requests(self, kind: str, count: int, *, timeout_s: float = 10.0) -> bool:
+        """Block until ``count`` requests of ``kind`` have arrived (an event to await, not a sleep)."""
+        with self._seen:
+            return self._seen.wait_for(lambda: self._counts[kind] >= count, timeout=timeout_s)
+
+    def instance_ids(self, resource_id: str) -> list[str]:
+        with self._lock:
+            vmss = self._scale_set_locked(resource_id)
+            self._advance(vmss, time.time())
+            return list(vmss.instances)
+
+    def inject(self, kind: str, status: int, *, retry_after_s: float | None = None, times: int = 1) -> None:
+        """Answer the next ``times`` requests of ``kind`` (e.g. ``"PATCH scaleset"``) with ``status``."""
+        code = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}.get(status, "Fault")
+        with self._lock:
+            for _ in range(times):
+                self._faults[kind].append(_Fault(status, retry_after_s, code))
+
+    def count(self, kind: str | None = None) -> int:
+        """Requests seen of one kind (``"GET scaleset"``, ``"POST delete"``, ...), or all of them."""
+        with self._lock:
+            return self._counts[kind] if kind else sum(self._counts.values())
+
+    def writes(self) -> int:
+        """Requests that change state (capacity, deletes, protection), including rejected attempts."""
+        with self._lock:
+            return sum(n for kind, n in self._counts.items() if kind in WRITE_KINDS)
+
+    def request_times(self, kind: str) -> list[float]:
+        with self._lock:
+            return [at for at, k in self._requests if k == kind]
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._requests.clear()
+
+    # ----------------------------------------------------------------------------------------- request handling
+
+    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        parsed = urllib.parse.urlsplit(raw_path)
+        query = {k.lower(): v for k, v in urllib.parse.parse_qsl(parsed.query)}
+        route, match = _route(parsed.path)
+        kind = f"{method} {route or 'unknown'}"
+        if route == "operation" and query.get("monitor") == "true":
+            kind = f"{method} operation-result"
+        now = time.time()
+        with self._lock:
+            self._counts[kind] += 1
+            self._requests.append((now, kind))
+            self._seen.notify_all()
+            fault = self._faults[kind].popleft() if self._faults.get(kind) else None
+        auth = headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or len(auth) <= len("Bearer "):
+            return _error(401, "AuthenticationFailed", "Authentication failed: no bearer token.")
+        if self.expected_token is not None and auth != f"Bearer {self.expected_token}":
+            return _error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        if fault is not None:
+            extra = {"Retry-After": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else {}
+            status, hdrs, payload = _error(fault.status, fault.code, f"Injected fault {fault.status}.")
+            return status, {**hdrs, **extra}, payload
+        if "api-version" not in query:
+            return _error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        if match is None:
+            return _error(404, "NotFound", f"No route for {parsed.path}.")
+        try:
+            payload_in = json.loads(body) if body else {}
+        except ValueError:
+            return _error(400, "InvalidRequestContent", "The request content was invalid.")
+        handler = getattr(self, f"_do_{method.lower()}_{route}", None)
+        if handler is None:
+            return _error(405, "MethodNotAllowed", f"{method} is not supported on {route}.")
+        with self._lock:
+            result: tuple[int, dict[str, str], Any] = handler(match.groupdict(), query, payload_in, now)
+            return result
+
+    # GET/PATCH/PUT scale set ----------------------------------------------------------------------------
+
+    def _do_get_scaleset(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        self._advance(vmss, now)
+        return 200, {}, self._scale_set_body(vmss)
+
+    def _do_patch_scaleset(self, p: dict[str, str], q: dict[str, str], b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        self._advance(vmss, now)
+        done_at = now
+        capacity = (b.get("sku") or {}).get("capacity")
+        if capacity is not None:
+            if not isinstance(capacity, int) or capacity < 0:
+                return _error(400, "InvalidParameter", "sku.capacity must be a non-negative integer.")
+            done_at = self._resize(vmss, capacity, now)
+        op = self._new_operation(vmss, now, done_at)
+        body = self._scale_set_body(vmss, provisioning_state="Updating" if done_at > now else "Succeeded")
+        return 200, self._lro_headers(op, q, with_location=False), body
+
+    def _do_put_scaleset(self, p: dict[str, str], q: dict[str, str], b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            mode = (b.get("properties") or {}).get("orchestrationMode", "Uniform")
+            vmss = FakeScaleSet(p["sub"], p["rg"], p["name"], mode, b.get("location", "westus"))
+            self._scale_sets[self._key(p["sub"], p["rg"], p["name"])] = vmss
+            created = True
+        else:
+            created = False
+        self._advance(vmss, now)
+        capacity = (b.get("sku") or {}).get("capacity", vmss.capacity)
+        done_at = self._resize(vmss, int(capacity), now)
+        op = self._new_operation(vmss, now, done_at)
+        body = self._scale_set_body(vmss, provisioning_state="Creating" if created else "Updating")
+        return (201 if created else 200), self._lro_headers(op, q, with_location=False), body
+
+    # instances ------------------------------------------------------------------------------------------
+
+    def _do_get_instances(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        if vmss.mode == "Flexible":
+            return _error(
+                400,
+                "OperationNotAllowed",
+                "Listing scale set VMs is not supported for scale sets with Flexible orchestration mode; "
+                "list virtualMachines with a virtualMachineScaleSet/id filter.",
+            )
+        self._advance(vmss, now)
+        expand = q.get("$expand", "").lower() == "instanceview"
+        return 200, {}, {"value": [self._instance_body(vmss, i, expand) for i in vmss.instances.values()]}
+
+    def _do_get_vms(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
+        wanted = re.fullmatch(
+            r"\s*'?virtualMachineScaleSet/id'?\s+eq\s+'?([^']+)'?\s*", q.get("$filter", ""), re.I
+        )
+        items: list[dict[str, Any]] = []
+        for vmss in self._scale_sets.values():
+            if (
+                vmss.mode != "Flexible"
+                or vmss.subscription != p["sub"]
+                or vmss.resource_group.lower() != p["rg"].lower()
+            ):
+                continue
+            if wanted and wanted.group(1).lower() != vmss.resource_id.lower():
+                continue
+            self._advance(vmss, now)
+            expand = q.get("$expand", "").lower() == "instanceview"
+            items.extend(self._instance_body(vmss, i, expand) for i in vmss.instances.values())
+        return 200, {}, {"value": items}
+
+    def _do_get_instance(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        self._advance(vmss, now)
+        inst = vmss.instances.get(p["iid"])
+        if inst is None:
+            return _error(404, "NotFound", f"The entity was not found: instance {p['iid']}.")
+        return 200, {}, self._vmss_vm_body(vmss, inst)
+
+    def _do_put_instance(self, p: dict[str, str], q: dict[str, str], b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        if vmss.mode == "Flexible" and q["api-version"] < API_VERSION_FLEX_PROTECTION:
+            return _error(
+                400,
+                "OperationNotAllowed",
+                "Instance protection on Flexible scale sets needs api-version "
+                f"{API_VERSION_FLEX_PROTECTION} or later.",
+            )
+        self._advance(vmss, now)
+        inst = vmss.instances.get(p["iid"])
+        if inst is None or inst.provisioning_state == "Deleting":
+            return _error(404, "NotFound", f"The entity was not found: instance {p['iid']}.")
+        policy = (b.get("properties") or {}).get("protectionPolicy")
+        if policy is not None and "protectFromScaleIn" in policy:
+            inst.protected = bool(policy["protectFromScaleIn"])
+        op = self._new_operation(vmss, now, now)
+        return 200, self._lro_headers(op, q, with_location=False), self._vmss_vm_body(vmss, inst)
+
+    def _do_post_delete(self, p: dict[str, str], q: dict[str, str], b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        ids = b.get("instanceIds")
+        if not isinstance(ids, list) or not ids:
+            return _error(400, "InvalidParameter", "instanceIds must be a non-empty list.")
+        self._advance(vmss, now)
+        unknown = [i for i in ids if i not in vmss.instances]
+        if unknown:
+            return _error(404, "NotFound", f"The entity was not found: instances {', '.join(map(str, unknown))}.")
+        gone_at = now + self.delete_delay_s
+        for iid in ids:
+            inst = vmss.instances[iid]
+            if inst.provisioning_state != "Deleting":
+                inst.provisioning_state = "Deleting"
+                inst.power_state = "stopping"
+                inst.gone_at = gone_at
+                vmss.capacity = max(0, vmss.capacity - 1)
+        op = self._new_operation(vmss, now, gone_at)
+        self._advance(vmss, now)
+        return 202, self._lro_headers(op, q, with_location=True), None
+
+    # operations -----------------------------------------------------------------------------------------
+
+    def _do_get_operation(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
+        op = self._operations.get(p["op"])
+        if op is None:
+            return _error(404, "NotFound", "The operation was not found.")
+        for vmss in self._scale_sets.values():
+            self._advance(vmss, now)
+        done = now >= op.done_at
+        if q.get("monitor") == "true":
+            return (200, {}, None) if done else (202, {"Location": self._op_url(op, q, monitor=True)}, None)
+        body: dict[str, Any] = {"name": op.op_id, "startTime": _iso(op.started_at)}
+        if not done:
+            body["status"] = "InProgress"
+        elif op.error is not None:
+            body.update(status="Failed", endTime=_iso(op.done_at), error=op.error)
+        else:
+            body.update(status="Succeeded", endTime=_iso(op.done_at))
+        return 200, {}, body
+
+    # ----------------------------------------------------------------------------------------- state
+
+    @staticmethod
+    def _key(sub: str, rg: str, name: str) -> tuple[str, str, str]:
+        return sub.lower(), rg.lower(), name.lower()
+
+    def _find(self, p: dict[str, str]) -> FakeScaleSet | None:
+        return self._scale_sets.get(self._key(p["sub"], p["rg"], p["name"]))
+
+    def _scale_set_locked(self, resource_id: str) -> FakeScaleSet:
+        return self._scale_sets[self._key(*_parse_id(resource_id))]
+
+    def _not_found(self, p: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        return _error(
+            404,
+            "ResourceNotFound",
+            f"The Resource 'Microsoft.Compute/virtualMachineScaleSets/{p['name']}' under resource group "
+            f"'{p['rg']}' was not found.",
+        )
+
+    def _new_instance(self, vmss: FakeScaleSet, now: float) -> FakeInstance:
+        index = vmss.next_index
+        vmss.next_index += 1
+        if vmss.mode == "Uniform":
+            iid, name = str(index), f"{vmss.name}_{index}"
+        else:
+            iid = name = f"{vmss.name}_{secrets.token_hex(4)}"
+        inst = FakeInstance(iid, name, str(uuid.uuid4()), created_at=now, ready_at=now + vmss.provisioning_delay_s)
+        vmss.instances[iid] = inst
+        return inst
+
+    def _resize(self, vmss: FakeScaleSet, capacity: int, now: float) -> float:
+        """Create or remove instances to match ``capacity``; returns when the operation completes."""
+        live = [i for i in vmss.instances.values() if i.provisioning_state != "Deleting"]
+        done_at = now
+        if capacity > len(live):
+            for _ in range(capacity - len(live)):
+                done_at = max(done_at, self._new_instance(vmss, now).ready_at)
+        elif capacity < len(live):
+            victims = sorted((i for i in live if not i.protected), key=lambda i: i.created_at, reverse=True)
+            for inst in victims[: len(live) - capacity]:
+                inst.provisioning_state, inst.power_state = "Deleting", "stopping"
+                inst.gone_at = now + self.scale_in_delay_s
+                done_at = max(done_at, inst.gone_at)
+        vmss.capacity = capacity
+        return done_at
+
+    def _advance(self, vmss: FakeScaleSet, now: float) -> None:
+        for iid, inst in list(vmss.instances.items()):
+            if inst.gone_at is not None and now >= inst.gone_at:
+                del vmss.instances[iid]
+            elif inst.provisioning_state == "Creating" and now >= inst.ready_at:
+                inst.provisioning_state, inst.power_state = "Succeeded", "running"
+
+    def _new_operation(self, vmss: FakeScaleSet, now: float, done_at: float) -> _Operation:
+        op = _Operation(str(uuid.uuid4()), vmss.subscription, vmss.location, started_at=now, done_at=done_at)
+        self._operations[op.op_id] = op
+        return op
+
+    def _op_url(self, op: _Operation, q: dict[str, str], *, monitor: bool) -> str:
+        query = {"p": "scalebus", "api-version": q.get("api-version", "")}
+        if monitor:
+            query["monitor"] = "true"
+        return (
+            f"{self.endpoint}/subscriptions/{op.subscription}/providers/Microsoft.Compute/locations/{op.location}"
+            f"/operations/{op.op_id}?{urllib.parse.urlencode(query)}"
+        )
+
+    def _lro_headers(self, op: _Operation, q: dict[str, str], *, with_location: bool) -> dict[str, str]:
+        headers = {"Azure-AsyncOperation": self._op_url(op, q, monitor=False)}
+        if with_location:
+            headers["Location"] = self._op_url(op, q, monitor=True)
+        return headers
+
+    def _scale_set_body(self, vmss: FakeScaleSet, *, provisioning_state: str = "Succeeded") -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "orchestrationMode": vmss.mode,
+            "provisioningState": provisioning_state,
+            "uniqueId": vmss.unique_id,
+            "singlePlacementGroup": False,
+            "timeCreated": _iso(time.time()),
+        }
+        if vmss.mode == "Uniform":
+            props["upgradePolicy"] = {"mode": "Manual"}
+            props["overprovision"] = False
+        else:
+            props["platformFaultDomainCount"] = 1
+        return {
+            "name": vmss.name,
+            "id": vmss.resource_id,
+            "type": "Microsoft.Compute/virtualMachineScaleSets",
+            "location": vmss.location,
+            "sku": {"name": "Standard_D2s_v5", "tier": "Standard", "capacity": vmss.capacity},
+            "properties": props,
+        }
+
+    def _vmss_vm_body(self, vmss: FakeScaleSet, inst: FakeInstance) -> dict[str, Any]:
+        """One instance through the scale-set VM API (both modes; Flexible since 2023-09-01)."""
+        body = self._instance_body(vmss, inst, expand=True)
+        body.setdefault("instanceId", inst.instance_id)
+        body["properties"]["protectionPolicy"] = {
+            "protectFromScaleIn": inst.protected,
+            "protectFromScaleSetActions": False,
+        }
+        return body
+
+    def _instance_body(self, vmss: FakeScaleSet, inst: FakeInstance, expand: bool) -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "vmId": inst.vm_id,
+            "provisioningState": inst.provisioning_state,
+            "timeCreated": _iso(inst.created_at),
+            "hardwareProfile": {"vmSize": "Standard_D2s_v5"},
+        }
+        if expand:
+            props["instanceView"] = {
+                "computerName": inst.name,
+                "statuses": [
+                    {
+                        "code": f"ProvisioningState/{inst.provisioning_state.lower()}",
+                        "level": "Error" if inst.provisioning_state == "Failed" else "Info",
+                        "displayStatus": f"Provisioning {inst.provisioning_state.lower()}",
+                    },
+                    {
+                        "code": f"PowerState/{inst.power_state}",
+                        "level": "Info",
+                        "displayStatus": f"VM {inst.power_state}",
+                    },
+                ],
+            }
+        rg_prefix = (
+            f"/subscriptions/{vmss.subscription}/resourceGroups/{vmss.resource_group}/providers/Microsoft.Compute"
+        )
+        if vmss.mode == "Uniform":
+            return {
+                "name": inst.name,
+                "id": f"{vmss.resource_id}/virtualMachines/{inst.instance_id}",
+                "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
+                "location": vmss.location,
+                "instanceId": inst.instance_id,
+                "sku": {"name": "Standard_D2s_v5", "tier": "Standard"},
+                "properties": {
+                    **props,
+                    "latestModelApplied": True,
+                    "protectionPolicy": {
+                        "protectFromScaleIn": inst.protected,
+                        "protectFromScaleSetActions": False,
+                    },
+                },
+            }
+        props["virtualMachineScaleSet"] = {"id": vmss.resource_id}
+        return {
+            "name": inst.name,
+            "id": f"{rg_prefix}/virtualMachines/{inst.name}",
+            "type": "Microsoft.Compute/virtualMachines",
+            "location": vmss.location,
+            "properties": props,
+        }
+
+
+def _route(path: str) -> tuple[str | None, re.Match[str] | None]:
+    for name, pattern in _ROUTES:
+        match = pattern.match(path)
+        if match:
+            return name, match
+    return None, None
+
+
+def _parse_id(resource_id: str) -> tuple[str, str, str]:
+    match = _ROUTES[0][1].match(resource_id)
+    assert match, f"not a scale set id: {resource_id}"
+    return match["sub"], match["rg"], match["name"]
+
+
+def _error(status: int, code: str, message: str) -> tuple[int, dict[str, str], Any]:
+    return status, {}, {"error": {"code": code, "message": message}}
+
+
+def _handler_for(fake: ArmComputeFake) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            status, headers, payload = fake.handle(self.command, self.path, self.headers, body)
+            data = b"" if payload is None else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("x-ms-request-id", str(uuid.uuid4()))
+            if data:
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._serve()
+
+        def do_PUT(self) -> None:
+            self._serve()
+
+        def do_PATCH(self) -> None:
+            self._serve()
+
+        def do_POST(self) -> None:
+            self._serve()
+
+        def do_DELETE(self) -> None:
+            self._serve()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args
+
+        def handle(self) -> None:
+            # A client closing a kept-alive TLS connection mid-read is routine, not a test failure.
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                super().handle()
+
+    return Handler
+
+
+@contextlib.contextmanager
+def running(workdir: Path, **kwargs: Any) -> Iterator[ArmComputeFake]:
+    fake = ArmComputeFake(workdir, **kwargs).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()

@@ -1,0 +1,198 @@
+"""A wire-level fake of the Azure Instance Metadata Service (IMDS), over plain HTTP on 127.0.0.1.
+
+Endpoints (each requires the ``Metadata: true`` header, as IMDS does, and answers 400 without it):
+
+- ``GET /metadata/instance?api-version=...``: ``{"compute": {...}, "network": {...}}`` with
+  ``subscriptionId``, ``resourceGroupName``, ``vmScaleSetName``, ``name``, ``resourceId``, ``vmId``, ``location``.
+  A Uniform instance is named ``<vmss>_<instanceId>`` with a ``.../virtualMachineScaleSets/<vmss>/virtualMachines/
+  <instanceId>`` resource id; a Flexible one has its own VM name and a ``.../virtualMachines/<name>`` id; a VM
+  outside any scale set has an empty ``vmScaleSetName``.
+- ``GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=...``: the managed identity token, in the
+  shape MSAL's ``_obtain_token_on_azure_vm`` (used by azure-identity 1.27's ``ManagedIdentityCredential``) reads:
+  ``access_token``, ``expires_in`` (seconds, a string as IMDS sends it), ``expires_on``, ``resource``,
+  ``token_type``. Point the credential here with ``AZURE_POD_IDENTITY_AUTHORITY_HOST``.
+- ``GET /metadata/scheduledevents?api-version=...``: ``{"DocumentIncarnation": n, "Events": [...]}``.
+
+Every request is counted per path, so tests can see that the credential really asked.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import http.server
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+
+@dataclasses.dataclass
+class VmIdentity:
+    """What this fake says about "the VM" that asks."""
+
+    subscription: str
+    resource_group: str
+    name: str
+    resource_id: str
+    vm_scale_set_name: str = ""
+    vm_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    location: str = "westus"
+
+    @classmethod
+    def uniform(cls, scale_set_id: str, instance_id: str) -> VmIdentity:
+        sub, rg, vmss = _split_scale_set_id(scale_set_id)
+        return cls(sub, rg, f"{vmss}_{instance_id}", f"{scale_set_id}/virtualMachines/{instance_id}", vmss)
+
+    @classmethod
+    def flexible(cls, scale_set_id: str, vm_name: str) -> VmIdentity:
+        sub, rg, vmss = _split_scale_set_id(scale_set_id)
+        vm_id = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{vm_name}"
+        return cls(sub, rg, vm_name, vm_id, vmss)
+
+    @classmethod
+    def standalone(cls, subscription: str, resource_group: str, vm_name: str) -> VmIdentity:
+        vm_id = (
+            f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachines/{vm_name}"
+        )
+        return cls(subscription, resource_group, vm_name, vm_id, "")
+
+
+class ImdsFake:
+    """Start it, then point ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` or ``identity.imds_endpoint`` at it."""
+
+    def __init__(self, *, token: str | None = None, token_lifetime_s: int = 3600) -> None:
+        self.token = token or f"fake-mi-token-{secrets.token_hex(8)}"
+        self.token_lifetime_s = token_lifetime_s
+        self.identity: VmIdentity | None = None
+        self.scheduled_events: list[dict[str, Any]] = []
+        self.document_incarnation = 1
+        self.token_status = 200
+        """Set to 400 to answer like a VM with no identity assigned."""
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ImdsFake:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="imds-fake", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> ImdsFake:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self._counts[path]
+
+    def handle(self, raw_path: str, headers: Any) -> tuple[int, Any]:
+        parsed = urllib.parse.urlsplit(raw_path)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        with self._lock:
+            self._counts[parsed.path] += 1
+        if headers.get("Metadata", "").lower() != "true":
+            return 400, {"error": "Bad request. Required metadata header not specified"}
+        if "api-version" not in query:
+            return 400, {"error": "Bad request. api-version was not specified in the request"}
+        if parsed.path == "/metadata/instance":
+            return self._instance()
+        if parsed.path == "/metadata/identity/oauth2/token":
+            return self._token(query)
+        if parsed.path == "/metadata/scheduledevents":
+            return 200, {"DocumentIncarnation": self.document_incarnation, "Events": list(self.scheduled_events)}
+        return 404, {"error": "Not found"}
+
+    def _instance(self) -> tuple[int, Any]:
+        ident = self.identity
+        if ident is None:
+            return 404, {"error": "Not found"}
+        compute = {
+            "azEnvironment": "AzurePublicCloud",
+            "location": ident.location,
+            "name": ident.name,
+            "osType": "Linux",
+            "resourceGroupName": ident.resource_group,
+            "resourceId": ident.resource_id,
+            "subscriptionId": ident.subscription,
+            "vmId": ident.vm_id,
+            "vmScaleSetName": ident.vm_scale_set_name,
+            "vmSize": "Standard_D2s_v5",
+            "zone": "",
+        }
+        network = {
+            "interface": [{"ipv4": {"ipAddress": [{"privateIpAddress": "10.0.0.4", "publicIpAddress": ""}]}}]
+        }
+        return 200, {"compute": compute, "network": network}
+
+    def _token(self, query: dict[str, str]) -> tuple[int, Any]:
+        if self.token_status != 200:
+            return self.token_status, {
+                "error": "invalid_request",
+                "error_description": "Identity not found",
+            }
+        resource = query.get("resource", "")
+        if not resource:
+            return 400, {
+                "error": "invalid_request",
+                "error_description": "Required query variable 'resource' is missing",
+            }
+        now = int(time.time())
+        return 200, {
+            "access_token": self.token,
+            "refresh_token": "",
+            "expires_in": str(self.token_lifetime_s),
+            "expires_on": str(now + self.token_lifetime_s),
+            "not_before": str(now),
+            "resource": resource,
+            "token_type": "Bearer",
+        }
+
+
+def _split_scale_set_id(scale_set_id: str) -> tuple[str, str, str]:
+    parts = scale_set_id.strip("/").split("/")
+    # subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachineScaleSets/<n>
+    assert len(parts) == 8, scale_set_id
+    return parts[1], parts[3], parts[7]
+
+
+def _handler_for(fake: ImdsFake) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            status, payload = fake.handle(self.path, self.headers)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args
+
+    return Handler

@@ -1,0 +1,312 @@
+"""VmssScaleSet over the real azure-mgmt-compute client, against the ARM fake on a real TLS socket."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.azure import compute
+from tests.fakes.arm_compute import ArmComputeFake
+
+MODES = ["Uniform", "Flexible"]
+MakeAdapter = Callable[..., compute.VmssScaleSet]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_detects_orchestration_mode(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(mode=mode))
+    assert scale_set.orchestration_mode == mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_capacity_is_one_write_polled_to_the_end(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(mode=mode))
+
+    scale_set.set_capacity(3)
+
+    assert arm_fake.count("PATCH scaleset") == 1
+    assert arm_fake.writes() == 1
+    assert arm_fake.count("GET operation") >= 1
+    assert scale_set.get_capacity() == 3
+    instances = scale_set.list_instances()
+    assert len(instances) == 3
+    assert {i.state for i in instances} == {base.InstanceState.RUNNING}
+    assert all(i.created_at > time.time() - 60 for i in instances)
+    stats = scale_set.stats
+    assert stats.writes == 1
+    assert stats.calls == arm_fake.count()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_slow_provisioning_is_polled_until_instances_run(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(mode=mode, provisioning_delay_s=0.4))
+
+    started = time.monotonic()
+    scale_set.set_capacity(2)
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.4
+    assert arm_fake.count("PATCH scaleset") == 1
+    assert arm_fake.count("GET operation") >= 2, "the operation should have been polled while in progress"
+    assert [i.state for i in scale_set.list_instances()] == [base.InstanceState.RUNNING] * 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("provisioning", "power", "expected"),
+    [
+        ("Creating", "starting", base.InstanceState.STARTING),
+        ("Succeeded", "starting", base.InstanceState.STARTING),
+        ("Succeeded", "running", base.InstanceState.RUNNING),
+        ("Updating", "running", base.InstanceState.RUNNING),
+        ("Deleting", "stopping", base.InstanceState.DELETING),
+        ("Failed", "stopped", base.InstanceState.FAILED),
+        ("Succeeded", "deallocated", base.InstanceState.FAILED),
+    ],
+    ids=str,
+)
+def test_list_maps_provisioning_and_power_state(
+    mode: str,
+    provisioning: str,
+    power: str,
+    expected: base.InstanceState,
+    arm_fake: ArmComputeFake,
+    vmss_adapter_factory: MakeAdapter,
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode)
+    (instance_id,) = arm_fake.add_instances(scale_set_id, 1)
+    arm_fake.set_instance_state(scale_set_id, instance_id, provisioning=provisioning, power=power)
+
+    (instance,) = vmss_adapter_factory(scale_set_id).list_instances()
+
+    assert instance.instance_id == instance_id
+    assert instance.state is expected
+
+
+def test_flexible_instance_ids_are_vm_names(arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode="Flexible")
+    added = arm_fake.add_instances(scale_set_id, 2)
+    instances = vmss_adapter_factory(scale_set_id).list_instances()
+    assert sorted(i.instance_id for i in instances) == sorted(added)
+    assert all(i.instance_id == i.name and not i.instance_id.isdigit() for i in instances)
+    assert arm_fake.count("GET vms") == 1 and arm_fake.count("GET instances") == 0
+
+
+def test_flexible_listing_excludes_other_scale_sets(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    mine = arm_fake.create_scale_set(mode="Flexible")
+    other = arm_fake.create_scale_set(mode="Flexible")
+    arm_fake.add_instances(other, 2)
+    (only,) = arm_fake.add_instances(mine, 1)
+    assert [i.instance_id for i in vmss_adapter_factory(mine).list_instances()] == [only]
+
+
+def test_a_second_call_for_the_same_capacity_waits_instead_of_writing(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(provisioning_delay_s=0.5))
+    first_error: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            scale_set.set_capacity(2)
+        except BaseException as exc:  # pragma: no cover - reported below
+            first_error.append(exc)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert arm_fake.wait_for_requests("PATCH scaleset", 1)
+
+    scale_set.set_capacity(2)  # while the first is still provisioning
+    instances_after_second = scale_set.list_instances()
+    worker.join(timeout=10)
+
+    assert not first_error
+    assert arm_fake.count("PATCH scaleset") == 1
+    assert [i.state for i in instances_after_second] == [base.InstanceState.RUNNING] * 2
+
+
+def test_a_different_capacity_waits_for_the_write_in_flight(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(provisioning_delay_s=0.4))
+    worker = threading.Thread(target=scale_set.set_capacity, args=(1,))
+    worker.start()
+    assert arm_fake.wait_for_requests("PATCH scaleset", 1)
+
+    scale_set.set_capacity(3)
+    worker.join(timeout=10)
+
+    first_patch, second_patch = arm_fake.request_times("PATCH scaleset")
+    assert second_patch - first_patch >= 0.4, "the second write went out before the first operation ended"
+    assert scale_set.get_capacity() == 3
+
+
+def test_throttled_write_waits_at_least_retry_after(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.inject("PATCH scaleset", 429, retry_after_s=1)
+
+    scale_set.set_capacity(1)
+
+    rejected, accepted = arm_fake.request_times("PATCH scaleset")
+    assert accepted - rejected >= 1.0
+    assert scale_set.get_capacity() == 1
+    assert scale_set.stats.throttled == 1
+
+
+def test_throttled_read_waits_at_least_retry_after(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(capacity=1))
+    arm_fake.inject("GET scaleset", 429, retry_after_s=1)
+
+    assert scale_set.get_capacity() == 1
+
+    rejected, accepted = arm_fake.request_times("GET scaleset")
+    assert accepted - rejected >= 1.0
+    assert scale_set.stats.throttled == 1
+
+
+def test_server_error_on_write_is_retried(arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.inject("PATCH scaleset", 500)
+
+    scale_set.set_capacity(2)
+
+    assert arm_fake.count("PATCH scaleset") == 2
+    assert scale_set.stats.server_errors == 1
+    assert scale_set.get_capacity() == 2
+
+
+def test_failed_poll_resumes_polling_without_writing_again(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(provisioning_delay_s=0.2))
+    arm_fake.inject("GET operation", 500)
+
+    scale_set.set_capacity(2)
+
+    assert arm_fake.count("PATCH scaleset") == 1
+    assert [i.state for i in scale_set.list_instances()] == [base.InstanceState.RUNNING] * 2
+
+
+def test_permanent_errors_are_not_retried(arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.inject("PATCH scaleset", 403)
+
+    with pytest.raises(errors.ScaleSetError) as caught:
+        scale_set.set_capacity(1)
+
+    assert not caught.value.transient
+    assert arm_fake.count("PATCH scaleset") == 1
+
+
+def test_missing_scale_set_is_a_scale_set_error(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    missing = arm_fake.create_scale_set().replace("/virtualMachineScaleSets/", "/virtualMachineScaleSets/gone-")
+    with pytest.raises(errors.ScaleSetError):
+        vmss_adapter_factory(missing).get_capacity()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_delete_instances_is_one_batch_call(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=3)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    victims = [i.instance_id for i in scale_set.list_instances()][:2]
+
+    scale_set.delete_instances(victims)
+
+    assert arm_fake.count("POST delete") == 1
+    assert scale_set.get_capacity() == 1
+    assert len(scale_set.list_instances()) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deleting_instances_already_gone_succeeds(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    gone, kept = (i.instance_id for i in scale_set.list_instances())
+    scale_set.delete_instances([gone])
+
+    scale_set.delete_instances([gone])  # again: already gone counts as done
+    scale_set.delete_instances([gone, kept])  # a mixed batch deletes what is left
+
+    assert scale_set.list_instances() == []
+    assert scale_set.get_capacity() == 0
+
+
+def test_instances_being_deleted_are_reported_deleting(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(capacity=2)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    arm_fake.delete_delay_s = 0.3
+    victim = scale_set.list_instances()[0].instance_id
+    worker = threading.Thread(target=scale_set.delete_instances, args=([victim],))
+    worker.start()
+    assert arm_fake.wait_for_requests("POST delete", 1)
+
+    states = {i.instance_id: i.state for i in scale_set.list_instances()}
+    worker.join(timeout=10)
+
+    assert states[victim] is base.InstanceState.DELETING
+    assert victim not in {i.instance_id for i in scale_set.list_instances()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_protection_round_trips(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(mode=mode, capacity=2))
+    busy, idle = (i.instance_id for i in scale_set.list_instances())
+
+    scale_set.set_protection(busy, protected=True)
+    assert {i.instance_id: i.protected for i in scale_set.list_instances()} == {busy: True, idle: False}
+    assert arm_fake.scale_set(scale_set.resource_id).instances[busy].protected
+
+    scale_set.set_protection(busy, protected=False)
+    assert not any(i.protected for i in scale_set.list_instances())
+    assert arm_fake.count("PUT instance") == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "vmss-name",
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1",
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/",
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/a/virtualMachines/0",
+    ],
+)
+def test_malformed_scale_set_id_is_a_config_error(bad: str) -> None:
+    with pytest.raises(errors.ConfigError) as caught:
+        compute.parse_scale_set_id(bad)
+    assert caught.value.key == "scale_set.url"
+    assert "virtualMachineScaleSets" in caught.value.fix
+
+
+def test_scale_set_id_round_trips() -> None:
+    text = "/subscriptions/s-1/resourceGroups/rg_1/providers/Microsoft.Compute/virtualMachineScaleSets/pool"
+    ref = compute.parse_scale_set_id(text)
+    assert (ref.subscription_id, ref.resource_group, ref.name) == ("s-1", "rg_1", "pool")
+    assert ref.resource_id == text
