@@ -148,17 +148,22 @@ def test_concurrent_receivers_never_share_a_message(queue_factory) -> None:  # t
     queue, _ = queue_factory()
     queue.send([_msg(i) for i in range(20)])
     seen: list[str] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
 
     def drain() -> None:
-        while (got := queue.receive(max_wait_s=1.0)) is not None:
-            with lock:
-                seen.append(got.message_id)
-            queue.complete(got)
+        try:
+            while (got := queue.receive(max_wait_s=1.0)) is not None:
+                with lock:
+                    seen.append(got.message_id)
+                queue.complete(got)
+        except Exception as exc:  # reported below, with the message ids seen so far
+            failures.append(exc)
 
     threads = [threading.Thread(target=drain) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert failures == []
     assert sorted(seen) == sorted(f"job-{i}" for i in range(20))
