@@ -129,6 +129,7 @@ exit_when_drained = true
 [worker]
 work_dir = "{root}/work"
 idle_timeout_s = 3
+retire_wait_s = 2
 receive_wait_s = 1
 heartbeat_interval_s = 1
 

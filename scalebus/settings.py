@@ -122,6 +122,9 @@ class WorkerSettings(_Section):
     """Local disk where inputs are staged and outputs written (the VM's premium/NVMe disk)."""
     idle_timeout_s: float = Field(default=30.0, ge=0)
     """With no message for this long the worker self-destroys."""
+    retire_wait_s: float = Field(default=15.0, ge=0)
+    """Once idle, how long to wait for the controller to delete this instance (in a batch, sparing the ARM
+    budget) before deleting itself."""
     receive_wait_s: float = Field(default=5.0, gt=0, le=60)
     """Longest single wait for a message."""
     job_timeout_s: float = Field(default=3600.0, gt=0)

@@ -6,7 +6,8 @@ dead-letters it after its max delivery count). If the lock is lost while the job
 and nothing is published or settled: the job belongs to whoever holds it now. Outputs are committed once: a job
 whose ``_SUCCESS`` marker already exists (an earlier delivery published, then crashed before completing) is just
 completed. On SIGTERM the worker takes no new work and lets the running job finish within ``drain_timeout_s``,
-then abandons it.
+then abandons it. Idle for ``idle_timeout_s``, it reports itself retired and waits for the controller to delete it
+(in a batch), deleting itself after ``retire_wait_s`` if nobody did.
 """
 
 from __future__ import annotations
@@ -105,13 +106,21 @@ class Worker:
         beater.start()
         try:
             idle_for = self._loop()
+            if idle_for is not None:
+                self._retire(idle_for)
         finally:
             beat_stop.set()
             beater.join()
-        if idle_for is not None and self._on_idle is not None:
-            log.info("worker_idle_retiring", idle_s=round(idle_for, 1), completed=self.stats.completed)
-            self._on_idle()
         return self.stats
+
+    def _retire(self, idle_for: float) -> None:
+        """Idle: stop taking work and say so (DRAINING, no job). The controller deletes retired instances in
+        batches, which spares the ARM delete budget; if it has not within ``retire_wait_s``, delete myself."""
+        log.info("worker_idle_retiring", idle_s=round(idle_for, 1), completed=self.stats.completed)
+        self._set_state(base.WorkerState.DRAINING, None)
+        if self._on_idle is None or self._stop.wait(self._settings.retire_wait_s):
+            return
+        self._on_idle()
 
     def _loop(self) -> float | None:
         """Take jobs until stopped (returns ``None``) or idle for ``idle_timeout_s`` (returns the idle time)."""

@@ -227,6 +227,36 @@ def test_heartbeats_report_busy_then_idle(queue, lake, tmp_path) -> None:  # typ
 
     make_worker(queue, tmp_path, "import time; time.sleep(0.5)", heartbeats=Recording()).run()
     assert (base.WorkerState.BUSY, "j1") in seen
-    assert seen[-1] == (base.WorkerState.IDLE, None)
+    assert seen.index((base.WorkerState.BUSY, "j1")) < seen.index((base.WorkerState.IDLE, None), 1)
+    assert seen[-1] == (base.WorkerState.DRAINING, None), "retired once idle"
     (last,) = beats.read_all()
-    assert (last.instance_id, last.state) == ("test-1", base.WorkerState.IDLE)
+    assert (last.instance_id, last.state) == ("test-1", base.WorkerState.DRAINING)
+
+
+@pytest.mark.parametrize(
+    ("deleted_by_controller", "self_destroyed"),
+    [
+        pytest.param(False, True, id="nobody-deletes-it-so-it-deletes-itself"),
+        pytest.param(True, False, id="controller-deletes-it-first"),
+    ],
+)
+def test_idle_worker_retires(queue, tmp_path, deleted_by_controller, self_destroyed) -> None:  # type: ignore[no-untyped-def]
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    calls: list[str] = []
+    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, retire_wait_s=5.0)
+    worker._on_idle = lambda: calls.append("self-destroy")
+
+    def controller() -> None:  # plays the controller: deletes the instance once it reports retired
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(hb.state is base.WorkerState.DRAINING and hb.job_id is None for hb in beats.read_all()):
+                worker.request_stop()  # what deleting the instance does to the process (SIGTERM / VM gone)
+                return
+            time.sleep(0.05)
+
+    if deleted_by_controller:
+        threading.Thread(target=controller, daemon=True).start()
+    worker.run()
+    assert calls == (["self-destroy"] if self_destroyed else [])
+    (last,) = beats.read_all()
+    assert (last.state, last.job_id) == (base.WorkerState.DRAINING, None)

@@ -1,0 +1,233 @@
+"""The scaling policy as a table of situations plus the invariants that must hold for any input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scalebus.backends import base
+from scalebus.controller import policy
+from scalebus.settings import ControllerSettings
+
+NOW = 10_000.0
+S = base.InstanceState
+W = base.WorkerState
+
+
+def running(
+    iid: str, worker: base.WorkerState | None = W.IDLE, *, beat_age: float = 1.0, job: str | None = None
+) -> policy.InstanceView:
+    return policy.InstanceView(
+        iid, S.RUNNING, created_at=NOW - 900, worker=worker, last_beat_at=NOW - beat_age, job_id=job
+    )
+
+
+def busy(iid: str, job: str | None = None, *, beat_age: float = 1.0) -> policy.InstanceView:
+    return running(iid, W.BUSY, beat_age=beat_age, job=job or f"job-{iid}")
+
+
+def starting(iid: str, *, age: float = 30.0) -> policy.InstanceView:
+    return policy.InstanceView(iid, S.STARTING, created_at=NOW - age)
+
+
+def failed(iid: str) -> policy.InstanceView:
+    return policy.InstanceView(iid, S.FAILED, created_at=NOW - 300)
+
+
+def deleting(iid: str) -> policy.InstanceView:
+    return policy.InstanceView(iid, S.DELETING, created_at=NOW - 300, worker=W.IDLE, last_beat_at=NOW - 5)
+
+
+def observe(
+    active: int,
+    in_flight: int | None = 0,
+    *,
+    capacity: int | None = None,
+    instances: tuple[policy.InstanceView, ...] = (),
+    sample_age: float = 0.0,
+    now: float = NOW,
+) -> policy.Observation:
+    if capacity is None:
+        capacity = sum(1 for view in instances if view.state is not S.DELETING)
+    depth = base.DepthSample(active=active, in_flight=in_flight, dead_lettered=0, sampled_at=now - sample_age)
+    return policy.Observation(now=now, depth=depth, capacity=capacity, instances=instances)
+
+
+DEFAULT = ControllerSettings(max_instances=10)
+
+CASES = [
+    pytest.param(observe(0), DEFAULT, None, (), id="empty-queue-no-fleet-no-write"),
+    pytest.param(observe(7), DEFAULT, 7, (), id="burst-scales-out-in-one-write"),
+    pytest.param(observe(500), DEFAULT, 10, (), id="clamped-to-max-instances"),
+    pytest.param(observe(0), ControllerSettings(min_instances=2), 2, (), id="min-instances-kept-on-empty-queue"),
+    pytest.param(observe(9), ControllerSettings(jobs_per_instance=4), 3, (), id="jobs-per-instance-rounds-up"),
+    pytest.param(observe(3, instances=(starting("a"), starting("b"), starting("c"))), DEFAULT, None, (),
+                 id="starting-instances-count-as-supply"),
+    pytest.param(observe(5, instances=(starting("a"), starting("b"))), DEFAULT, 5, (),
+                 id="shortfall-over-starting"),
+    pytest.param(observe(4, capacity=4), DEFAULT, None, (), id="capacity-written-but-not-listed-yet"),
+    pytest.param(observe(2, 3, instances=(busy("a"), busy("b"), busy("c"))), DEFAULT, 5, (),
+                 id="in-flight-counts-as-demand"),
+    pytest.param(observe(2, None, instances=(busy("a"), busy("b"), running("c"))), DEFAULT, 4, (),
+                 id="in-flight-unknown-taken-from-busy-heartbeats"),
+    pytest.param(observe(0, instances=tuple(running(f"i{n}") for n in range(5))), DEFAULT, None, (),
+                 id="never-lowers-capacity-idle-workers-retire-themselves"),
+    pytest.param(observe(0, capacity=12, instances=tuple(busy(f"i{n}") for n in range(12))), DEFAULT, None, (),
+                 id="above-max-is-not-lowered"),
+    pytest.param(observe(2, 1, instances=(busy("a"), failed("f"))), DEFAULT, 3, ("f",),
+                 id="failed-deleted-and-replaced"),
+    pytest.param(observe(0, instances=(starting("slow", age=601),)), DEFAULT, None, ("slow",),
+                 id="starting-past-boot-timeout-deleted"),
+    pytest.param(observe(1, instances=(starting("ok", age=599),)), DEFAULT, None, (),
+                 id="starting-within-boot-timeout-kept"),
+    pytest.param(observe(0, instances=(running("mute", beat_age=61),)), DEFAULT, None, ("mute",),
+                 id="running-silent-past-heartbeat-timeout-deleted"),
+    pytest.param(observe(0, instances=(running("new", None),)), DEFAULT, None, (),
+                 id="running-never-heard-within-boot-timeout-kept"),
+    pytest.param(observe(0, 1, instances=(busy("b", beat_age=59),)), DEFAULT, None, (),
+                 id="busy-within-heartbeat-timeout-kept"),
+    pytest.param(observe(0, 1, instances=(replace(busy("b"), state=S.FAILED),)), DEFAULT, None, (),
+                 id="failed-but-busy-never-deleted"),
+    pytest.param(observe(0, 1, instances=(replace(busy("b"), state=S.STARTING, created_at=NOW - 9999),)),
+                 DEFAULT, None, (), id="starting-too-long-but-busy-never-deleted"),
+    pytest.param(observe(1, instances=(deleting("d"),), capacity=0), DEFAULT, 1, (),
+                 id="deleting-instances-are-not-supply"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("obs", "cfg", "capacity", "delete"), CASES)
+def test_decision_table(
+    obs: policy.Observation,
+    cfg: ControllerSettings,
+    capacity: int | None,
+    delete: tuple[str, ...],
+) -> None:
+    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    assert (decision.capacity, decision.delete) == (capacity, delete)
+    assert decision.reason
+
+
+def test_write_budget_defers_then_writes_whole_step() -> None:
+    cfg = ControllerSettings(max_writes_per_minute=2, max_instances=50)
+    state = policy.initial_state()
+    written = []
+    for step, active in enumerate((1, 2, 3, 9)):
+        capacity = written[-1] if written else 0
+        decision, state = policy.decide(observe(active, capacity=capacity, now=NOW + step), state, cfg)
+        written.append(decision.capacity if decision.capacity is not None else capacity)
+        if step == 2:
+            assert decision.capacity is None
+            assert "budget" in decision.reason
+    assert written == [1, 2, 2, 2]
+    decision, state = policy.decide(observe(9, capacity=2, now=NOW + 61), state, cfg)
+    assert decision.capacity == 9
+
+
+def test_stale_sample_does_not_count_jobs_started_since() -> None:
+    """A Monitor sample from two minutes ago still shows jobs that workers have taken since."""
+    state = policy.initial_state()
+    idle = tuple(running(f"i{n}") for n in range(3))
+    _, state = policy.decide(observe(0, None, instances=idle, now=NOW - 100), state, DEFAULT)
+    took = (busy("i0", "j1"), busy("i1", "j2"), busy("i2", "j3"))
+    decision, _ = policy.decide(observe(3, None, instances=took, sample_age=120), state, DEFAULT)
+    assert decision.capacity is None, decision.reason
+
+
+def test_fresh_sample_counts_everything_waiting() -> None:
+    state = policy.initial_state()
+    took = (busy("i0", "j1"), busy("i1", "j2"), busy("i2", "j3"))
+    decision, _ = policy.decide(observe(3, None, instances=took), state, DEFAULT)
+    assert decision.capacity == 6
+
+
+def test_reason_names_the_deletion() -> None:
+    decision, _ = policy.decide(observe(0, instances=(failed("vm-7"),)), policy.initial_state(), DEFAULT)
+    assert "vm-7" in decision.reason
+
+
+# --------------------------------------------------------------------------------------------- properties
+
+views = st.builds(
+    policy.InstanceView,
+    instance_id=st.uuids().map(str),
+    state=st.sampled_from(list(S)),
+    created_at=st.floats(NOW - 2000, NOW),
+    worker=st.none() | st.sampled_from(list(W)),
+    last_beat_at=st.none() | st.floats(NOW - 200, NOW),
+    job_id=st.none() | st.uuids().map(str),
+)
+fleets = st.lists(views, max_size=12, unique_by=lambda v: v.instance_id).map(tuple)
+configs = st.builds(
+    ControllerSettings,
+    min_instances=st.integers(0, 5),
+    max_instances=st.integers(5, 40),
+    jobs_per_instance=st.integers(1, 4),
+    max_writes_per_minute=st.integers(1, 6),
+)
+observations = st.builds(
+    observe,
+    active=st.integers(0, 1000),
+    in_flight=st.none() | st.integers(0, 50),
+    capacity=st.integers(0, 40),
+    instances=fleets,
+    sample_age=st.floats(0, 300),
+)
+
+
+@given(obs=observations, cfg=configs)
+def test_capacity_within_bounds(obs: policy.Observation, cfg: ControllerSettings) -> None:
+    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    if decision.capacity is not None:
+        assert cfg.min_instances <= decision.capacity <= cfg.max_instances
+
+
+@given(obs=observations, cfg=configs)
+def test_never_deletes_a_busy_instance(obs: policy.Observation, cfg: ControllerSettings) -> None:
+    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    for view in obs.instances:
+        fresh = view.last_beat_at is not None and obs.now - view.last_beat_at < cfg.heartbeat_timeout_s
+        if view.worker is W.BUSY and fresh:
+            assert view.instance_id not in decision.delete
+
+
+@given(obs=observations, cfg=configs, more=st.integers(0, 500))
+def test_monotone_in_demand(obs: policy.Observation, cfg: ControllerSettings, more: int) -> None:
+    bigger = replace(obs, depth=replace(obs.depth, active=obs.depth.active + more))
+    low, _ = policy.decide(obs, policy.initial_state(), cfg)
+    high, _ = policy.decide(bigger, policy.initial_state(), cfg)
+
+    def after(decision: policy.Decision) -> int:
+        return decision.capacity if decision.capacity is not None else obs.capacity - len(decision.delete)
+
+    assert after(high) >= after(low)
+    assert high.delete == low.delete
+
+
+healthy = st.lists(st.sampled_from(["busy", "idle", "starting", "deleting"]), max_size=10).map(
+    lambda kinds: tuple(
+        {"busy": busy, "idle": running, "starting": starting, "deleting": deleting}[kind](f"i{n}")
+        for n, kind in enumerate(kinds)
+    )
+)
+
+
+@settings(max_examples=50)
+@given(active=st.integers(0, 200), in_flight=st.none() | st.integers(0, 10), fleet=healthy, cfg=configs)
+def test_no_oscillation_on_constant_input(
+    active: int, in_flight: int | None, fleet: tuple[policy.InstanceView, ...], cfg: ControllerSettings
+) -> None:
+    """The same queue and fleet, round after round: at most one write, and capacity never goes down."""
+    state = policy.initial_state()
+    capacity = sum(1 for view in fleet if view.state is not S.DELETING)
+    writes = []
+    for step in range(30):
+        obs = observe(active, in_flight, capacity=capacity, instances=fleet, now=NOW + 2.0 * step)
+        decision, state = policy.decide(obs, state, cfg)
+        if decision.capacity is not None:
+            assert decision.capacity >= capacity
+            writes.append(decision.capacity)
+            capacity = decision.capacity
+    assert len(writes) <= 1

@@ -1,0 +1,150 @@
+"""The simulator: deterministic per seed, baselines behave as documented, scalebus never kills a busy worker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from scalebus import errors
+from scalebus.controller import simulate, traces
+
+
+def small_burst(count: int = 20, *, at: float = 100.0, run_s: float = 600.0) -> traces.Trace:
+    jobs = tuple(traces.Job(at + n * 0.1, run_s, 0) for n in range(count))
+    return traces.Trace("small-burst", jobs, max_instances=20)
+
+
+def one_job(at: float = 100.0, run_s: float = 60.0) -> traces.Trace:
+    return traces.Trace("one-job", (traces.Job(at, run_s, 0),), max_instances=5)
+
+
+FIXED_BOOT = simulate.World(boot_p50_s=60.0, boot_p95_s=60.0001)
+
+
+@pytest.mark.parametrize("policy", simulate.POLICIES)
+def test_same_seed_same_result(policy: str) -> None:
+    trace = small_burst()
+    first, _ = simulate.run_once(trace, policy, seed=3)
+    second, _ = simulate.run_once(trace, policy, seed=3)
+    assert first == second
+    assert first.jobs_done == len(trace.jobs)
+
+
+def test_seeds_differ_in_boot_times() -> None:
+    trace = small_burst()
+    runs = {simulate.run_once(trace, "scalebus", seed=seed)[0].booting_h for seed in range(3)}
+    assert len(runs) == 3
+
+
+def test_keda_waits_for_its_poll() -> None:
+    """A job at t=100 is seen at KEDA's next 30 s poll (t=120): no scale request before then."""
+    metrics, _ = simulate.run_once(one_job(100.0), "keda", seed=0, world=FIXED_BOOT)
+    assert metrics.reaction_s == pytest.approx(20.0)
+
+
+def test_scalebus_reacts_within_its_poll_interval() -> None:
+    metrics, _ = simulate.run_once(one_job(101.0), "scalebus", seed=0, world=FIXED_BOOT)
+    assert metrics.reaction_s <= 2.0
+    assert metrics.wait_p50_s == pytest.approx(60.0, abs=2.0)
+
+
+def test_azure_autoscale_waits_for_metric_lag() -> None:
+    """Nothing happens before the first minute sample showing the job has arrived (≥ 1 min lag)."""
+    world = simulate.World(boot_p50_s=60.0, boot_p95_s=60.0001, metric_lag_min_s=120.0, metric_lag_max_s=120.0)
+    metrics, _ = simulate.run_once(one_job(100.0, run_s=60.0), "azure-autoscale", seed=0, world=world)
+    # sampled at t=120, visible at t=240, next rule evaluation on the minute: t=240
+    assert metrics.reaction_s == pytest.approx(140.0)
+
+
+def test_azure_autoscale_respects_cooldown_and_kills_the_newest_even_if_busy() -> None:
+    """+5 per 5-minute cooldown; once the queue reads empty it removes the newest VMs, busy or not."""
+    trace = small_burst(count=12, run_s=1800.0)
+    metrics, timeline = simulate.run_once(trace, "azure-autoscale", seed=0, world=FIXED_BOOT, record=True)
+    grew_at = [
+        t for (t, _, vms, _), (_, _, before, _) in zip(timeline[1:], timeline, strict=False) if vms > before
+    ]
+    assert len(grew_at) >= 2
+    assert all(later - earlier >= 295.0 for earlier, later in itertools.pairwise(grew_at))
+    assert metrics.busy_killed > 0
+    assert metrics.duplicates > 0  # killed jobs run again
+
+
+def test_batch_evaluates_every_five_minutes_and_waits_for_tasks() -> None:
+    metrics, _ = simulate.run_once(one_job(100.0, run_s=600.0), "batch", seed=0, world=FIXED_BOOT)
+    assert metrics.reaction_s == pytest.approx(200.0)  # the evaluation at t=300
+    assert metrics.busy_killed == 0
+
+
+def test_keda_scale_in_kills_busy_workers() -> None:
+    """Long jobs: the queue empties, HPA scales to ceil(0/5) after stabilization, pods die mid-job."""
+    metrics, _ = simulate.run_once(small_burst(count=20, run_s=1200.0), "keda", seed=0)
+    assert metrics.busy_killed > 0
+
+
+@pytest.mark.parametrize(
+    ("trace_name", "policy"),
+    [("burst500", "scalebus"), ("burst500", "scalebus-monitor"), ("spot-storm", "scalebus")],
+)
+def test_scalebus_never_kills_a_busy_worker(trace_name: str, policy: str) -> None:
+    trace = traces.BUILTIN[trace_name](0)
+    metrics, _ = simulate.run_once(trace, policy, seed=0)
+    assert metrics.busy_killed == 0
+    assert metrics.jobs_done == len(trace.jobs)
+
+
+def test_scalebus_scales_out_in_one_write_and_retires_everything() -> None:
+    metrics, timeline = simulate.run_once(small_burst(count=20, run_s=120.0), "scalebus", seed=1, record=True)
+    assert max(vms for _, _, vms, _ in timeline) == 20
+    assert metrics.arm_429 == 0
+    assert metrics.idle_h < 0.1 * metrics.vm_hours
+
+
+def test_oracle_is_ready_before_the_burst() -> None:
+    metrics, _ = simulate.run_once(small_burst(count=10, at=600.0), "oracle", seed=0, world=FIXED_BOOT)
+    assert metrics.wait_p95_s == pytest.approx(0.0)
+
+
+def test_arm_budget_turns_excess_writes_into_429s() -> None:
+    sim = simulate.Simulation(one_job(), simulate.make_autoscaler("oracle", one_job(), simulate.World()),
+                              seed=0, world=simulate.World(), record=False)  # fmt: skip
+    results = [sim.arm_write() for _ in range(14)]
+    assert results.count(True) == 12
+    assert (sim.arm_writes, sim.arm_429) == (12, 2)
+    sim.now = 15.0
+    assert sim.arm_write()
+
+
+def test_report_rows_json_and_plot(tmp_path: Path) -> None:
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text("arrival_s,run_s,input_bytes\n0,30,1000000\n5,30,0\n10,30,0\n")
+    png = tmp_path / "out.png"
+    report = simulate.run_simulation(str(csv_path), ["scalebus", "keda"], 2, png)
+    assert [row["policy"] for row in report.rows()] == ["scalebus", "keda"]
+    assert "±" in report.rows()[0]["wait p95 s"]
+    decoded = json.loads(json.dumps(report.to_dict()))
+    assert decoded["results"][0]["metrics"]["jobs_done"]["mean"] == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("trace", "policies", "seeds"),
+    [
+        pytest.param("builtin:nope", ["scalebus"], 1, id="unknown-builtin"),
+        pytest.param("builtin:trickle", ["hpa"], 1, id="unknown-policy"),
+        pytest.param("builtin:trickle", ["scalebus"], 0, id="no-seeds"),
+        pytest.param("/nonexistent/trace.csv", ["scalebus"], 1, id="missing-csv"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(trace: str, policies: list[str], seeds: int) -> None:
+    with pytest.raises(errors.UserInputError):
+        simulate.run_simulation(trace, policies, seeds)
+
+
+def test_confidence_interval() -> None:
+    assert simulate.estimate([1.0, 1.0, 1.0]).ci95 == 0.0
+    spread = simulate.estimate([0.0, 2.0] * 15)
+    assert spread.mean == pytest.approx(1.0)
+    assert spread.ci95 == pytest.approx(2.045 * 1.017 / 30**0.5, rel=0.01)
