@@ -121,7 +121,7 @@ class WorkerSettings(_Section):
     work_dir: str = ".scalebus/work"
     """Local disk where inputs are staged and outputs written (the VM's premium/NVMe disk)."""
     idle_timeout_s: float = Field(default=30.0, ge=0)
-    """With no message for this long the worker self-destroys."""
+    """With no message for this long the worker retires (see ``retire_wait_s``)."""
     retire_wait_s: float = Field(default=15.0, ge=0)
     """Once idle, how long to wait for the controller to delete this instance (in a batch, sparing the ARM
     budget) before deleting itself."""
@@ -141,6 +141,7 @@ class LogSettings(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     """``auto``: console on a terminal, JSON otherwise."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
 
 
 class IdentitySettings(_Section):
