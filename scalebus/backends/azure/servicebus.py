@@ -1,0 +1,522 @@
+"""Azure Service Bus as the job queue (``base.JobQueue``) and as a depth source (``base.QueueDepth``).
+
+The adapters wrap the synchronous ``azure-servicebus`` SDK. Every call that can wait passes an explicit timeout
+(``receive_messages`` without ``max_wait_time`` can block for a minute on an empty queue). SDK exceptions are
+translated here: lock lost → ``LockLostError``, missing entity → ``QueueNotFoundError``, connection trouble →
+``TransientQueueError`` (retried by the ``messaging`` policy), everything else → ``QueueError``. Error messages
+name the queue and the exception type only: the SDK's own messages can quote endpoints, and connection strings and
+SAS keys must never reach a log or an error.
+
+Depth: ``ServiceBusAdminDepth`` reads ``get_queue_runtime_properties`` (real time, needs Manage rights) at most
+once per ``depth_cache_s``. Service Bus counts a peek-locked message as *active* until it is settled, and
+``CountDetails``
+has no locked count (``MessageCount`` is the sum of the other counters, so subtracting them leaves nothing), so the
+admin API cannot tell waiting from in-flight work: ``in_flight`` is ``None`` and ``active`` includes locked
+messages. The controller learns in-flight work from worker heartbeats instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from azure.core import exceptions as core_exc
+from azure.servicebus import (
+    AutoLockRenewer,
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiveMode,
+    ServiceBusSubQueue,
+    parse_connection_string,
+)
+from azure.servicebus import exceptions as sb_exc
+from azure.servicebus.management import ServiceBusAdministrationClient
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.azure import _errors, _retry
+from scalebus.settings import QueueSettings
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Service Bus Standard's limit for one message, headers included."""
+HEADER_ALLOWANCE_BYTES = 1024
+"""Room kept for the AMQP header, properties and annotations when checking a body against the limit."""
+SDK_RETRIES = 0
+"""The SDK's own retry loop is off: transient failures surface as ``TransientQueueError`` and are retried once, by
+the named ``messaging`` policy (sends, settlements, renewals) or by the caller's loop (receives), instead of by two
+stacked loops that multiply the wait. A failed operation still makes the SDK reopen its link on the next call."""
+CLOSE_TIMEOUT_S = 10.0
+"""Longest wait for one link to close."""
+NO_PRACTICAL_CAP_S = 10 * 365 * 24 * 3600.0
+"""``AutoLockRenewer`` needs a maximum renewal duration; a job outlives its VM long before this."""
+
+_TRANSIENT_SB = (
+    sb_exc.ServiceBusConnectionError,
+    sb_exc.ServiceBusCommunicationError,
+    sb_exc.OperationTimeoutError,
+    sb_exc.ServiceBusServerBusyError,
+)
+
+
+def _to_scalebus(exc: BaseException, *, what: str) -> errors.BackendError:
+    """The scalebus error for one Service Bus SDK exception (by type, never by message)."""
+    if isinstance(exc, sb_exc.MessageLockLostError | sb_exc.MessageAlreadySettled):
+        return errors.LockLostError(f"{what}: the message lock was lost ({type(exc).__name__})")
+    if isinstance(exc, sb_exc.AutoLockRenewFailed) and isinstance(
+        exc.inner_exception, sb_exc.MessageLockLostError
+    ):
+        return errors.LockLostError(f"{what}: the message lock was lost while renewing")
+    if isinstance(exc, sb_exc.MessagingEntityNotFoundError) or _token_refused_with(exc, 404):
+        return errors.QueueNotFoundError(f"{what}: queue not found")
+    if isinstance(exc, _TRANSIENT_SB):
+        return errors.TransientQueueError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, sb_exc.ServiceBusAuthenticationError | sb_exc.ServiceBusAuthorizationError):
+        return errors.QueueError(
+            f"{what}: not authorised ({type(exc).__name__}); check the identity and its roles"
+        )
+    if isinstance(exc, sb_exc.ServiceBusError):
+        return errors.QueueError(f"{what}: {type(exc).__name__}")
+    return _errors.to_scalebus(exc, _errors.QUEUE, what=what)
+
+
+def _token_refused_with(exc: BaseException, status: int) -> bool:
+    """Service Bus answers the CBS put-token for a missing entity with 404, which the SDK raises as an
+    authentication error whose inner exception carries the status code."""
+    inner = getattr(exc, "inner_exception", None)
+    return isinstance(exc, sb_exc.ServiceBusAuthenticationError) and getattr(inner, "status_code", None) == status
+
+
+@contextlib.contextmanager
+def _translated(*, what: str) -> Iterator[None]:
+    try:
+        yield
+    except errors.ScalebusError:
+        raise
+    except (core_exc.AzureError, sb_exc.MessageAlreadySettled, OSError, TimeoutError) as exc:
+        raise _to_scalebus(exc, what=what) from exc
+
+
+def _epoch(value: Any) -> float:
+    return float(value.timestamp()) if value is not None else 0.0
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    body = message.body
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    return b"".join(bytes(part) for part in body)
+
+
+def _port_delivery_count(message: ServiceBusReceivedMessage) -> int:
+    """Service Bus puts prior deliveries on the wire (AMQP semantics) and the Python SDK reports that as-is;
+    the port counts this delivery too, as the .NET and Java SDKs do."""
+    return int(message.delivery_count or 0) + 1
+
+
+# --------------------------------------------------------------------------------------------- job queue
+
+
+class _RenewedLock:
+    """One message's background renewal (``base.LockKeeper``), with an ``AutoLockRenewer`` of its own."""
+
+    def __init__(
+        self,
+        *,
+        receiver: Any,
+        message: ServiceBusReceivedMessage,
+        on_lost: Callable[[BaseException], None],
+        queue_name: str,
+    ) -> None:
+        self._lost: BaseException | None = None
+        self._stopped = False
+        self._on_lost = on_lost
+        self._queue_name = queue_name
+        self._renewer = AutoLockRenewer(max_lock_renewal_duration=NO_PRACTICAL_CAP_S)
+        self._renewer.register(receiver, message, on_lock_renew_failure=self._failed)
+
+    @property
+    def lost(self) -> BaseException | None:
+        return self._lost
+
+    def _failed(self, _renewable: object, error: BaseException | None) -> None:
+        if self._stopped:  # a renewal racing the settlement that follows stop() is not a lost job
+            return
+        cause = error if error is not None else sb_exc.MessageLockLostError(message="lock expired")
+        lost = _to_scalebus(cause, what=f"renew lock on {self._queue_name}")
+        if not isinstance(lost, errors.LockLostError):
+            lost = errors.LockLostError(
+                f"renew lock on {self._queue_name}: renewal failed ({type(cause).__name__})"
+            )
+        lost.__cause__ = cause
+        self._lost = lost
+        log.warning("servicebus.lock_lost", queue=self._queue_name, error=type(cause).__name__)
+        self._on_lost(lost)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._renewer.close(wait=False)
+
+
+class ServiceBusJobQueue:
+    """A Service Bus queue in peek-lock mode behind ``base.JobQueue``.
+
+    The sender and the receivers open on first use and stay open (opening a link costs a CBS round trip). The SDK
+    message objects of received messages are kept by lock token until settled: the SDK settles through them.
+    """
+
+    def __init__(self, client: ServiceBusClient, *, queue_name: str) -> None:
+        self._client = client
+        self._queue_name = queue_name
+        self._sender: Any = None
+        self._receiver: Any = None
+        self._dead_letter_receiver: Any = None
+        self._received: dict[str, ServiceBusReceivedMessage] = {}
+        self._lock = threading.Lock()
+        # An SDK receiver is not thread-safe: receives and settlements take turns (the AutoLockRenewer's renewals
+        # run beside them, as the SDK intends).
+        self._receiver_lock = threading.RLock()
+        self._log = log.bind(queue=queue_name)
+
+    @property
+    def name(self) -> str:
+        return self._queue_name
+
+    # ------------------------------------------------------------------ links
+
+    def _get_sender(self) -> Any:
+        if self._sender is None:
+            self._sender = self._client.get_queue_sender(self._queue_name)
+        return self._sender
+
+    def _get_receiver(self) -> Any:
+        if self._receiver is None:
+            self._receiver = self._client.get_queue_receiver(
+                self._queue_name, receive_mode=ServiceBusReceiveMode.PEEK_LOCK, prefetch_count=0
+            )
+        return self._receiver
+
+    def _get_dead_letter_receiver(self) -> Any:
+        if self._dead_letter_receiver is None:
+            self._dead_letter_receiver = self._client.get_queue_receiver(
+                self._queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER, prefetch_count=0
+            )
+        return self._dead_letter_receiver
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, messages: Sequence[base.OutgoingMessage]) -> None:
+        for message in messages:
+            if len(message.body) + len(message.message_id) > MAX_MESSAGE_BYTES - HEADER_ALLOWANCE_BYTES:
+                raise errors.InvalidJobError(
+                    "MessageTooLarge",
+                    f"job {message.message_id} is {len(message.body)} bytes; Service Bus takes at most "
+                    f"{MAX_MESSAGE_BYTES} bytes per message: put large inputs in storage and reference them",
+                )
+        if messages:
+            self._send_batches(list(messages))
+            self._log.debug("servicebus.sent", count=len(messages))
+
+    @_retry.retry_messaging
+    def _send_batches(self, messages: list[base.OutgoingMessage]) -> None:
+        with _translated(what=f"send to {self._queue_name}"):
+            sender = self._get_sender()
+            batch = sender.create_message_batch()
+            for message in messages:
+                sb_message = ServiceBusMessage(
+                    message.body, message_id=message.message_id, content_type=message.content_type
+                )
+                try:
+                    batch.add_message(sb_message)
+                except sb_exc.MessageSizeExceededError:
+                    sender.send_messages(batch)
+                    batch = sender.create_message_batch()
+                    batch.add_message(sb_message)
+            sender.send_messages(batch)
+
+    # ------------------------------------------------------------------ receive and settle
+
+    def receive(self, *, max_wait_s: float) -> base.ReceivedMessage | None:
+        with self._receiver_lock, _translated(what=f"receive from {self._queue_name}"):
+            got = self._get_receiver().receive_messages(max_message_count=1, max_wait_time=max(max_wait_s, 0.001))
+        if not got:
+            return None
+        sdk_message = got[0]
+        token = str(sdk_message.lock_token)
+        with self._lock:
+            self._received[token] = sdk_message
+        return base.ReceivedMessage(
+            message_id=str(sdk_message.message_id or ""),
+            body=_body(sdk_message),
+            lock_token=token,
+            delivery_count=_port_delivery_count(sdk_message),
+            sequence_number=int(sdk_message.sequence_number or 0),
+            enqueued_at=_epoch(sdk_message.enqueued_time_utc),
+            locked_until=_epoch(sdk_message.locked_until_utc),
+        )
+
+    def _sdk_message(self, message: base.ReceivedMessage, *, what: str) -> ServiceBusReceivedMessage:
+        with self._lock:
+            sdk_message = self._received.get(message.lock_token)
+        if sdk_message is None:
+            raise errors.LockLostError(f"{what}: message {message.message_id} is not locked by this receiver")
+        return sdk_message
+
+    def _forget(self, message: base.ReceivedMessage) -> None:
+        with self._lock:
+            self._received.pop(message.lock_token, None)
+
+    def renew_lock(self, message: base.ReceivedMessage) -> float:
+        what = f"renew lock on {self._queue_name}"
+        return self._renew_with_retry(self._sdk_message(message, what=what), what=what)
+
+    @_retry.retry_messaging
+    def _renew_with_retry(self, sdk_message: ServiceBusReceivedMessage, *, what: str) -> float:
+        with self._receiver_lock, _translated(what=what):
+            return _epoch(self._get_receiver().renew_message_lock(sdk_message, timeout=30))
+
+    def keep_locked(
+        self, message: base.ReceivedMessage, *, on_lost: Callable[[BaseException], None]
+    ) -> base.LockKeeper:
+        sdk_message = self._sdk_message(message, what=f"keep lock on {self._queue_name}")
+        with self._receiver_lock, _translated(what=f"keep lock on {self._queue_name}"):
+            return _RenewedLock(
+                receiver=self._get_receiver(), message=sdk_message, on_lost=on_lost, queue_name=self._queue_name
+            )
+
+    def _settle(self, message: base.ReceivedMessage, *, what: str, settle: Callable[[Any], None]) -> None:
+        sdk_message = self._sdk_message(message, what=what)
+        try:
+            self._settle_with_retry(sdk_message, what=what, settle=settle)
+        except errors.LockLostError:
+            self._forget(message)
+            raise
+        self._forget(message)
+
+    @_retry.retry_messaging
+    def _settle_with_retry(
+        self, sdk_message: ServiceBusReceivedMessage, *, what: str, settle: Callable[[Any], None]
+    ) -> None:
+        with self._receiver_lock, _translated(what=what):
+            settle(sdk_message)
+
+    def complete(self, message: base.ReceivedMessage) -> None:
+        receiver = self._get_receiver()
+        self._settle(message, what=f"complete on {self._queue_name}", settle=receiver.complete_message)
+
+    def abandon(self, message: base.ReceivedMessage) -> None:
+        receiver = self._get_receiver()
+        self._settle(message, what=f"abandon on {self._queue_name}", settle=receiver.abandon_message)
+
+    def dead_letter(self, message: base.ReceivedMessage, *, reason: str, description: str) -> None:
+        receiver = self._get_receiver()
+
+        def settle(sdk_message: Any) -> None:
+            receiver.dead_letter_message(sdk_message, reason=reason, error_description=description)
+
+        self._settle(message, what=f"dead-letter on {self._queue_name}", settle=settle)
+        self._log.info("servicebus.dead_lettered", message_id=message.message_id, reason=reason)
+
+    def peek_dead_letters(self, *, max_count: int) -> list[base.DeadLetter]:
+        with _translated(what=f"peek dead letters of {self._queue_name}"):
+            peeked = self._get_dead_letter_receiver().peek_messages(
+                max_message_count=max_count, sequence_number=1, timeout=30
+            )
+        return [
+            base.DeadLetter(
+                message_id=str(m.message_id or ""),
+                reason=m.dead_letter_reason or "",
+                description=m.dead_letter_error_description or "",
+                delivery_count=max(1, int(m.delivery_count or 0) + 1),
+                body=_body(m),
+            )
+            for m in peeked
+        ]
+
+    def close(self) -> None:
+        """Close the links side by side: each close waits for the SDK's keep-alive thread (up to a second)."""
+        handlers = [h for h in (self._sender, self._receiver, self._dead_letter_receiver) if h is not None]
+        self._sender = self._receiver = self._dead_letter_receiver = None
+        threads = [threading.Thread(target=_close_quietly, args=(h,), daemon=True) for h in handlers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(CLOSE_TIMEOUT_S)
+        _close_quietly(self._client)
+
+
+def _close_quietly(handler: Any) -> None:
+    try:
+        handler.close()
+    except (core_exc.AzureError, OSError) as exc:
+        log.debug("servicebus.close_failed", error=type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------- depth
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeCounts:
+    """What ``scalebus status`` shows for a Service Bus queue."""
+
+    active: int
+    scheduled: int
+    dead_lettered: int
+    transfer: int
+    transfer_dead_lettered: int
+    total: int
+    size_bytes: int
+
+
+class ServiceBusAdminDepth:
+    """``base.QueueDepth`` from the admin API's runtime properties, read at most once per ``cache_s``."""
+
+    def __init__(self, admin: ServiceBusAdministrationClient, *, queue_name: str, cache_s: float) -> None:
+        self._admin = admin
+        self._queue_name = queue_name
+        self._cache_s = cache_s
+        self._cached: tuple[float, base.DepthSample] | None = None
+        self._lock = threading.Lock()
+
+    def read_depth(self) -> base.DepthSample:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self._cache_s:
+                return self._cached[1]
+            counts = self.runtime_counts()
+            sample = base.DepthSample(
+                active=counts.active,
+                in_flight=None,
+                dead_lettered=counts.dead_lettered,
+                sampled_at=time.time(),
+                scheduled=counts.scheduled,
+                transfer=counts.transfer,
+                source="servicebus-admin",
+            )
+            self._cached = (now, sample)
+            return sample
+
+    @_retry.retry_control_plane_read
+    def runtime_counts(self) -> RuntimeCounts:
+        """Uncached counts, for ``scalebus status``."""
+        with _translated(what=f"read runtime properties of {self._queue_name}"):
+            props = self._admin.get_queue_runtime_properties(self._queue_name)
+        return RuntimeCounts(
+            active=int(props.active_message_count or 0),
+            scheduled=int(props.scheduled_message_count or 0),
+            dead_lettered=int(props.dead_letter_message_count or 0),
+            transfer=int(props.transfer_message_count or 0),
+            transfer_dead_lettered=int(props.transfer_dead_letter_message_count or 0),
+            total=int(props.total_message_count or 0),
+            size_bytes=int(props.size_in_bytes or 0),
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(core_exc.AzureError, OSError):
+            self._admin.close()
+
+
+# --------------------------------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBusTarget:
+    """Where the queue lives, parsed from ``queue.url`` (``servicebus://<namespace>/<queue>``)."""
+
+    namespace: str
+    queue_name: str
+
+
+def parse_url(url: str) -> ServiceBusTarget:
+    parts = urlsplit(url)
+    queue_name = parts.path.strip("/")
+    if parts.scheme != "servicebus" or not parts.netloc or not queue_name or "/" in queue_name:
+        raise errors.ConfigError(
+            "queue.url",
+            f"{url!r} is not a Service Bus queue URL",
+            "use servicebus://<namespace>.servicebus.windows.net/<queue>",
+        )
+    return ServiceBusTarget(namespace=parts.netloc, queue_name=queue_name)
+
+
+def _connection_string(settings: QueueSettings, environ: Mapping[str, str]) -> str | None:
+    if not settings.connection_string_env:
+        return None
+    value = environ.get(settings.connection_string_env, "")
+    if not value:
+        raise errors.ConfigError(
+            "queue.connection_string_env",
+            f"environment variable {settings.connection_string_env} is empty or unset",
+            "export the Service Bus connection string there, or clear the setting to use a managed identity",
+        )
+    return value
+
+
+def _with_endpoint(conn_str: str, host: str) -> str:
+    """The same connection string pointing at another host (the admin endpoint override)."""
+    parts = [p for p in conn_str.split(";") if p and not p.lower().startswith("endpoint=")]
+    return ";".join([f"Endpoint=sb://{host}/", *parts])
+
+
+def _http_options(verify: str) -> dict[str, Any]:
+    return {"connection_verify": verify} if verify else {}
+
+
+def open_servicebus(
+    settings: QueueSettings, *, environ: Mapping[str, str] | None = None, credential: Any = None
+) -> tuple[ServiceBusJobQueue, base.QueueDepth]:
+    """Build the queue and the configured depth source. ``credential`` (a ``TokenCredential``) defaults to
+    ``DefaultAzureCredential``; with ``queue.connection_string_env`` the data plane and admin API use the key."""
+    target = parse_url(settings.url)
+    conn_str = _connection_string(settings, os.environ if environ is None else environ)
+    if conn_str is not None:
+        try:
+            props = parse_connection_string(conn_str)
+        except ValueError:
+            raise errors.ConfigError(
+                "queue.connection_string_env",
+                f"{settings.connection_string_env} does not hold a Service Bus connection string",
+                "copy it from the namespace's Shared access policies",
+            ) from None
+        namespace = props.fully_qualified_namespace
+        client = ServiceBusClient.from_connection_string(conn_str, retry_total=SDK_RETRIES)
+    else:
+        namespace = target.namespace
+        if credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+        client = ServiceBusClient(namespace, credential, retry_total=SDK_RETRIES)
+    queue = ServiceBusJobQueue(client, queue_name=target.queue_name)
+    log.info(
+        "servicebus.opened",
+        namespace=namespace,
+        queue=target.queue_name,
+        depth_source=settings.depth_source,
+        auth="connection_string" if conn_str else "credential",
+    )
+    depth: base.QueueDepth
+    if settings.depth_source == "monitor":
+        from scalebus.backends.azure import monitor
+
+        depth = monitor.open_monitor_depth(settings, queue_name=target.queue_name, credential=credential)
+    else:
+        admin_host = urlsplit(settings.admin_endpoint).netloc if settings.admin_endpoint else namespace
+        options = _http_options(settings.connection_verify)
+        if conn_str is not None:
+            admin = ServiceBusAdministrationClient.from_connection_string(
+                _with_endpoint(conn_str, admin_host), **options
+            )
+        else:
+            admin = ServiceBusAdministrationClient(admin_host, credential, **options)
+        depth = ServiceBusAdminDepth(admin, queue_name=target.queue_name, cache_s=settings.depth_cache_s)
+    return queue, depth
