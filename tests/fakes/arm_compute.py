@@ -53,6 +53,8 @@ from typing import Any
 
 import trustme
 
+from tests.fakes._http import BackgroundServer
+
 API_VERSION_FLEX_PROTECTION = "2023-09-01"
 DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
 DEFAULT_RESOURCE_GROUP = "rg-scalebus"
@@ -150,8 +152,7 @@ class ArmComputeFake:
         self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(collections.deque)
         self._counts: collections.Counter[str] = collections.Counter()
         self._requests: list[tuple[float, str]] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
         self.delete_delay_s = 0.0
         """How long deleted instances stay in ``Deleting`` (and their delete operation in progress)."""
         self.scale_in_delay_s = 0.0
@@ -160,26 +161,14 @@ class ArmComputeFake:
 
     def start(self) -> ArmComputeFake:
         ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1", "localhost")
         ca.cert_pem.write_to_path(str(self.ca_path))
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(context)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="arm-compute-fake", daemon=True)
-        self._thread.start()
+        self._server = BackgroundServer(_handler_for(self), name="arm-compute-fake", ca=ca)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._server.stop()
         self._server = None
-        self._thread = None
 
     def __enter__(self) -> ArmComputeFake:
         return self.start()
@@ -190,7 +179,7 @@ class ArmComputeFake:
     @property
     def endpoint(self) -> str:
         assert self._server is not None, "start() the fake first"
-        return f"https://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.endpoint
 
     # ----------------------------------------------------------------------------------------- test controls
 

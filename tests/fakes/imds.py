@@ -29,6 +29,8 @@ import urllib.parse
 import uuid
 from typing import Any
 
+from tests.fakes._http import BackgroundServer
+
 
 @dataclasses.dataclass
 class VmIdentity:
@@ -75,24 +77,16 @@ class ImdsFake:
         """Set to 400 to answer like a VM with no identity assigned."""
         self._counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
 
     def start(self) -> ImdsFake:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="imds-fake", daemon=True)
-        self._thread.start()
+        self._server = BackgroundServer(_handler_for(self), name="imds-fake")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
+            self._server.stop()
+        self._server = None
 
     def __enter__(self) -> ImdsFake:
         return self.start()
@@ -103,7 +97,7 @@ class ImdsFake:
     @property
     def endpoint(self) -> str:
         assert self._server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.endpoint
 
     def count(self, path: str) -> int:
         with self._lock:

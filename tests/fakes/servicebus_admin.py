@@ -16,8 +16,6 @@ from __future__ import annotations
 import collections
 import datetime
 import http.server
-import ssl
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from xml.sax.saxutils import escape
 
 import trustme
 
+from tests.fakes._http import BackgroundServer
 from tests.fakes.servicebus_amqp import ServiceBusBroker
 
 _CONNECT_NS = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
@@ -49,9 +48,6 @@ class HttpsFake:
     def __init__(self, ca: trustme.CA, handle: Callable[..., tuple[int, str, bytes]], *, name: str) -> None:
         self.requests: collections.Counter[str] = collections.Counter()
         self._handle = handle
-        cert = ca.issue_cert("127.0.0.1", "localhost")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(context)
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,24 +72,18 @@ class HttpsFake:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+        self._server = BackgroundServer(Handler, name=name, ca=ca)
+        self.port = self._server.port
 
     @property
     def endpoint(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return self._server.endpoint
 
     def start(self) -> HttpsFake:
-        self._thread.start()
-        return self
+        return self  # already serving: kept so callers read as start/stop pairs
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._server.stop()
 
 
 class ServiceBusAdminServer:

@@ -1,0 +1,42 @@
+"""One way to run a test peer's HTTP(S) server: threaded, on 127.0.0.1 and a free port, stopped cleanly.
+
+The ARM, IMDS, Service Bus admin and Monitor fakes differ in what they answer, not in how they listen. HTTPS uses a
+certificate from a ``trustme`` CA, because the Azure SDKs refuse to send bearer tokens over plain HTTP; clients
+trust it through ``connection_verify=<ca.pem>``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import ssl
+import threading
+
+import trustme
+
+
+class BackgroundServer:
+    """A started ``ThreadingHTTPServer`` serving ``handler`` from a daemon thread until ``stop``."""
+
+    def __init__(
+        self, handler: type[http.server.BaseHTTPRequestHandler], *, name: str, ca: trustme.CA | None = None
+    ) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.scheme = "http"
+        if ca is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
