@@ -37,13 +37,16 @@ lint: $(DEV_STAMP)
 test: $(DEV_STAMP) $(AZURITE) lint
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) -m pytest -q
 
-bench: bench-staging bench-policy
+bench: bench-staging bench-policy bench-reaction
 
 bench-staging: $(DEV_STAMP) $(AZURITE)
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) bench/staging.py
 
 bench-policy: $(DEV_STAMP)
 	$(PY) bench/policy.py
+
+bench-reaction: $(DEV_STAMP)
+	$(PY) bench/reaction.py
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

@@ -47,7 +47,9 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        # One write per line (print() writes the newline separately): worker processes share the controller's
+        # stderr in the local pool, and lines under PIPE_BUF then never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # The Azure SDKs log through stdlib logging and can be chatty (and quote URLs): warnings only.

@@ -112,6 +112,32 @@ class ControllerSettings(_Section):
     """Capacity writes per minute the controller allows itself (ARM allows ~4/min per scale set)."""
     exit_when_drained: bool = False
     """Stop once the queue is empty and no instances remain (the demo and batch runs)."""
+    boot_estimate_s: float = Field(default=120.0, gt=0)
+    """What booting a new instance costs, in seconds (a VM's typical boot to first heartbeat). The policy weighs
+    it against idle time: idle workers are kept while the next job is expected within about twice this, and
+    waiting jobs the busy fleet will start within this time are not booted for (``absorb_factor``)."""
+    idle_grace_min_s: float = Field(default=5.0, ge=0)
+    """Shortest time the controller tells idle workers to wait for work before retiring (sparse arrivals).
+    Workers fall back to ``worker.idle_timeout_s`` while the controller publishes no grace."""
+    idle_grace_max_s: float = Field(default=1200.0, ge=0)
+    """Longest time the controller tells idle workers to wait for work (frequent or periodic arrivals): the
+    most idle VM time one worker may cost on a forecast."""
+    prewarm: bool = True
+    """For periodic arrivals (a cron-like producer), boot a worker ``prewarm_lead_s`` before the next job is
+    due and keep it waiting for that job."""
+    prewarm_lead_s: float = Field(default=240.0, ge=0)
+    """How long before a periodic job is due a worker is booted (about the p95 boot time)."""
+    absorb_factor: float = Field(default=1.0, ge=0)
+    """Waiting jobs the busy workers will start within ``boot_estimate_s`` anyway (busy × boot / mean job
+    time, times this) get no new instance. 0 turns it off: every waiting job asks for an instance."""
+
+    @pydantic.field_validator("idle_grace_max_s")
+    @classmethod
+    def _grace_max_not_below_min(cls, value: float, info: pydantic.ValidationInfo) -> float:
+        low = info.data.get("idle_grace_min_s")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least idle_grace_min_s ({low})")
+        return value
 
 
 class WorkerSettings(_Section):
@@ -121,7 +147,9 @@ class WorkerSettings(_Section):
     work_dir: str = ".scalebus/work"
     """Local disk where inputs are staged and outputs written (the VM's premium/NVMe disk)."""
     idle_timeout_s: float = Field(default=30.0, ge=0)
-    """With no message for this long the worker retires (see ``retire_wait_s``)."""
+    """With no message for this long the worker retires (see ``retire_wait_s``) — unless the controller
+    publishes an idle grace (``controller.idle_grace_min_s`` … ``idle_grace_max_s``), which then applies instead.
+    This is the fallback: no controller, or its hint is over 2 minutes old."""
     retire_wait_s: float = Field(default=15.0, ge=0)
     """Once idle, how long to wait for the controller to delete this instance (in a batch, sparing the ARM
     budget) before deleting itself."""

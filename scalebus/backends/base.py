@@ -189,14 +189,39 @@ class Heartbeat:
     job_id: str | None = None
 
 
+HINT_MAX_AGE_S = 120.0
+"""A :class:`FleetHint` older than this is ignored (the controller is gone); the controller republishes well
+within it."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHint:
+    """What the controller tells every worker of its fleet (one record per fleet, the latest wins)."""
+
+    idle_grace_s: float
+    """How long an idle worker should wait for work before retiring (the policy's ``Decision.idle_grace_s``)."""
+    at: float
+    """When it was published (epoch seconds), so workers can ignore a hint a dead controller left behind."""
+
+
 class HeartbeatStore(Protocol):
-    """Workers report liveness and busy/idle here; the controller reads it to tell idle from busy."""
+    """Workers report liveness and busy/idle here; the controller reads it to tell idle from busy.
+
+    The flow back, controller to workers, is one :class:`FleetHint` per fleet, kept apart from the heartbeats
+    (``read_all`` never returns it).
+    """
 
     def beat(self, heartbeat: Heartbeat) -> None: ...
 
     def read_all(self) -> list[Heartbeat]: ...
 
     def forget(self, instance_id: str) -> None: ...
+
+    def publish_hint(self, hint: FleetHint) -> None:
+        """Replace the fleet's hint."""
+
+    def read_hint(self) -> FleetHint | None:
+        """The fleet's latest hint, or ``None`` if none was ever published (or it is unreadable)."""
 
 
 # --------------------------------------------------------------------------------------------- storage

@@ -2,8 +2,11 @@
 
 All judgement lives in :mod:`scalebus.controller.policy`; this module only gathers the observation (queue depth,
 scale-set instances, worker heartbeats), applies the decision (named deletions first, then at most one capacity
-write) and logs each decision with its reason. A failing backend is logged, counted and retried on the next round
-with back-off; it never stops the loop unless it fails ``max_consecutive_failures`` rounds in a row.
+write), tells the workers the decided idle grace (a :class:`~scalebus.backends.base.FleetHint` in the heartbeat
+store, rewritten when it changes by more than ``_HINT_CHANGE`` or gets old) and logs each decision with its
+reason. A failing backend is logged, counted and retried on the next round with back-off; it never stops the loop
+unless it fails ``max_consecutive_failures`` rounds in a row. Only publishing the hint is best effort: workers
+fall back to their own ``idle_timeout_s`` without it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from scalebus.settings import ControllerSettings
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF_S = 60.0
+_HINT_CHANGE = 0.1
+"""Relative change of the idle grace worth a rewrite (a forecast's grace shrinks every round)."""
+_HINT_REFRESH_S = base.HINT_MAX_AGE_S / 4
+"""An unchanged hint is rewritten this often, so workers can tell a live controller's hint from a stale one."""
 
 
 @dataclass(slots=True)
@@ -33,6 +40,7 @@ class ControllerStats:
     capacity_writes: int = 0
     deletes: int = 0
     failures: int = 0
+    hints_published: int = 0
     peak_instances: int = 0
     first_scale_request_at: float | None = None
     decisions: list[str] = field(default_factory=list)
@@ -58,6 +66,8 @@ class Controller:
         self._clock = clock
         self._max_failures = max_consecutive_failures
         self._state = policy.initial_state()
+        self._hint: base.FleetHint | None = None
+        """The last hint published."""
         self.stats = ControllerStats()
 
     def observe(self) -> policy.Observation:
@@ -73,6 +83,7 @@ class Controller:
         obs = self.observe()
         decision, self._state = policy.decide(obs, self._state, self._settings)
         self._apply(obs, decision)
+        self._publish_hint(obs.now, decision.idle_grace_s)
         self.stats.rounds += 1
         self.stats.peak_instances = max(self.stats.peak_instances, len(obs.instances))
         return obs, decision
@@ -98,6 +109,29 @@ class Controller:
                 in_flight=obs.depth.in_flight,
                 reason=decision.reason,
             )
+
+    def _publish_hint(self, now: float, idle_grace_s: float | None) -> None:
+        """Tell the workers the idle grace. Best effort: workers fall back to their own idle timeout, so a failed
+        write is logged and retried next round, never fatal to scaling."""
+        if idle_grace_s is None:
+            return
+        last = self._hint
+        if (
+            last is not None
+            and abs(idle_grace_s - last.idle_grace_s) <= _HINT_CHANGE * last.idle_grace_s
+            and now - last.at < _HINT_REFRESH_S
+        ):
+            return
+        hint = base.FleetHint(idle_grace_s=idle_grace_s, at=now)
+        try:
+            self._heartbeats.publish_hint(hint)
+        except errors.BackendError as exc:
+            log.warning("idle_grace_publish_failed", error=str(exc), transient=exc.transient)
+            return
+        self._hint = hint
+        self.stats.hints_published += 1
+        if last is None or last.idle_grace_s != idle_grace_s:
+            log.info("idle_grace_published", idle_grace_s=round(idle_grace_s, 1))
 
     def run(self, stop: threading.Event) -> ControllerStats:
         """Loop until ``stop`` is set (or, with ``exit_when_drained``, until nothing is left to do)."""

@@ -14,7 +14,9 @@ What it decides:
 * **delete** — named broken instances: failed, never booted within ``boot_timeout_s``, or silent for
   ``heartbeat_timeout_s``. Never one whose latest heartbeat says it is busy within the heartbeat timeout.
 * **idle_grace_s** — how long idle workers should keep waiting for work before deleting themselves. The
-  ski-rental answer: keep a worker while the next job is expected sooner than re-booting one would cost.
+  ski-rental answer: keep a worker while the next job is expected sooner than re-booting one would cost
+  (``boot_estimate_s``), within ``[idle_grace_min_s, idle_grace_max_s]``. The controller loop publishes it to
+  the workers through the heartbeat store (``HeartbeatStore.publish_hint``).
 
 The controller loop applies ``delete`` first, then writes ``capacity`` (the target already accounts for the
 deletions), and counts both against the ARM write budget (``max_writes_per_minute``).
@@ -81,7 +83,8 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Tunables:
-    """Policy knobs that are not (yet) user settings. Defaults are what the benchmark runs."""
+    """Internal constants of the policy. What a user tunes (boot estimate, idle grace bounds, prewarming,
+    absorption) is in :class:`~scalebus.settings.ControllerSettings`. Defaults are what the benchmark runs."""
 
     confirm_s: float = 0.0
     """A shortfall smaller than ``min_step`` must last this long before it is requested (noise filter)."""
@@ -89,23 +92,12 @@ class Tunables:
     """A shortfall at least this large is requested at once."""
     write_reserve: int = 1
     """Writes of the per-minute budget kept back for broken-instance deletions and for bigger steps later."""
-    boot_estimate_s: float = 120.0
-    """What re-booting an instance costs, in VM-seconds of boot plus job-seconds of waiting (ski rental)."""
-    idle_grace_min_s: float = 5.0
-    """The shortest idle grace: a couple of receive attempts, enough for a burst that is still arriving."""
-    idle_grace_max_s: float = 1200.0
-    """The longest idle grace: an idle VM is never kept longer than this on a forecast."""
     arrival_memory: int = 16
     """Recent job sightings kept to estimate the inter-arrival gap."""
     job_memory_s: float = 3600.0
     """How long a job id stays remembered (to tell jobs picked up after a stale depth sample)."""
-    absorb_factor: float = 1.0
-    """Waiting jobs the busy fleet will start within a boot anyway (busy × boot / mean job time, times this)
-    are not worth a new VM. 0 turns it off."""
     min_durations: int = 5
-    """Job durations seen before ``absorb_factor`` applies."""
-    prewarm_lead_s: float = 240.0
-    """Periodic arrivals: boot a worker this long before the next expected job (the p95 boot time)."""
+    """Job durations seen before ``ControllerSettings.absorb_factor`` applies."""
     prewarm_max_cv: float = 0.2
     """Arrivals count as periodic when the gaps' spread (MAD / median) is at most this."""
 
@@ -164,15 +156,15 @@ def decide(
     waiting = _waiting_now(obs, job_first_seen)
     busy = _busy_count(obs, settings)
     in_flight = obs.depth.in_flight if obs.depth.in_flight is not None else busy
-    absorbed = _absorbed(busy, durations, tunables)
+    absorbed = _absorbed(busy, durations, settings, tunables)
     demand = math.ceil((max(0, waiting - absorbed) + in_flight) / settings.jobs_per_instance)
 
     arrivals = _remember_arrivals(state, now, obs.depth.active, newly_busy, tunables)
-    grace = _idle_grace(arrivals, tunables)
-    forecast = _forecast(arrivals, now, tunables)
+    grace = _idle_grace(arrivals, settings)
+    forecast = _forecast(arrivals, now, settings, tunables)
     if forecast is not None:  # the next periodic job is due within a boot: have a worker ready and waiting
         demand = max(demand, 1)
-        grace = max(grace, forecast)
+        grace = min(max(grace, forecast), settings.idle_grace_max_s)
     desired = min(max(demand, settings.min_instances), settings.max_instances)
 
     supply, listed = _supply(obs, {view.instance_id for view in broken}, settings)
@@ -327,26 +319,28 @@ def _learn_durations(
     return busy_now, durations
 
 
-def _absorbed(busy: int, durations: tuple[float, ...], tunables: Tunables) -> int:
+def _absorbed(busy: int, durations: tuple[float, ...], settings: ControllerSettings, tunables: Tunables) -> int:
     """Waiting jobs the busy workers will start before a new VM could boot (not worth booting for)."""
-    if busy == 0 or len(durations) < tunables.min_durations or tunables.absorb_factor <= 0:
+    if busy == 0 or len(durations) < tunables.min_durations or settings.absorb_factor <= 0:
         return 0
     mean = sum(durations) / len(durations)
-    return math.floor(tunables.absorb_factor * busy * tunables.boot_estimate_s / max(mean, 1.0))
+    return math.floor(settings.absorb_factor * busy * settings.boot_estimate_s / max(mean, 1.0))
 
 
-def _forecast(arrivals: tuple[float, ...], now: float, tunables: Tunables) -> float | None:
+def _forecast(
+    arrivals: tuple[float, ...], now: float, settings: ControllerSettings, tunables: Tunables
+) -> float | None:
     """For periodic arrivals due within a boot time: how long an idle worker should wait for the job."""
-    if len(arrivals) < 4:
+    if not settings.prewarm or len(arrivals) < 4:
         return None
     gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     median = gaps[len(gaps) // 2]
     spread = sorted(abs(gap - median) for gap in gaps)[len(gaps) // 2]
-    if median < 2.0 * tunables.boot_estimate_s or spread > tunables.prewarm_max_cv * median:
+    if median < 2.0 * settings.boot_estimate_s or spread > tunables.prewarm_max_cv * median:
         return None
     due = arrivals[-1] + median
     margin = max(60.0, 3.0 * spread)
-    if due - tunables.prewarm_lead_s <= now <= due + margin:
+    if due - settings.prewarm_lead_s <= now <= due + margin:
         return due + margin - now
     return None
 
@@ -371,19 +365,19 @@ def _remember_arrivals(
     return arrivals[-tunables.arrival_memory :]
 
 
-def _idle_grace(arrivals: tuple[float, ...], tunables: Tunables) -> float:
+def _idle_grace(arrivals: tuple[float, ...], settings: ControllerSettings) -> float:
     """Ski rental: keep an idle worker while the next job is expected sooner than a reboot would cost.
 
     With a typical gap between arrivals below the break-even (the boot estimate, doubled: a reboot costs VM
     time booting and the job's wait), waiting pays; otherwise retire quickly and pay the boot when work comes.
     """
     if len(arrivals) < 3:
-        return tunables.idle_grace_min_s
+        return settings.idle_grace_min_s
     gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     typical = gaps[len(gaps) // 2]
-    if typical <= 2.0 * tunables.boot_estimate_s:
-        return min(max(1.5 * typical, tunables.idle_grace_min_s), tunables.idle_grace_max_s)
-    return tunables.idle_grace_min_s
+    if typical <= 2.0 * settings.boot_estimate_s:
+        return min(max(1.5 * typical, settings.idle_grace_min_s), settings.idle_grace_max_s)
+    return settings.idle_grace_min_s
 
 
 def _with_deletes(

@@ -6,13 +6,21 @@ dead-letters it after its max delivery count). If the lock is lost while the job
 and nothing is published or settled: the job belongs to whoever holds it now. Outputs are committed once: a job
 whose ``_SUCCESS`` marker already exists (an earlier delivery published, then crashed before completing) is just
 completed. On SIGTERM the worker takes no new work and lets the running job finish within ``drain_timeout_s``,
-then abandons it. Idle for ``idle_timeout_s``, it reports itself retired and waits for the controller to delete it
+then abandons it. Idle for the idle grace, it reports itself retired and waits for the controller to delete it
 (in a batch), deleting itself after ``retire_wait_s`` if nobody did.
+
+The idle grace is the controller's: the policy weighs the expected next arrival against a boot and publishes the
+answer as a :class:`~scalebus.backends.base.FleetHint` in the heartbeat store, which the worker re-reads with each
+heartbeat. The worker's own ``idle_timeout_s`` is the fallback, used while there is no hint younger than
+``base.HINT_MAX_AGE_S`` (no controller, a controller that died, no heartbeat store). The hint is not capped by
+``idle_timeout_s``: the controller's ``idle_grace_max_s`` bounds it, and a cap here would undo prewarming (a worker
+booted to wait minutes for a periodic job).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -83,6 +91,7 @@ class Worker:
         self._stop_requested_at: float | None = None
         self._state = base.WorkerState.IDLE
         self._job_id: str | None = None
+        self._hint: base.FleetHint | None = None
         self.stats = WorkerStats()
 
     # ------------------------------------------------------------------ control
@@ -102,6 +111,7 @@ class Worker:
     def run(self) -> WorkerStats:
         structlog.contextvars.bind_contextvars(instance_id=self._instance_id)
         beat_stop = threading.Event()
+        self._read_hint()
         beater = threading.Thread(target=self._beat_forever, args=(beat_stop,), name="heartbeat", daemon=True)
         beater.start()
         try:
@@ -113,6 +123,14 @@ class Worker:
             beater.join()
         return self.stats
 
+    def idle_timeout_s(self) -> float:
+        """How long to wait for work before retiring: the controller's fresh hint, else ``idle_timeout_s``."""
+        hint = self._hint
+        fresh = hint is not None and abs(time.time() - hint.at) <= base.HINT_MAX_AGE_S  # either way: clock skew
+        if hint is None or not fresh or not (math.isfinite(hint.idle_grace_s) and hint.idle_grace_s >= 0):
+            return self._settings.idle_timeout_s
+        return hint.idle_grace_s
+
     def _retire(self, idle_for: float) -> None:
         """Idle: stop taking work and say so (DRAINING, no job). The controller deletes retired instances in
         batches, which spares the ARM delete budget; if it has not within ``retire_wait_s``, delete myself."""
@@ -123,14 +141,15 @@ class Worker:
         self._on_idle()
 
     def _loop(self) -> float | None:
-        """Take jobs until stopped (returns ``None``) or idle for ``idle_timeout_s`` (returns the idle time)."""
+        """Take jobs until stopped (returns ``None``) or idle for the idle grace (returns the idle time)."""
         idle_since = time.monotonic()
-        log.info("worker_started")
+        log.info("worker_started", idle_timeout_s=self.idle_timeout_s())
         while not self._stop.is_set():
             idle_for = time.monotonic() - idle_since
-            if idle_for >= self._settings.idle_timeout_s:
+            timeout = self.idle_timeout_s()
+            if idle_for >= timeout:
                 return idle_for
-            wait = min(self._settings.receive_wait_s, max(0.1, self._settings.idle_timeout_s - idle_for))
+            wait = min(self._settings.receive_wait_s, max(0.1, timeout - idle_for))
             message = self._queue.receive(max_wait_s=wait)
             if message is not None:
                 self.handle(message)
@@ -283,6 +302,19 @@ class Worker:
     def _beat_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self._settings.heartbeat_interval_s):
             self._beat()
+            self._read_hint()
+
+    def _read_hint(self) -> None:
+        if self._heartbeats is None:
+            return
+        try:
+            hint = self._heartbeats.read_hint()
+        except errors.BackendError as exc:
+            log.warning("fleet_hint_read_failed", error=str(exc))  # keep the last one; it ages out
+            return
+        if hint is not None and (self._hint is None or hint.idle_grace_s != self._hint.idle_grace_s):
+            log.debug("fleet_hint", idle_grace_s=round(hint.idle_grace_s, 1))
+        self._hint = hint
 
 
 def _raise_if_lost(keeper: base.LockKeeper) -> None:

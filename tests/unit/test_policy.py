@@ -231,3 +231,70 @@ def test_no_oscillation_on_constant_input(
             writes.append(decision.capacity)
             capacity = decision.capacity
     assert len(writes) <= 1
+
+
+# --------------------------------------------------------------------------------------------- user knobs
+
+
+def arrived_every(gap_s: float, count: int, *, last_at: float = NOW) -> policy.PolicyState:
+    """A state that has seen ``count`` arrivals ``gap_s`` apart, the last one at ``last_at``."""
+    return replace(policy.initial_state(), arrivals=tuple(last_at - gap_s * n for n in reversed(range(count))))
+
+
+@pytest.mark.parametrize(
+    ("state", "cfg", "grace"),
+    [
+        pytest.param(policy.initial_state(), DEFAULT, 5.0, id="nothing-seen-min-grace"),
+        pytest.param(arrived_every(20, 4), DEFAULT, 30.0, id="frequent-arrivals-wait-one-and-a-half-gaps"),
+        pytest.param(arrived_every(20, 4), ControllerSettings(idle_grace_min_s=60), 60.0, id="min-raises-it"),
+        pytest.param(arrived_every(200, 4), ControllerSettings(idle_grace_max_s=100), 100.0, id="max-caps-it"),
+        pytest.param(arrived_every(600, 3), DEFAULT, 5.0, id="gap-beyond-two-boots-retire-at-once"),
+        pytest.param(arrived_every(600, 3), ControllerSettings(boot_estimate_s=400), 900.0,
+                     id="slower-boot-makes-waiting-pay"),
+    ],
+)  # fmt: skip
+def test_idle_grace_follows_the_settings(state: policy.PolicyState, cfg: ControllerSettings, grace: float) -> None:
+    decision, _ = policy.decide(observe(0), state, cfg)
+    assert decision.idle_grace_s == grace
+
+
+@pytest.mark.parametrize(
+    ("cfg", "capacity", "grace"),
+    [
+        pytest.param(DEFAULT, 1, 160.0, id="periodic-job-due-boots-a-worker-to-wait-for-it"),
+        pytest.param(ControllerSettings(prewarm=False), None, 5.0, id="prewarm-off"),
+        pytest.param(ControllerSettings(prewarm_lead_s=60), None, 5.0, id="not-yet-within-the-lead"),
+        pytest.param(ControllerSettings(idle_grace_max_s=100), 1, 100.0, id="forecast-wait-capped-by-max"),
+    ],
+)
+def test_prewarm_for_periodic_arrivals(cfg: ControllerSettings, capacity: int | None, grace: float) -> None:
+    """Jobs every 600 s, the next due in 100 s: a worker is booted ahead of it (lead 240 s by default)."""
+    state = arrived_every(600, 4, last_at=NOW - 500)
+    decision, _ = policy.decide(observe(0), state, cfg)
+    assert (decision.capacity, decision.idle_grace_s) == (capacity, grace)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "capacity"),
+    [
+        pytest.param(DEFAULT, None, id="busy-fleet-absorbs-the-waiting-jobs"),
+        pytest.param(ControllerSettings(absorb_factor=0), 8, id="absorb-off-every-job-gets-a-vm"),
+        pytest.param(ControllerSettings(boot_estimate_s=10), 5, id="fast-boot-absorbs-less"),
+    ],
+)
+def test_absorb_factor(cfg: ControllerSettings, capacity: int | None) -> None:
+    """Three busy workers on 10 s jobs, five jobs waiting: within a 120 s boot the busy ones start them all."""
+    state = replace(policy.initial_state(), durations=(10.0,) * 5)
+    fleet = (busy("a"), busy("b"), busy("c"))
+    decision, _ = policy.decide(observe(5, 3, instances=fleet), state, cfg)
+    assert decision.capacity == capacity, decision.reason
+
+
+def test_idle_grace_bounds_are_validated() -> None:
+    from scalebus import errors
+    from scalebus import settings as settings_module
+
+    with pytest.raises(errors.ConfigError, match=r"controller\.idle_grace_max_s"):
+        settings_module.load(
+            environ={"SCALEBUS_CONTROLLER__IDLE_GRACE_MIN_S": "60", "SCALEBUS_CONTROLLER__IDLE_GRACE_MAX_S": "30"}
+        )

@@ -76,13 +76,11 @@ def make_worker(
 ) -> loop.Worker:
     script = tmp_path / "analytics.py"
     script.write_text(program)
+    defaults: dict[str, object] = {"idle_timeout_s": 1.5, "receive_wait_s": 0.5, "heartbeat_interval_s": 0.2}
     settings = WorkerSettings(
         command=[sys.executable, str(script)],
         work_dir=str(tmp_path / "work"),
-        idle_timeout_s=1.5,
-        receive_wait_s=0.5,
-        heartbeat_interval_s=0.2,
-        **overrides,  # type: ignore[arg-type]
+        **(defaults | overrides),  # type: ignore[arg-type]
     )
     store = folder.FolderStore()
     return loop.Worker(
@@ -225,6 +223,12 @@ def test_heartbeats_report_busy_then_idle(queue, lake, tmp_path) -> None:  # typ
         def forget(self, instance_id: str) -> None:
             beats.forget(instance_id)
 
+        def publish_hint(self, hint: base.FleetHint) -> None:
+            beats.publish_hint(hint)
+
+        def read_hint(self) -> base.FleetHint | None:
+            return beats.read_hint()
+
     make_worker(queue, tmp_path, "import time; time.sleep(0.5)", heartbeats=Recording()).run()
     assert (base.WorkerState.BUSY, "j1") in seen
     assert seen.index((base.WorkerState.BUSY, "j1")) < seen.index((base.WorkerState.IDLE, None), 1)
@@ -260,3 +264,76 @@ def test_idle_worker_retires(queue, tmp_path, deleted_by_controller, self_destro
     assert calls == (["self-destroy"] if self_destroyed else [])
     (last,) = beats.read_all()
     assert (last.state, last.job_id) == (base.WorkerState.DRAINING, None)
+
+
+# --------------------------------------------------------------------------------------------- idle grace
+
+
+def retiring_after(logs: list[dict[str, object]]) -> list[object]:
+    return [e["idle_timeout_s"] for e in logs if e["event"] == "worker_started"]
+
+
+def test_controller_hint_replaces_the_idle_timeout(queue, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A fresh hint wins over ``idle_timeout_s`` (here far longer than the test may take)."""
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    beats.publish_hint(base.FleetHint(idle_grace_s=0.3, at=time.time()))
+    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, idle_timeout_s=60.0, retire_wait_s=0)
+    with capture_logs() as logs:
+        worker.run()
+    assert retiring_after(logs) == [0.3]
+    assert "worker_idle_retiring" in [e["event"] for e in logs]
+
+
+def test_hint_published_while_idle_is_picked_up(queue, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No hint at start (the fallback applies); the controller's hint arrives with a later heartbeat."""
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, idle_timeout_s=60.0, retire_wait_s=0)
+
+    def controller() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not beats.read_all():
+            time.sleep(0.02)
+        beats.publish_hint(base.FleetHint(idle_grace_s=0.0, at=time.time()))
+
+    threading.Thread(target=controller, daemon=True).start()
+    with capture_logs() as logs:
+        worker.run()
+    assert retiring_after(logs) == [60.0]
+    assert worker.idle_timeout_s() == 0.0
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        pytest.param(base.FleetHint(idle_grace_s=60.0, at=time.time() - 10 * base.HINT_MAX_AGE_S), id="stale"),
+        pytest.param(base.FleetHint(idle_grace_s=float("inf"), at=time.time()), id="infinite"),
+        pytest.param(None, id="never-published"),
+    ],
+)
+def test_without_a_usable_hint_the_idle_timeout_applies(queue, tmp_path, hint) -> None:  # type: ignore[no-untyped-def]
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    if hint is not None:
+        beats.publish_hint(hint)
+    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, idle_timeout_s=0.3, retire_wait_s=0)
+    with capture_logs() as logs:
+        worker.run()
+    assert retiring_after(logs) == [0.3]
+
+
+def test_hint_keeps_a_worker_waiting_for_the_next_job(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job that arrives after ``idle_timeout_s`` but within the controller's grace is still taken."""
+    beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
+    beats.publish_hint(base.FleetHint(idle_grace_s=30.0, at=time.time()))
+    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, idle_timeout_s=0.2, retire_wait_s=0)
+
+    def producer_then_controller() -> None:
+        time.sleep(0.6)  # well past the worker's own idle_timeout_s
+        submit(queue, lake.job("late"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (lake.out("late") / "_SUCCESS").exists():
+            time.sleep(0.05)
+        beats.publish_hint(base.FleetHint(idle_grace_s=0.0, at=time.time()))  # then: retire now
+
+    threading.Thread(target=producer_then_controller, daemon=True).start()
+    stats = worker.run()
+    assert stats.completed == 1

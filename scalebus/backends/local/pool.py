@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     job_id TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fleet_hint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    idle_grace_s REAL NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 
@@ -209,6 +214,18 @@ class SqliteHeartbeatStore:
     def forget(self, instance_id: str) -> None:
         with self._db.write() as conn:
             conn.execute("DELETE FROM heartbeats WHERE instance_id = ?", (instance_id,))
+
+    def publish_hint(self, hint: base.FleetHint) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO fleet_hint (id, idle_grace_s, at) VALUES (1, ?, ?)",
+                (hint.idle_grace_s, hint.at),
+            )
+
+    def read_hint(self) -> base.FleetHint | None:
+        with self._db.read() as conn:
+            row = conn.execute("SELECT idle_grace_s, at FROM fleet_hint WHERE id = 1").fetchone()
+        return base.FleetHint(idle_grace_s=row[0], at=row[1]) if row else None
 
 
 class LocalIdentity:

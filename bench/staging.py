@@ -1,0 +1,267 @@
+"""Staging benchmark: scalebus ``stage_in`` against rclone, the naive SDK loop and ``cp -r``, on Azurite.
+
+Run with ``make bench-staging`` (or ``python bench/staging.py --help``). It starts Azurite (in memory), generates
+the data sets there and on local disk (for ``cp -r``), then runs every client as a subprocess, several times,
+into a fresh destination, and reads each client's wall time, CPU (user+sys) and peak RSS from ``wait4``.
+Prints a Markdown table of medians (and writes JSON with ``--json``).
+
+Sets: A = 64 × 16 MiB (single-put blobs, so they carry Content-MD5), B = 20,000 × 4 KiB, and ``mixed`` = one
+large file (2 GiB by default, ``--big-mib``), 8 × 100 MiB and 1,000 files of 1–512 KiB nested 8 deep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MiB = 1024 * 1024
+CONNECTION_ENV = "SCALEBUS_BENCH_AZURITE_CONNECTION"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    files: dict[str, int]  # rel path -> size
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def data_sets(big_mib: int, small_files: int) -> list[DataSet]:
+    rng = random.Random(5)
+    set_a = DataSet("A", {f"f{i:03d}.bin": 16 * MiB for i in range(64)})
+    set_b = DataSet("B", {f"d{i // 1000:02d}/f{i:05d}.dat": 4096 for i in range(small_files)})
+    mixed: dict[str, int] = {"big/huge.bam": big_mib * MiB}
+    mixed |= {f"mid/part{i}.bin": 100 * MiB for i in range(8)}
+    for i in range(1000):
+        depth = "/".join(f"l{j}{rng.randrange(3)}" for j in range(8))
+        mixed[f"deep/{depth}/s{i:04d}.idx"] = rng.randrange(1024, 512 * 1024)
+    return [set_a, set_b, DataSet("mixed", mixed)]
+
+
+# --------------------------------------------------------------------------------------------- clients
+
+
+def client_scalebus(account_url: str, container: str, prefix: str, dest: str) -> None:
+    from scalebus.backends.azure import datalake
+    from scalebus.settings import StagingSettings, StorageSettings
+    from scalebus.worker import staging
+
+    storage = StorageSettings(account_url=account_url, connection_string_env=CONNECTION_ENV)
+    uri = f"abfss://{container}@devstoreaccount1.dfs.core.windows.net/{prefix}"
+    store = datalake.open_store(uri, storage)
+    staging.stage_in(lambda _u: store, [uri], Path(dest), StagingSettings(min_free_bytes=0))
+
+
+def client_sdk_sequential(account_url: str, container: str, prefix: str, dest: str) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    client = BlobServiceClient.from_connection_string(os.environ[CONNECTION_ENV])
+    cont = client.get_container_client(container)
+    for blob in cont.list_blobs(name_starts_with=prefix + "/"):
+        target = Path(dest) / prefix / blob.name[len(prefix) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as fh:
+            cont.download_blob(blob.name).readinto(fh)
+
+
+CLIENTS: dict[str, Callable[[str, str, str, str], None]] = {
+    "scalebus": client_scalebus,
+    "sdk-sequential": client_sdk_sequential,
+}
+
+
+# --------------------------------------------------------------------------------------------- harness
+
+
+@dataclass(frozen=True)
+class Run:
+    set: str
+    tool: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    files: int
+    bytes: int
+
+
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall, CPU (user+sys) and peak RSS of one client run, read by GNU ``time`` (``wait4`` in a small parent:
+    a child forked from this big harness would inherit its RSS high-water mark)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
+        timed = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", out.name, *argv]
+        proc = subprocess.run(timed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace")
+            raise RuntimeError(f"{argv[:3]} failed ({proc.returncode}): {err[-2000:]}")
+        wall, user, system, rss_kib = out.read().split()[-4:]
+    return float(wall), float(user) + float(system), float(rss_kib) / 1024
+
+
+def tally(root: Path) -> tuple[int, int]:
+    files = total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            if name.startswith(".scalebus"):
+                continue
+            files += 1
+            total += os.path.getsize(os.path.join(dirpath, name))
+    return files, total
+
+
+def tool_argv(
+    tool: str, ds: DataSet, *, account_url: str, container: str, local_src: Path, dest: Path
+) -> list[str]:
+    if tool == "cp -r":
+        return ["cp", "-r", str(local_src / ds.name), str(dest / ds.name)]
+    if tool.startswith("rclone"):
+        transfers = tool.rsplit(" ", 1)[-1]
+        return [
+            "rclone", "copy", "--transfers", transfers, "--checkers", "16",
+            f"az:{container}/{ds.name}", str(dest / ds.name),
+        ]  # fmt: skip
+    return [sys.executable, __file__, "client", tool, account_url, container, ds.name, str(dest)]
+
+
+def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_threads: int = 16) -> None:
+    from azure.storage.blob import ContainerClient
+
+    assert isinstance(container_client, ContainerClient)
+    rng = random.Random(ds.name)
+    block = rng.randbytes(MiB)
+
+    def make(item: tuple[str, int]) -> None:
+        rel, size = item
+        path = local_src / ds.name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as fh:
+            remaining = size
+            salt = rel.encode()
+            fh.write(salt[:remaining])
+            remaining -= min(len(salt), remaining)
+            while remaining:
+                piece = block[: min(MiB, remaining)]
+                fh.write(piece)
+                remaining -= len(piece)
+        with path.open("rb") as fh:
+            container_client.upload_blob(
+                f"{ds.name}/{rel}", fh, length=size, overwrite=True, max_concurrency=4 if size > 64 * MiB else 1
+            )
+
+    with ThreadPoolExecutor(upload_threads) as pool:
+        list(pool.map(make, ds.files.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--sets", default="A,B,mixed")
+    parser.add_argument("--tools", default="scalebus,rclone 16,rclone 64,sdk-sequential,cp -r")
+    parser.add_argument("--big-mib", type=int, default=2048, help="size of the mixed set's large file")
+    parser.add_argument("--small-files", type=int, default=20_000, help="files in set B")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from azure.storage.blob import BlobServiceClient
+
+    from tests.fakes.azurite_plugin import ACCOUNT, ACCOUNT_KEY, AzuriteServer, azurite_binary
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scalebus-bench-"))
+    (workdir / "azurite").mkdir(parents=True, exist_ok=True)
+    server = AzuriteServer(binary=azurite_binary(), workdir=workdir / "azurite")
+    server.start()
+    env = dict(os.environ)
+    env[CONNECTION_ENV] = server.connection_string()
+    env |= {
+        "RCLONE_CONFIG": "/dev/null",
+        "RCLONE_CONFIG_AZ_TYPE": "azureblob",
+        "RCLONE_CONFIG_AZ_ACCOUNT": ACCOUNT,
+        "RCLONE_CONFIG_AZ_KEY": ACCOUNT_KEY,
+        "RCLONE_CONFIG_AZ_USE_EMULATOR": "true",
+        "RCLONE_CONFIG_AZ_ENDPOINT": server.blob_url,
+        "PYTHONPATH": str(REPO),
+    }
+    tools = args.tools.split(",")
+    wanted = set(args.sets.split(","))
+    sets = [ds for ds in data_sets(args.big_mib, args.small_files) if ds.name in wanted]
+    runs: list[Run] = []
+    try:
+        service = BlobServiceClient.from_connection_string(
+            server.connection_string(), max_single_put_size=64 * MiB, max_block_size=32 * MiB
+        )
+        container = service.create_container("bench").container_name
+        local_src = workdir / "src"
+        for ds in sets:
+            started = time.monotonic()
+            generate(ds, local_src=local_src, container_client=service.get_container_client(container))
+            print(f"# generated set {ds.name}: {len(ds.files):,} files, {ds.bytes / MiB:,.0f} MiB "
+                  f"in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+            for rep in range(args.reps):
+                for tool in tools:
+                    dest = workdir / "dest"
+                    shutil.rmtree(dest, ignore_errors=True)
+                    dest.mkdir()
+                    subprocess.run(["sync"], check=True)
+                    argv = tool_argv(
+                        tool, ds, account_url=server.blob_url, container=container, local_src=local_src, dest=dest
+                    )
+                    wall, cpu, rss = measure(argv, env)
+                    files, nbytes = tally(dest)
+                    if (files, nbytes) != (len(ds.files), ds.bytes):
+                        raise RuntimeError(f"{tool} on {ds.name}: {files} files / {nbytes} bytes, expected "
+                                           f"{len(ds.files)} / {ds.bytes}")  # fmt: skip
+                    runs.append(Run(ds.name, tool, wall, cpu, rss, files, nbytes))
+                    print(f"  {ds.name} rep {rep + 1} {tool:15s} {wall:7.2f} s  cpu {cpu:6.2f} s  "
+                          f"rss {rss:6.0f} MiB", flush=True)  # fmt: skip
+            shutil.rmtree(workdir / "dest", ignore_errors=True)
+    finally:
+        server.stop()
+    print()
+    print(table(runs, sets, tools))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(run) for run in runs], indent=1))
+    shutil.rmtree(workdir / "src", ignore_errors=True)
+
+
+def table(runs: list[Run], sets: list[DataSet], tools: list[str]) -> str:
+    lines = [
+        "| set | tool | wall s | MB/s | files/s | client CPU s | CPU ms/file | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ds in sets:
+        for tool in tools:
+            mine = [run for run in runs if run.set == ds.name and run.tool == tool]
+            if not mine:
+                continue
+            wall = statistics.median(run.wall_s for run in mine)
+            cpu = statistics.median(run.cpu_s for run in mine)
+            rss = statistics.median(run.peak_rss_mib for run in mine)
+            lines.append(
+                f"| {ds.name} | {tool} | {wall:.2f} | {ds.bytes / 1e6 / wall:,.0f} | {len(ds.files) / wall:,.0f} "
+                f"| {cpu:.2f} | {1000 * cpu / len(ds.files):.2f} | {rss:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        CLIENTS[sys.argv[2]](*sys.argv[3:7])
+    else:
+        main()

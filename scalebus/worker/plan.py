@@ -1,0 +1,219 @@
+"""The download plan: which remote files land where, in which ranged chunks, and which are already staged.
+
+Pure: listings, the manifest of files already staged and the chunk size in; a :class:`DownloadPlan` out. No I/O,
+so every decision (layout, path safety, collisions, resume) is tested with plain values.
+
+Layout: a folder source's files land under ``<dest>/<folder base name>/<rel_path>``; a file source lands at
+``<dest>/<file name>``. Two remote files mapping to one local path, or one path being both a file and a
+directory, is an :class:`~scalebus.errors.UnsafePathError`.
+
+Path safety. A remote name is rejected (``UnsafePathError`` naming the path and the reason), never rewritten,
+when it:
+
+- is empty, absolute (leading ``/``), or has an empty, ``.`` or ``..`` segment;
+- contains a backslash (a separator on other systems, an escape risk when data moves on);
+- contains NUL, control characters (Unicode Cc), format characters (Cf: bidi overrides, zero-width joiners that
+  make two names look alike), line/paragraph separators or lone surrogates;
+- is not in Unicode NFC. Normalising silently could merge two remote names into one local file; rejecting keeps
+  the mapping one-to-one and the data lake remains the place to fix the name;
+- has a segment longer than 255 UTF-8 bytes or a total length above 4,095 bytes (Linux ``NAME_MAX``/``PATH_MAX``).
+
+Names that differ only in case are *allowed*: ADLS Gen2 and the staging disk (ext4/xfs) are both case-sensitive,
+so ``A.txt`` and ``a.txt`` stay two files. Staging onto a case-insensitive file system is not supported.
+The top-level manifest name is reserved, and a file may not take the temporary (``.part``) name of another.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import unicodedata
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scalebus import errors
+from scalebus.backends import base
+
+MANIFEST_NAME = ".scalebus-stage.jsonl"
+"""Resume manifest in the stage dir: one JSON line (path, etag, size) per finished file."""
+PART_SUFFIX = ".part"
+"""Files are written as ``<name>.part`` and renamed into place once verified."""
+
+_NAME_MAX_BYTES = 255
+_PATH_MAX_BYTES = 4095
+_REJECTED_CATEGORIES = {"Cc": "a control character", "Cf": "a format character", "Cs": "a lone surrogate"}
+_REJECTED_CATEGORIES |= {"Zl": "a line separator", "Zp": "a paragraph separator"}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes ``[offset, offset + length)`` of one file, fetched by one ranged read."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileTask:
+    """One remote file and where it lands. ``source`` indexes the listings the plan was made from."""
+
+    obj: base.RemoteObject
+    rel_dest: str
+    source: int
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def size(self) -> int:
+        return self.obj.size
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """A file a previous staging finished: ``rel_path`` relative to the stage dir."""
+
+    rel_path: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What listing one source URI returned."""
+
+    uri: str
+    objects: Sequence[base.RemoteObject]
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadPlan:
+    fetch: tuple[FileTask, ...]
+    """Files to download, in listing order."""
+    skip: tuple[FileTask, ...]
+    """Files already staged with the same etag and size."""
+    directories: tuple[str, ...]
+    """Every directory (relative, parents first) the fetched files need."""
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(task.size for task in self.fetch)
+
+    @property
+    def skip_bytes(self) -> int:
+        return sum(task.size for task in self.skip)
+
+
+def plan_download(
+    listings: Sequence[Listing], *, present: Mapping[str, ManifestEntry], chunk_size_bytes: int
+) -> DownloadPlan:
+    """Map every listed object to its place under the stage dir; split large files into ranged chunks."""
+    if chunk_size_bytes <= 0:
+        raise ValueError("chunk_size_bytes must be positive")
+    fetch: list[FileTask] = []
+    skip: list[FileTask] = []
+    owners: dict[str, str] = {}
+    directories: dict[str, None] = {}
+    for index, listing in enumerate(listings):
+        prefix = _layout_prefix(listing)
+        for obj in listing.objects:
+            check_rel_path(obj.rel_path)
+            rel_dest = obj.rel_path if prefix is None else f"{prefix}/{obj.rel_path}"
+            if len(rel_dest.encode("utf-8", "surrogatepass")) > _PATH_MAX_BYTES:
+                raise errors.UnsafePathError(f"{rel_dest!r}: longer than {_PATH_MAX_BYTES} bytes")
+            if rel_dest in owners:
+                raise errors.UnsafePathError(f"{rel_dest!r}: both {owners[rel_dest]} and {obj.uri} map to it")
+            owners[rel_dest] = obj.uri
+            _add_parents(rel_dest, directories)
+            task = FileTask(
+                obj=obj, rel_dest=rel_dest, source=index, chunks=split_chunks(obj.size, chunk_size_bytes)
+            )
+            if present.get(rel_dest) == ManifestEntry(rel_dest, obj.etag, obj.size):
+                skip.append(task)
+            else:
+                fetch.append(task)
+    _check_collisions(owners, directories)
+    needed: dict[str, None] = {}
+    for task in fetch:
+        _add_parents(task.rel_dest, needed)
+    return DownloadPlan(fetch=tuple(fetch), skip=tuple(skip), directories=tuple(needed))
+
+
+def split_chunks(size: int, chunk_size_bytes: int) -> tuple[Chunk, ...]:
+    """Ranged reads covering ``size`` bytes: none for an empty file, one for a file up to one chunk."""
+    return tuple(
+        Chunk(offset, min(chunk_size_bytes, size - offset)) for offset in range(0, size, chunk_size_bytes)
+    )
+
+
+def check_rel_path(rel_path: str) -> None:
+    """Raise ``UnsafePathError`` unless ``rel_path`` is a safe, '/'-separated relative path (module docstring)."""
+    reason = _unsafe_reason(rel_path)
+    if reason is not None:
+        raise errors.UnsafePathError(f"{rel_path!r}: {reason}")
+
+
+def source_base_name(uri: str) -> str:
+    """The last segment of a source URI (the folder name a folder source lands under)."""
+    parts = urllib.parse.urlsplit(uri)
+    name = posixpath.basename(urllib.parse.unquote(parts.path).rstrip("/"))
+    if not name and parts.scheme == "abfss" and "@" in parts.netloc:
+        name = parts.netloc.split("@", 1)[0]  # the root of a file system lands under the file system's name
+    if not name:
+        raise errors.UnsafePathError(f"{uri!r}: has no folder name to stage under; name a folder below the root")
+    check_rel_path(name)
+    return name
+
+
+def _layout_prefix(listing: Listing) -> str | None:
+    """``None`` for a file source (it lands at the top), else the folder's base name."""
+    objects = listing.objects
+    if len(objects) == 1 and objects[0].uri.rstrip("/") == listing.uri.rstrip("/"):
+        if objects[0].rel_path == MANIFEST_NAME:
+            raise errors.UnsafePathError(f"{MANIFEST_NAME!r}: reserved for the staging manifest")
+        return None
+    return source_base_name(listing.uri)
+
+
+def _unsafe_reason(rel_path: str) -> str | None:
+    if not rel_path:
+        return "empty path"
+    if rel_path.startswith("/"):
+        return "absolute path"
+    if "\\" in rel_path:
+        return "contains a backslash"
+    for char in rel_path:
+        if char == "\x00":
+            return "contains NUL"
+        category = unicodedata.category(char)
+        if category in _REJECTED_CATEGORIES:
+            return f"contains {_REJECTED_CATEGORIES[category]} (U+{ord(char):04X})"
+    if unicodedata.normalize("NFC", rel_path) != rel_path:
+        return "not in Unicode NFC (normalising could merge it with another name)"
+    for segment in rel_path.split("/"):
+        if segment in ("", ".", ".."):
+            return f"has a {segment!r} segment" if segment else "has an empty segment"
+        if len(segment.encode("utf-8")) > _NAME_MAX_BYTES:
+            return f"a segment is longer than {_NAME_MAX_BYTES} bytes"
+    return None
+
+
+def _add_parents(rel_path: str, directories: dict[str, None]) -> None:
+    parent = posixpath.dirname(rel_path)
+    missing: list[str] = []
+    while parent and parent not in directories:
+        missing.append(parent)
+        parent = posixpath.dirname(parent)
+    for directory in reversed(missing):
+        directories[directory] = None
+
+
+def _check_collisions(owners: Mapping[str, str], directories: Mapping[str, None]) -> None:
+    for rel_dest, uri in owners.items():
+        if rel_dest in directories:
+            raise errors.UnsafePathError(f"{rel_dest!r}: {uri} is a file but other files need it as a directory")
+        stem = rel_dest[: -len(PART_SUFFIX)]
+        if rel_dest.endswith(PART_SUFFIX) and stem in owners:
+            raise errors.UnsafePathError(
+                f"{rel_dest!r}: collides with the temporary download name of {owners[stem]}"
+            )
+        if rel_dest == MANIFEST_NAME:
+            raise errors.UnsafePathError(f"{rel_dest!r}: reserved for the staging manifest")
