@@ -7,8 +7,6 @@ numbers. Monitor cannot tell locked messages from waiting ones, so ``in_flight``
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +15,7 @@ from azure.monitor.querymetrics import MetricAggregationType, MetricsClient
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.backends.azure import _errors, _retry
+from scalebus.backends.azure import _cache, _errors, _retry
 from scalebus.settings import QueueSettings
 
 log = structlog.get_logger(__name__)
@@ -36,18 +34,10 @@ class MonitorDepth:
         self._client = client
         self._resource_id = namespace_resource_id
         self._queue_name = queue_name
-        self._cache_s = cache_s
-        self._cached: tuple[float, base.DepthSample] | None = None
-        self._lock = threading.Lock()
+        self._cache: _cache.TtlCache[base.DepthSample] = _cache.TtlCache(cache_s)
 
     def read_depth(self) -> base.DepthSample:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < self._cache_s:
-                return self._cached[1]
-            sample = self._query()
-            self._cached = (now, sample)
-            return sample
+        return self._cache.get(self._query)
 
     @_retry.retry_control_plane_read
     def _query(self) -> base.DepthSample:

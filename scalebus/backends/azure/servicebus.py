@@ -42,7 +42,7 @@ from azure.servicebus.management import ServiceBusAdministrationClient
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.backends.azure import _errors, _retry
+from scalebus.backends.azure import _cache, _errors, _retry
 from scalebus.settings import QueueSettings
 
 log = structlog.get_logger(__name__)
@@ -383,27 +383,22 @@ class ServiceBusAdminDepth:
     def __init__(self, admin: ServiceBusAdministrationClient, *, queue_name: str, cache_s: float) -> None:
         self._admin = admin
         self._queue_name = queue_name
-        self._cache_s = cache_s
-        self._cached: tuple[float, base.DepthSample] | None = None
-        self._lock = threading.Lock()
+        self._cache: _cache.TtlCache[base.DepthSample] = _cache.TtlCache(cache_s)
 
     def read_depth(self) -> base.DepthSample:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < self._cache_s:
-                return self._cached[1]
-            counts = self.runtime_counts()
-            sample = base.DepthSample(
-                active=counts.active,
-                in_flight=None,
-                dead_lettered=counts.dead_lettered,
-                sampled_at=time.time(),
-                scheduled=counts.scheduled,
-                transfer=counts.transfer,
-                source="servicebus-admin",
-            )
-            self._cached = (now, sample)
-            return sample
+        return self._cache.get(self._sample)
+
+    def _sample(self) -> base.DepthSample:
+        counts = self.runtime_counts()
+        return base.DepthSample(
+            active=counts.active,
+            in_flight=None,
+            dead_lettered=counts.dead_lettered,
+            sampled_at=time.time(),
+            scheduled=counts.scheduled,
+            transfer=counts.transfer,
+            source="servicebus-admin",
+        )
 
     @_retry.retry_control_plane_read
     def runtime_counts(self) -> RuntimeCounts:
