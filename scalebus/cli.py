@@ -535,11 +535,14 @@ def simulate_cmd(
 
 
 def _rows_table(title: str, rows: list[dict[str, Any]]) -> rich.table.Table:
+    """One column per policy, one row per metric: fits a terminal however many metrics there are."""
     table = rich.table.Table(title=title)
-    for col in rows[0] if rows else []:
-        table.add_column(str(col))
+    table.add_column("metric", style="bold")
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        table.add_column(str(row.get("policy", "")), justify="right")
+    metrics = [key for key in (rows[0] if rows else {}) if key not in ("policy", "trace")]
+    for metric in metrics:
+        table.add_row(metric, *(str(row[metric]) for row in rows))
     return table
 
 
