@@ -75,6 +75,7 @@ def fastq_bytes(rng: random.Random, *, reads: int, name: str) -> bytes:
 
 def prepare(root: Path, *, samples: int, reads_per_file: int, max_workers: int, seed: int = 7) -> DemoPlan:
     """Write the data lake, the config and the job list under ``root`` (emptied first)."""
+    root = root.resolve()
     shutil.rmtree(root, ignore_errors=True)
     lake, results = root / "lake", root / "results"
     rng = random.Random(seed)

@@ -1,0 +1,48 @@
+"""``scalebus demo`` as ``make demo`` runs it: relative folder, real processes, exit 0 and a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_to_completion_from_a_relative_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scalebus",
+            "demo",
+            "--dir",
+            "demo-run",
+            "--samples",
+            "3",
+            "--reads",
+            "300",
+            "--max-workers",
+            "2",
+            "-o",
+            "json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "SCALEBUS_LOG__FORMAT": "json"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert (summary["submitted"], summary["ok"], summary["failed"], summary["dead_lettered"]) == (4, 3, 0, 1)
+    assert summary["bytes_staged"] > 0 and summary["peak_workers"] >= 1
+    results = Path(summary["results"])
+    assert results == (tmp_path / "demo-run" / "results").resolve()
+    qc = json.loads((results / "S01" / "qc.json").read_text())
+    assert qc["sample"]["reads"] == 600  # two files of 300 reads
