@@ -125,9 +125,9 @@ class ControllerSettings(_Section):
     prewarm: bool = True
     """For periodic arrivals (a cron-like producer), boot a worker ``prewarm_lead_s`` before the next job is
     due and keep it waiting for that job."""
-    prewarm_lead_s: float = Field(default=240.0, ge=0)
+    prewarm_lead_s: float = Field(default=360.0, ge=0)
     """How long before a periodic job is due a worker is booted (about the p95 boot time)."""
-    absorb_factor: float = Field(default=1.0, ge=0)
+    absorb_factor: float = Field(default=0.8, ge=0)
     """Waiting jobs the busy workers will start within ``boot_estimate_s`` anyway (busy × boot / mean job
     time, times this) get no new instance. 0 turns it off: every waiting job asks for an instance."""
 

@@ -331,7 +331,7 @@ def _forecast(
     arrivals: tuple[float, ...], now: float, settings: ControllerSettings, tunables: Tunables
 ) -> float | None:
     """For periodic arrivals due within a boot time: how long an idle worker should wait for the job."""
-    if not settings.prewarm or len(arrivals) < 4:
+    if not settings.prewarm or len(arrivals) < 3:
         return None
     gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     median = gaps[len(gaps) // 2]

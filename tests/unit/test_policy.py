@@ -279,7 +279,7 @@ def test_prewarm_for_periodic_arrivals(cfg: ControllerSettings, capacity: int | 
     [
         pytest.param(DEFAULT, None, id="busy-fleet-absorbs-the-waiting-jobs"),
         pytest.param(ControllerSettings(absorb_factor=0), 8, id="absorb-off-every-job-gets-a-vm"),
-        pytest.param(ControllerSettings(boot_estimate_s=10), 5, id="fast-boot-absorbs-less"),
+        pytest.param(ControllerSettings(boot_estimate_s=10, absorb_factor=1.0), 5, id="fast-boot-absorbs-less"),
     ],
 )
 def test_absorb_factor(cfg: ControllerSettings, capacity: int | None) -> None:
