@@ -43,7 +43,7 @@ bench-staging: $(DEV_STAMP) $(AZURITE)
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) bench/staging.py
 
 bench-policy: $(DEV_STAMP)
-	$(PY) bench/policy.py
+	$(PY) bench/policy.py --plots bench/plots
 
 bench-reaction: $(DEV_STAMP)
 	$(PY) bench/reaction.py

@@ -84,7 +84,8 @@ class StagingSettings(_Section):
     max_concurrency: int = Field(default=16, ge=1, le=512)
     """Files downloaded at once."""
     chunk_size_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
-    """Ranged-read size within large files."""
+    """Smallest ranged read when a large file is split across threads. Files are split only as far as keeping
+    ``max_concurrency`` threads busy needs; otherwise each file is one streamed GET."""
     memory_budget_bytes: int = Field(default=96 * 1024 * 1024, ge=1024 * 1024)
     """Upper bound on bytes buffered in memory by staging at once."""
     bandwidth_cap_bytes_per_s: int = Field(default=0, ge=0)

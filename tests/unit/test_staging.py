@@ -299,3 +299,59 @@ def test_stats_rates() -> None:
     assert (stats.mb_per_s, stats.files_per_s) == (2.5, 5.0)
     assert staging.StageStats(0, 0, 0, 0, 0.0).mb_per_s == 0.0
     assert stats.as_dict()["mb_per_s"] == 2.5
+
+
+class RewindingStore(LyingStore):
+    """Sends part of a body, then rewinds the sink to ``rewind_to`` and sends from there: what a store does when
+    it retries a GET whose body was cut short. The listing carries the true Content-MD5 of ``only``."""
+
+    def __init__(self, *, md5: bytes, only: str, rewind_to: int) -> None:
+        super().__init__(md5=md5, only=only)
+        self._rewind_to = rewind_to
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        if not obj.rel_path.endswith(self._only):
+            return super().read_into(obj, sink, offset=offset, length=length)
+        data = path_bytes(obj)
+        sink.write(data[: len(data) // 2])
+        sink.seek(self._rewind_to)
+        sink.write(data[self._rewind_to :])
+        return len(data) - self._rewind_to
+
+
+def path_bytes(obj: base.RemoteObject) -> bytes:
+    from scalebus.backends.local.folder import path_of
+
+    return path_of(obj.uri).read_bytes()
+
+
+@pytest.mark.parametrize("rewind_to", [0, 3], ids=["to-the-start", "elsewhere"])
+def test_a_rewound_whole_file_read_is_still_verified(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path, rewind_to: int
+) -> None:
+    root, files = lake
+    digest = hashlib.md5(files["sub/b.bin"]).digest()
+    dest = tmp_path / "stage"
+    if rewind_to:  # the count returned is short by the rewind offset: the size check must catch it
+        with pytest.raises(errors.IntegrityError, match="expected 1,000 bytes"):
+            stage(RewindingStore(md5=digest, only="b.bin", rewind_to=rewind_to), [uri_of(root)], dest)
+        return
+    stage(RewindingStore(md5=digest, only="b.bin", rewind_to=0), [uri_of(root)], dest)
+    assert (dest / "run1" / "sub" / "b.bin").read_bytes() == files["sub/b.bin"]
+
+
+@pytest.mark.parametrize(
+    ("total", "threads", "setting", "expected"),
+    [
+        (300_000, 4, 64 * 1024, 64 * 1024),  # small staging: the setting
+        (1024 * 2**20, 16, 8 * 2**20, 16 * 2**20),  # 64 × 16 MiB on 16 threads: files read whole
+        (3092 * 2**20, 16, 8 * 2**20, 3092 * 2**20 // 64),  # a 2 GiB file is still split (in 43)
+        (0, 16, 8 * 2**20, 8 * 2**20),
+    ],
+    ids=["small", "set-a", "mixed", "empty"],
+)
+def test_chunks_grow_only_as_far_as_the_pool_allows(total: int, threads: int, setting: int, expected: int) -> None:
+    settings = StagingSettings(max_concurrency=threads, chunk_size_bytes=setting)
+    assert staging.chunk_size(total, settings) == expected

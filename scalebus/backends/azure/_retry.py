@@ -93,3 +93,13 @@ def retry_long_running_poll(fn: Callable[..., T]) -> Callable[..., T]:
         name="long_running_poll", attempts=8, deadline_s=1800.0, initial_s=1.0, max_s=30.0
     )(fn)
     return decorated
+
+
+def retry_blob_get(fn: Callable[..., T]) -> Callable[..., T]:
+    """One GET of a blob (or range) on the lean read path: resets, bodies cut short, 500, 503 ServerBusy (never
+    sooner than its Retry-After). Each attempt re-sends the whole GET on a fresh connection, from the sink's
+    starting position."""
+    decorated: Callable[..., T] = _policy(
+        name="blob_get", attempts=6, deadline_s=120.0, initial_s=0.2, max_s=10.0
+    )(fn)
+    return decorated

@@ -5,18 +5,22 @@ accounts it lists and reads the same paths as the DFS endpoint, and it is the on
 Azure/Azurite#409). Directory marker blobs (metadata ``hdi_isfolder=true``) are skipped. A file system is a
 container; a path is a blob name.
 
-Memory: every download buffers at most :data:`GET_BYTES` per HTTP GET (the SDK holds a whole GET in memory before
-writing it to the sink), so the staging engine can size its pool against its memory budget. Reads are
-conditional on the listed etag, so a file rewritten during staging fails loudly instead of mixing versions.
+Reads take the lean path of :mod:`scalebus.backends.azure._blobget` (one keep-alive connection per thread, the
+body streamed through a fixed 1 MiB buffer, so one GET per file whatever its size), authenticated with the same
+credential as the SDK client. Only when that path cannot be used (a proxy set in the environment) do reads go
+through the SDK, which buffers at most :data:`GET_BYTES` per GET. Reads are conditional on the listed etag, so a
+file rewritten during staging fails loudly instead of mixing versions. Listing and writes stay on the SDK.
 
 Retries: the SDK's own retry policy is turned off (it would multiply with ours and ignores ``Retry-After``);
-every call is wrapped in ``_errors.translated`` and ``_retry.retry_data_plane``. A download retried after a
-partial write rewinds its sink to where it started. Secrets (SAS tokens, account keys, connection strings) are
-never logged: error messages carry the blob path, not the URL.
+every SDK call is wrapped in ``_errors.translated`` and ``_retry.retry_data_plane`` (lean reads:
+``_retry.retry_blob_get``). A download retried after a partial write rewinds its sink to where it started.
+Secrets (SAS tokens, account keys, connection strings) are never logged: error messages carry the blob path,
+not the URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.parse
@@ -31,7 +35,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettin
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.backends.azure import _errors, _retry
+from scalebus.backends.azure import _blobget, _errors, _retry
 from scalebus.settings import StorageSettings
 
 log = structlog.get_logger(__name__)
@@ -73,7 +77,12 @@ class AbfssPath:
 
 def open_store(uri: str, settings: StorageSettings) -> AdlsStore:
     """The store for the account an ``abfss://`` URI names, authenticated as ``settings`` say."""
-    return AdlsStore(service_client(AbfssPath.parse(uri), settings))
+    client, auth = _connect(AbfssPath.parse(uri), settings)
+    reader: _blobget.BlobReader | None = None
+    endpoint = client.primary_endpoint.split("?", 1)[0]
+    if auth is not None and not _blobget.proxy_configured(endpoint):
+        reader = _blobget.BlobReader(endpoint, auth, ca_file=settings.connection_verify)
+    return AdlsStore(client, reader=reader)
 
 
 def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceClient:
@@ -81,6 +90,11 @@ def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceCl
 
     ``settings.account_url`` (Azurite, proxies, sovereign clouds) overrides the endpoint in every case.
     """
+    return _connect(where, settings)[0]
+
+
+def _connect(where: AbfssPath, settings: StorageSettings) -> tuple[BlobServiceClient, _blobget.Auth | None]:
+    """The SDK client, and its credential in the form the lean read path uses (None: reads stay on the SDK)."""
     options: dict[str, Any] = {
         "retry_total": 0,
         "max_single_get_size": GET_BYTES,
@@ -94,7 +108,9 @@ def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceCl
     if not settings.connection_string_env:
         from azure.identity import DefaultAzureCredential
 
-        return BlobServiceClient(account_url, credential=DefaultAzureCredential(), **options)
+        credential = DefaultAzureCredential()
+        client = BlobServiceClient(account_url, credential=credential, **options)
+        return client, _blobget.BearerAuth(credential)
     secret = os.environ.get(settings.connection_string_env, "").strip()
     if not secret:
         raise errors.ConfigError(
@@ -104,11 +120,18 @@ def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceCl
         )
     fields = _connection_string_fields(secret)
     if not fields:  # a bare SAS token
-        return BlobServiceClient(account_url, credential=secret.lstrip("?"), **options)
+        sas = secret.lstrip("?")
+        return BlobServiceClient(account_url, credential=sas, **options), _blobget.SasAuth(sas)
+    auth: _blobget.Auth | None = None
+    if "SharedAccessSignature" in fields:
+        auth = _blobget.SasAuth(fields["SharedAccessSignature"])
+    elif "AccountName" in fields and "AccountKey" in fields:
+        with contextlib.suppress(ValueError):
+            auth = _blobget.SharedKeyAuth.from_base64(fields["AccountName"], fields["AccountKey"])
     if not settings.account_url:
         with _errors.translated(_errors.STORAGE, what="storage connection string"):
             try:
-                return BlobServiceClient.from_connection_string(secret, **options)
+                return BlobServiceClient.from_connection_string(secret, **options), auth
             except ValueError:
                 raise errors.ConfigError(
                     "storage.connection_string_env",
@@ -116,10 +139,10 @@ def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceCl
                     "copy it again from the portal (Access keys) or use a SAS token",
                 ) from None
     if "SharedAccessSignature" in fields:
-        return BlobServiceClient(account_url, credential=fields["SharedAccessSignature"], **options)
+        return BlobServiceClient(account_url, credential=fields["SharedAccessSignature"], **options), auth
     if "AccountName" in fields and "AccountKey" in fields:
         key = {"account_name": fields["AccountName"], "account_key": fields["AccountKey"]}
-        return BlobServiceClient(account_url, credential=key, **options)
+        return BlobServiceClient(account_url, credential=key, **options), auth
     raise errors.ConfigError(
         "storage.connection_string_env",
         f"the connection string in {settings.connection_string_env} has no AccountKey or SharedAccessSignature",
@@ -155,12 +178,15 @@ class _CountingSink:
 
 
 class AdlsStore:
-    """``base.ObjectStore`` over one storage account's blob endpoint."""
+    """``base.ObjectStore`` over one storage account's blob endpoint; reads go through ``reader`` when given."""
 
-    def __init__(self, client: BlobServiceClient) -> None:
+    def __init__(self, client: BlobServiceClient, *, reader: _blobget.BlobReader | None = None) -> None:
         self._client = client
+        self._reader = reader
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._client.close()
 
     # ------------------------------------------------------------------------------------------ list
@@ -195,8 +221,32 @@ class AdlsStore:
         self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
     ) -> int:
         where = AbfssPath.parse(obj.uri)
-        blob = self._client.get_blob_client(where.filesystem, where.path)
         what = f"download {where.filesystem}/{where.path}"
+        try:
+            if self._reader is not None:
+                return self._reader.read_into(
+                    where.filesystem, where.path, sink, offset=offset, length=length, etag=obj.etag, what=what
+                )
+            return self._read_with_sdk(where, obj, sink, offset=offset, length=length, what=what)
+        except errors.StorageError as exc:
+            if getattr(exc.__cause__, "status_code", None) != 412:
+                raise
+            if not self.exists(obj.uri):  # Azurite answers a conditional GET of a missing blob with 412
+                raise errors.ObjectNotFoundError(f"{what}: not found") from exc
+            raise errors.StorageError(f"{what}: changed since it was listed (etag no longer matches)") from exc
+
+    def _read_with_sdk(
+        self,
+        where: AbfssPath,
+        obj: base.RemoteObject,
+        sink: BinaryIO,
+        *,
+        offset: int,
+        length: int | None,
+        what: str,
+    ) -> int:
+        """Reads when the lean path cannot be used (a proxy in the environment, an unparsed credential)."""
+        blob = self._client.get_blob_client(where.filesystem, where.path)
         try:
             start: int | None = sink.tell() if sink.seekable() else None
         except (AttributeError, OSError):
@@ -223,14 +273,7 @@ class AdlsStore:
                 stream.readinto(counting)  # type: ignore[arg-type]
             return counting.count
 
-        try:
-            got: int = download()
-        except errors.StorageError as exc:
-            if getattr(exc.__cause__, "status_code", None) != 412:
-                raise
-            if not self.exists(obj.uri):  # Azurite answers a conditional GET of a missing blob with 412
-                raise errors.ObjectNotFoundError(f"{what}: not found") from exc
-            raise errors.StorageError(f"{what}: changed since it was listed (etag no longer matches)") from exc
+        got: int = download()
         return got
 
     # ------------------------------------------------------------------------------------------ write
