@@ -238,6 +238,7 @@ def run_controller(cfg: settings.Settings, config: Path | None) -> controller_lo
         scale_set=open_scale_set(cfg, config),
         heartbeats=open_heartbeats(cfg),
         settings=cfg.controller,
+        protect_busy=cfg.scale_set.protect_busy,
     )
     stop = threading.Event()
     with stop_on_signals(stop.set):

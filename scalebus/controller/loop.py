@@ -39,6 +39,7 @@ class ControllerStats:
     rounds: int = 0
     capacity_writes: int = 0
     deletes: int = 0
+    protection_writes: int = 0
     failures: int = 0
     hints_published: int = 0
     peak_instances: int = 0
@@ -58,6 +59,7 @@ class Controller:
         settings: ControllerSettings,
         clock: Callable[[], float] = time.time,
         max_consecutive_failures: int = 30,
+        protect_busy: bool = False,
     ) -> None:
         self._depth = depth
         self._scale_set = scale_set
@@ -65,6 +67,7 @@ class Controller:
         self._settings = settings
         self._clock = clock
         self._max_failures = max_consecutive_failures
+        self._protect_busy = protect_busy
         self._state = policy.initial_state()
         self._hint: base.FleetHint | None = None
         """The last hint published."""
@@ -83,6 +86,8 @@ class Controller:
         obs = self.observe()
         decision, self._state = policy.decide(obs, self._state, self._settings)
         self._apply(obs, decision)
+        if self._protect_busy:
+            self._protect(obs)
         self._publish_hint(obs.now, decision.idle_grace_s)
         self.stats.rounds += 1
         self.stats.peak_instances = max(self.stats.peak_instances, len(obs.instances))
@@ -133,6 +138,18 @@ class Controller:
         if last is None or last.idle_grace_s != idle_grace_s:
             log.info("idle_grace_published", idle_grace_s=round(idle_grace_s, 1))
 
+    def _protect(self, obs: policy.Observation) -> None:
+        """Keep ``protectFromScaleIn`` on exactly the busy instances, for fleets where Azure's own autoscale
+        (which removes instances of its choosing) is also attached."""
+        for view in obs.instances:
+            if view.state is not base.InstanceState.RUNNING:
+                continue
+            busy = view.worker is base.WorkerState.BUSY
+            if busy != view.protected:
+                self._scale_set.set_protection(view.instance_id, protected=busy)
+                self.stats.protection_writes += 1
+                log.info("instance_protection", instance_id=view.instance_id, protected=busy, job_id=view.job_id)
+
     def run(self, stop: threading.Event) -> ControllerStats:
         """Loop until ``stop`` is set (or, with ``exit_when_drained``, until nothing is left to do)."""
         failures = 0
@@ -168,4 +185,5 @@ def _view(instance: base.Instance, beat: base.Heartbeat | None) -> policy.Instan
         worker=beat.state if beat else None,
         last_beat_at=beat.at if beat else None,
         job_id=beat.job_id if beat else None,
+        protected=instance.protected,
     )

@@ -53,6 +53,8 @@ class InstanceView:
     """From the worker's latest heartbeat; ``None`` when the worker was never heard from."""
     last_beat_at: float | None = None
     job_id: str | None = None
+    protected: bool = False
+    """Whether the scale set protects it from scale-in (``scale_set.protect_busy``)."""
 
 
 @dataclass(frozen=True, slots=True)

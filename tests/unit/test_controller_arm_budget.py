@@ -136,3 +136,33 @@ def test_throttled_calls_are_waited_out_within_one_decision_and_counted(rig: Rig
     assert rig.scale_set.stats.throttled == 2, "the throttled read and the throttled write"
     assert rig.scale_set.stats.calls == rig.arm.count()
     assert rig.round() == 0, "the next decision sees the capacity written and does not write again"
+
+
+def test_protect_busy_keeps_protection_on_exactly_the_busy_instances(
+    tmp_path: Path, arm_fake: ArmComputeFake, vmss_adapter_factory: Callable[..., compute.VmssScaleSet]
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode="Uniform")
+    rig = Rig(tmp_path, arm_fake, vmss_adapter_factory(scale_set_id), scale_set_id)
+    rig.controller = loop.Controller(
+        depth=rig.queue,
+        scale_set=rig.scale_set,
+        heartbeats=rig.heartbeats,
+        settings=BUDGET,
+        clock=rig.clock,
+        protect_busy=True,
+    )
+    rig.enqueue(2)
+    rig.round()
+    rig.workers_report_idle()
+    busy, idle = rig.arm.instance_ids(scale_set_id)[:2]
+    rig.heartbeats.beat(base.Heartbeat(busy, base.WorkerState.BUSY, at=rig.clock(), job_id="job-x"))
+    rig.clock.advance(ROUND_S)
+    rig.controller.step()
+    protected = {i.instance_id: i.protected for i in rig.scale_set.list_instances()}
+    assert (protected[busy], protected[idle]) == (True, False)
+    rig.heartbeats.beat(base.Heartbeat(busy, base.WorkerState.IDLE, at=rig.clock()))
+    rig.clock.advance(ROUND_S)
+    rig.controller.step()
+    assert not any(i.protected for i in rig.scale_set.list_instances())
+    assert rig.controller.stats.protection_writes == 2
+    rig.queue.close()
