@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import pytest
 from scalebus.backends import base
 from scalebus.backends.azure import servicebus
 from scalebus.settings import QueueSettings
-from tests.e2e.test_embedded_system import ANALYTICS, _events, _finish
+from tests.e2e._system import System, assert_outputs_exactly_once, events, finish
 from tests.fakes.servicebus_amqp import ServiceBusBroker
 from tests.fakes.servicebus_plugin import new_queue_name
 
@@ -33,77 +30,15 @@ LOCK_DURATION_S = 5.0
 MAX_DELIVERY_COUNT = 3
 
 
-class ServiceBusSystem:
+class ServiceBusSystem(System):
     def __init__(self, root: Path, queue: QueueSettings, environ: dict[str, str]) -> None:
-        self.root = root
+        table = (
+            f'url = "{queue.url}"\nconnection_string_env = "{queue.connection_string_env}"\n'
+            f'depth_source = "admin"\nadmin_endpoint = "{queue.admin_endpoint}"\n'
+            f'connection_verify = "{queue.connection_verify}"\ndepth_cache_s = 0.5'
+        )
+        super().__init__(root, queue_table=table, environ=environ)
         self.queue = queue
-        self.config = root / "scalebus.toml"
-        (root / "analytics.py").write_text(ANALYTICS)
-        self.config.write_text(f"""
-[queue]
-url = "{queue.url}"
-connection_string_env = "{queue.connection_string_env}"
-depth_source = "admin"
-admin_endpoint = "{queue.admin_endpoint}"
-connection_verify = "{queue.connection_verify}"
-depth_cache_s = 0.5
-[scale_set]
-url = "local://"
-state_path = "{root}/pool.db"
-[controller]
-max_instances = 3
-poll_interval_s = 0.5
-heartbeat_timeout_s = 10
-exit_when_drained = true
-[worker]
-command = ["{sys.executable}", "{root}/analytics.py"]
-work_dir = "{root}/work"
-idle_timeout_s = 2
-retire_wait_s = 1
-receive_wait_s = 0.5
-heartbeat_interval_s = 0.5
-[staging]
-min_free_bytes = 0
-""")
-        self.env = {**os.environ, **environ, "E2E_ROOT": str(root), "SCALEBUS_LOG__FORMAT": "json"}
-
-    def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "scalebus", *args, "--config", str(self.config)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-
-    def start_controller(self) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "scalebus", "controller", "run", "--config", str(self.config), "-o", "json"],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def write_inputs(self, job_ids: list[str]) -> Path:
-        lines = []
-        for job_id in job_ids:
-            folder = self.root / "lake" / job_id
-            folder.mkdir(parents=True)
-            (folder / "reads.fq").write_bytes(os.urandom(1000 + len(job_id)))
-            lines.append(
-                json.dumps(
-                    {
-                        "job_id": job_id,
-                        "inputs": [folder.as_uri() + "/"],
-                        "output": (self.root / "out" / job_id).as_uri() + "/",
-                    }
-                )
-            )
-        path = self.root / "jobs.jsonl"
-        path.write_text("\n".join(lines))
-        return path
 
     def send_poison(self, environ: dict[str, str], closer: concurrent.futures.Executor) -> None:
         """A message no worker can parse as a job (``submit`` would refuse it), sent through the production
@@ -115,15 +50,6 @@ min_free_bytes = 0
             closer.submit(queue.close)
             if isinstance(depth, servicebus.ServiceBusAdminDepth):
                 closer.submit(depth.close)
-
-    def runs(self) -> list[str]:
-        log = self.root / "runs.log"
-        return log.read_text().split() if log.exists() else []
-
-    def status(self) -> dict[str, object]:
-        result = self.cli("status", "-o", "json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -150,15 +76,9 @@ def test_jobs_run_exactly_once_poison_is_dead_lettered_and_pool_empties_on_servi
     assert json.loads(submitted.stdout)["submitted"] == len(job_ids)
     system.send_poison(environ, servicebus_closer)
 
-    out, err = _finish(system.start_controller(), timeout_s=60)
+    out, err = finish(system.start_controller(), timeout_s=60)
 
-    assert sorted(system.runs()) == sorted(job_ids), "each job's analytics ran exactly once"
-    for job_id in job_ids:
-        out_dir = system.root / "out" / job_id
-        marker = json.loads((out_dir / "_SUCCESS").read_text())
-        assert marker, "commit marker lists the outputs"
-        assert int((out_dir / "size.txt").read_text()) == 1000 + len(job_id)
-        assert not [p for p in out_dir.rglob("*") if p.name.endswith(".part")]
+    assert_outputs_exactly_once(system, job_ids)
     counts = servicebus_broker.counts(name)
     assert counts is not None
     assert (counts.active, counts.locked, counts.dead_lettered) == (0, 0, 1), "the broker agrees"
@@ -172,5 +92,5 @@ def test_jobs_run_exactly_once_poison_is_dead_lettered_and_pool_empties_on_servi
     assert status["dead_letters"][0]["reason"] == "SchemaViolation"  # type: ignore[index]
     assert status["instances"] == []
     assert json.loads(out)["peak_instances"] >= 2
-    events = _events(err)
-    assert "scale_decision" in events and "controller_drained" in events
+    logged = events(err)
+    assert "scale_decision" in logged and "controller_drained" in logged
