@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import ssl
 import threading
+from typing import Self
 
 import trustme
 
@@ -40,3 +41,28 @@ class BackgroundServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class ServedFake:
+    """The life cycle the HTTP fakes share: ``start`` (subclasses), ``stop``, a context manager, ``endpoint``."""
+
+    _server: BackgroundServer | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return self._server.endpoint

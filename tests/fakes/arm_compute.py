@@ -53,7 +53,7 @@ from typing import Any
 
 import trustme
 
-from tests.fakes._http import BackgroundServer
+from tests.fakes._http import BackgroundServer, ServedFake
 
 API_VERSION_FLEX_PROTECTION = "2023-09-01"
 DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
@@ -137,7 +137,7 @@ class _Fault:
     code: str
 
 
-class ArmComputeFake:
+class ArmComputeFake(ServedFake):
     """The fake ARM endpoint. ``start()`` it (or use it as a context manager), then point clients at ``endpoint``
     with ``connection_verify=ca_path``."""
 
@@ -164,22 +164,6 @@ class ArmComputeFake:
         ca.cert_pem.write_to_path(str(self.ca_path))
         self._server = BackgroundServer(_handler_for(self), name="arm-compute-fake", ca=ca)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-        self._server = None
-
-    def __enter__(self) -> ArmComputeFake:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "start() the fake first"
-        return self._server.endpoint
 
     # ----------------------------------------------------------------------------------------- test controls
 

@@ -29,7 +29,7 @@ import urllib.parse
 import uuid
 from typing import Any
 
-from tests.fakes._http import BackgroundServer
+from tests.fakes._http import BackgroundServer, ServedFake
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class VmIdentity:
         return cls(subscription, resource_group, vm_name, vm_id, "")
 
 
-class ImdsFake:
+class ImdsFake(ServedFake):
     """Start it, then point ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` or ``identity.imds_endpoint`` at it."""
 
     def __init__(self, *, token: str | None = None, token_lifetime_s: int = 3600) -> None:
@@ -82,22 +82,6 @@ class ImdsFake:
     def start(self) -> ImdsFake:
         self._server = BackgroundServer(_handler_for(self), name="imds-fake")
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-        self._server = None
-
-    def __enter__(self) -> ImdsFake:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "start() the fake first"
-        return self._server.endpoint
 
     def count(self, path: str) -> int:
         with self._lock:
