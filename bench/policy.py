@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
+import _readme  # bench/ is on sys.path when a benchmark runs as a script
+
 from scalebus.controller import simulate, traces
 
-README = Path(__file__).with_name("README.md")
 HEADING = "## Scaling policy"
 COLUMNS = (
     ("wait_p50_s", "wait p50 s"),
@@ -46,7 +46,7 @@ def main() -> int:
         reports.append(simulate.run_simulation(name, simulate.POLICIES, args.seeds, plot))
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     section = render(reports, args.seeds, time.perf_counter() - started)
-    write_section(section)
+    _readme.write_section(HEADING, section)
     print(section)
     return 0
 
@@ -152,17 +152,6 @@ def why_missed(reports: list[simulate.SimulationReport]) -> list[str]:
             f"{_mean(diurnal, 'oracle', 'vm_hours'):.0f} VM-h). `controller.absorb_factor` trades the two."
         )
     return lines
-
-
-def write_section(section: str) -> None:
-    """Replace our section (up to the next ``## `` heading) or append it; other sections stay as they are."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

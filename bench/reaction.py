@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import sqlite3
@@ -38,11 +37,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import _readme  # noqa: E402  (bench/ is on sys.path when a benchmark runs as a script)
+
 from scalebus import jobs  # noqa: E402  (after the path set-up, as a script)
 from scalebus.backends.local import sqlite_queue  # noqa: E402
 from scalebus.settings import ControllerSettings  # noqa: E402
 
-README = Path(__file__).with_name("README.md")
 HEADING = "## Live reaction (embedded default)"
 TARGET_P95_S = 10.0
 POLL_S = 0.005
@@ -216,17 +216,6 @@ boot comes after the request and is not part of this number.
 """
 
 
-def write_section(section: str) -> None:
-    """Replace our section (up to the next ``## `` heading) or append it; other sections stay as they are."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
@@ -259,7 +248,7 @@ def main() -> int:
         trials, max_offset_s=args.max_offset_s, seed=args.seed, elapsed_s=time.perf_counter() - started
     )
     if not args.no_readme:
-        write_section(section)
+        _readme.write_section(HEADING, section)
     print(section)
     return 0
 

@@ -26,19 +26,31 @@ from collections import deque
 from scalebus.backends import base
 from scalebus.controller import policy, traces
 from scalebus.controller.simulate import BOOTING, IDLE, RUNNING, STAGING, Simulation, Vm, World
-from scalebus.settings import ControllerSettings
 
 
 def _in_system(sim: Simulation) -> int:
     return sim.waiting + sim.locked
 
 
-class ScalebusAutoscaler:
+class _Autoscaler:
+    """Defaults for the hooks most models ignore: quiet once nothing is queued or running."""
+
+    def quiet(self, sim: Simulation) -> bool:
+        return not sim.vms and _in_system(sim) == 0
+
+    def on_ready(self, sim: Simulation, vm: Vm) -> None:
+        """A VM finished booting."""
+
+    def on_idle(self, sim: Simulation, vm: Vm) -> None:
+        """A VM finished its job and found none waiting."""
+
+
+class ScalebusAutoscaler(_Autoscaler):
     """The controller loop in miniature: observe, ``policy.decide``, apply deletes, then the capacity write."""
 
     def __init__(self, trace: traces.Trace, world: World, *, monitor: bool) -> None:
         self.name = "scalebus-monitor" if monitor else "scalebus"
-        self.settings = ControllerSettings(max_instances=trace.max_instances)
+        self.settings = world.controller.model_copy(update={"max_instances": trace.max_instances})
         self.period_s = self.settings.poll_interval_s
         self.state = policy.initial_state()
         self.grace = world.worker_idle_timeout_s
@@ -77,9 +89,6 @@ class ScalebusAutoscaler:
             and not any(vm.state == BOOTING or vm.retiring for vm in sim.vms.values())
         )
 
-    def on_ready(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
     def on_idle(self, sim: Simulation, vm: Vm) -> None:
         sim.schedule_retire(vm, self.grace)
 
@@ -98,7 +107,7 @@ def _view(vm: Vm, now: float) -> policy.InstanceView:
     return policy.InstanceView(iid, base.InstanceState.RUNNING, vm.created_at, worker, now, job)
 
 
-class KedaAutoscaler:
+class KedaAutoscaler(_Autoscaler):
     """KEDA azure-servicebus scaler + HPA + the AKS cluster autoscaler, one pod per node."""
 
     period_s = 5.0
@@ -195,11 +204,8 @@ class KedaAutoscaler:
         if sum(1 for other in sim.vms.values() if other.accepting) < self.replicas:
             sim.release(vm)
 
-    def on_idle(self, sim: Simulation, vm: Vm) -> None:
-        pass
 
-
-class AzureAutoscaler:
+class AzureAutoscaler(_Autoscaler):
     """Azure Monitor autoscale rules on the scale set, fed by the lagged ActiveMessages metric."""
 
     period_s = 60.0
@@ -233,17 +239,8 @@ class AzureAutoscaler:
         ):
             self.last_action = now
 
-    def quiet(self, sim: Simulation) -> bool:
-        return not sim.vms and _in_system(sim) == 0
 
-    def on_ready(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
-    def on_idle(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
-
-class BatchAutoscaler:
+class BatchAutoscaler(_Autoscaler):
     """Azure Batch pool autoscale with Nextflow's default formula, every 5 minutes, ``taskcompletion``."""
 
     period_s = 300.0
@@ -279,17 +276,8 @@ class BatchAutoscaler:
         for vm in order[: len(serving) - target]:
             sim.drain(vm)
 
-    def quiet(self, sim: Simulation) -> bool:
-        return not sim.vms and _in_system(sim) == 0
 
-    def on_ready(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
-    def on_idle(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
-
-class OracleAutoscaler:
+class OracleAutoscaler(_Autoscaler):
     """Clairvoyant: sees the queue and every future arrival, acts after every event, no ARM budget."""
 
     period_s = 0.0
@@ -316,9 +304,3 @@ class OracleAutoscaler:
 
     def quiet(self, sim: Simulation) -> bool:
         return True
-
-    def on_ready(self, sim: Simulation, vm: Vm) -> None:
-        pass
-
-    def on_idle(self, sim: Simulation, vm: Vm) -> None:
-        pass

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS fleet_hint (
 """
 
 
+def pool_url(state_path: Path) -> str:
+    """The pool's identity, as its workers are told it (what a VMSS resource id is on Azure)."""
+    return f"local://{state_path}"
+
+
 class LocalScaleSet:
     """Implements ``base.ScaleSet`` with ``scalebus worker run`` processes (``scale_set.url = "local://"``)."""
 
@@ -62,7 +67,7 @@ class LocalScaleSet:
         self._argv = list(worker_argv)
         self._env = dict(worker_env)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self.url = f"local://{state_path}"
+        self.url = pool_url(state_path)
 
     def get_capacity(self) -> int:
         return sum(1 for i in self.list_instances() if i.state is not base.InstanceState.DELETING)
