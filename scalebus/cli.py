@@ -287,7 +287,7 @@ def _retire(cfg: settings.Settings, config: Path | None) -> None:
 
 def self_destroy(cfg: settings.Settings, config: Path | None, *, dry_run: bool) -> routine.Result:
     scale_set = open_scale_set(cfg, config)
-    scale_set_id = getattr(scale_set, "url", "") if is_local_pool(cfg) else cfg.scale_set.url
+    scale_set_id = pool.pool_url(Path(cfg.scale_set.state_path)) if is_local_pool(cfg) else cfg.scale_set.url
     return routine.self_destroy(
         identity=open_identity(cfg),
         scale_set=scale_set,
@@ -464,20 +464,22 @@ def demo_cmd(
     ] = 24,
     reads: Annotated[int, typer.Option(help="Reads per FASTQ file.", min=10)] = 18_000,
     max_workers: Annotated[int, typer.Option(help="Upper bound on worker processes.", min=1, max=64)] = 4,
+    config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Run the whole system on this machine: synthetic FASTQ data, a SQLite queue, worker processes.
 
     Generates the data set, submits one job per sample (plus one broken job, to show dead-lettering), runs the
-    controller until every job is settled and every worker has retired, then prints a summary.
+    controller until every job is settled and every worker has retired, then prints a summary. Settings from
+    --config (your worker.command, say) are kept, except where the demo must place its queue, pool and data.
     """
-    logs.configure(fmt=log_format or "auto")  # type: ignore[arg-type]
+    user = load_settings(config, log_format)
     console = rich.console.Console(stderr=True)
     console.print(
         f"[bold]scalebus demo[/]: generating {samples} samples × 2 gzipped FASTQ files in {directory}/lake"
     )
-    plan = demo.prepare(directory, samples=samples, reads_per_file=reads, max_workers=max_workers)
+    plan = demo.prepare(directory, user=user, samples=samples, reads_per_file=reads, max_workers=max_workers)
     console.print(f"  {plan.input_files} files, {plan.input_bytes / 1e6:.1f} MB; config {plan.config}")
     cfg = load_settings(plan.config, log_format)
     queue, _ = open_queue(cfg)
@@ -517,20 +519,29 @@ def simulate_cmd(
     ] = "builtin:burst500",
     policies: Annotated[
         list[str] | None,
-        typer.Option("--policy", help="scalebus | keda | azure-autoscale | batch | oracle (repeat)."),
+        typer.Option(
+            "--policy",
+            help="scalebus | scalebus-monitor | keda | azure-autoscale | batch | oracle (repeat).",
+        ),
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, max=1000, help="Runs per policy.")] = 30,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of depth, capacity and busy instances.")
     ] = None,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
 ) -> None:
-    """Replay a job trace through scaling policies (ours and the KEDA / Azure autoscale / Batch baselines)."""
+    """Replay a job trace through scaling policies (ours and the KEDA / Azure autoscale / Batch baselines).
+
+    The scalebus policy runs with the [controller] settings of --config (max_instances comes from the trace).
+    """
     from scalebus.controller import simulate
 
-    logs.configure(fmt="console")
+    cfg = load_settings(config, log_format or "console")
+    world = simulate.World(controller=cfg.controller)
     report = simulate.run_simulation(
-        trace, policies or ["scalebus", "keda", "azure-autoscale", "batch", "oracle"], seeds, plot
+        trace, policies or ["scalebus", "keda", "azure-autoscale", "batch", "oracle"], seeds, plot, world=world
     )
     emit(report.to_dict(), output, lambda _d: _rows_table(f"simulation of {trace}, {seeds} seeds", report.rows()))
 

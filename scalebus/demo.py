@@ -15,7 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalebus import jobs
+from pydantic import BaseModel
+
+from scalebus import jobs, settings
 from scalebus.backends import base
 
 _READ_LENGTHS = (150, 150, 150, 150, 148, 145, 140, 135, 120, 100)
@@ -73,8 +75,11 @@ def fastq_bytes(rng: random.Random, *, reads: int, name: str) -> bytes:
     return b"".join(out)
 
 
-def prepare(root: Path, *, samples: int, reads_per_file: int, max_workers: int, seed: int = 7) -> DemoPlan:
-    """Write the data lake, the config and the job list under ``root`` (emptied first)."""
+def prepare(
+    root: Path, *, user: settings.Settings, samples: int, reads_per_file: int, max_workers: int, seed: int = 7
+) -> DemoPlan:
+    """Write the data lake, the config (``user`` adapted by :func:`demo_settings`) and the job list under
+    ``root`` (emptied first)."""
     root = root.resolve()
     shutil.rmtree(root, ignore_errors=True)
     lake, results = root / "lake", root / "results"
@@ -105,38 +110,38 @@ def prepare(root: Path, *, samples: int, reads_per_file: int, max_workers: int, 
         )
     )
     config = root / "scalebus.toml"
-    config.write_text(demo_config(root, max_workers=max_workers))
+    config.write_text(settings.dump_toml(demo_settings(user, root, max_workers=max_workers)))
     return DemoPlan(root, lake, results, config, tuple(job_list), count, total)
 
 
-def demo_config(root: Path, *, max_workers: int) -> str:
-    """Settings tuned to finish in seconds: short idle timeout, fast polling, a handful of workers."""
-    root = root.resolve()
-    return f"""# Written by `scalebus demo`. Every key is documented in README.md.
-[queue]
-url = "sqlite:///{root}/queue.db?queue=jobs"
-lock_duration_s = 30
-max_delivery_count = 3
+def demo_settings(user: settings.Settings, root: Path, *, max_workers: int) -> settings.Settings:
+    """``user`` (the user's --config and SCALEBUS_* variables) with what the demo needs: everything under ``root``,
+    the local pool, short idle and poll times so it finishes in seconds, and an exit once drained."""
 
-[scale_set]
-url = "local://"
-state_path = "{root}/pool.db"
+    def section(name: str, **changes: object) -> BaseModel:
+        current: BaseModel = getattr(user, name)
+        return current.model_copy(update=changes)
 
-[controller]
-max_instances = {max_workers}
-poll_interval_s = 1.0
-exit_when_drained = true
-
-[worker]
-work_dir = "{root}/work"
-idle_timeout_s = 3
-retire_wait_s = 2
-receive_wait_s = 1
-heartbeat_interval_s = 1
-
-[staging]
-max_concurrency = 8
-"""
+    return user.model_copy(
+        update={
+            "queue": section(
+                "queue", url=f"sqlite:///{root}/queue.db?queue=jobs", lock_duration_s=30.0, max_delivery_count=3
+            ),
+            "scale_set": section("scale_set", url="local://", state_path=str(root / "pool.db")),
+            "controller": section(
+                "controller", max_instances=max_workers, poll_interval_s=1.0, exit_when_drained=True
+            ),
+            "worker": section(
+                "worker",
+                work_dir=str(root / "work"),
+                idle_timeout_s=3.0,
+                retire_wait_s=2.0,
+                receive_wait_s=1.0,
+                heartbeat_interval_s=1.0,
+            ),
+            "staging": section("staging", max_concurrency=8),
+        }
+    )
 
 
 def summarize(plan: DemoPlan, *, queue: base.JobQueue, peak_workers: int, wall_s: float) -> Summary:

@@ -204,6 +204,25 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) 
         raise _config_error(exc, path) from None
 
 
+def dump_toml(cfg: Settings) -> str:
+    """The whole tree as TOML that :func:`load` reads back to an equal tree (for generated config files)."""
+    lines = ["# Written by scalebus. Every key is documented in README.md."]
+    for section in Settings.model_fields:
+        lines.append(f"\n[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in getattr(cfg, section).model_dump().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are valid TOML
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:

@@ -28,12 +28,13 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from scalebus import errors
 from scalebus.controller import traces
+from scalebus.settings import ControllerSettings
 
 HOUR = 3600.0
 
@@ -58,6 +59,8 @@ class World:
     """A retired scalebus worker the controller has not deleted yet deletes itself after this long."""
     worker_idle_timeout_s: float = 30.0
     """scalebus workers' own idle timeout (``worker.idle_timeout_s``) when the policy gives no grace."""
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
+    """scalebus's controller settings (``scalebus simulate --config``); ``max_instances`` comes from the trace."""
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -58,3 +58,16 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     bad.write_text("[queue\nurl=")
     with pytest.raises(errors.ConfigError, match="not valid TOML"):
         settings.load(bad, environ={})
+
+
+def test_dump_toml_round_trips(tmp_path: Path) -> None:
+    cfg = settings.load(
+        environ={
+            "SCALEBUS_WORKER__COMMAND": '["/opt/qc", "--say \\"hi\\""]',
+            "SCALEBUS_CONTROLLER__PREWARM": "false",
+            "SCALEBUS_STAGING__CHUNK_SIZE_BYTES": "1048576",
+        }
+    )
+    path = tmp_path / "dumped.toml"
+    path.write_text(settings.dump_toml(cfg))
+    assert settings.load(path, environ={}) == cfg

@@ -148,3 +148,14 @@ def test_confidence_interval() -> None:
     spread = simulate.estimate([0.0, 2.0] * 15)
     assert spread.mean == pytest.approx(1.0)
     assert spread.ci95 == pytest.approx(2.045 * 1.017 / 30**0.5, rel=0.01)
+
+
+def test_scalebus_runs_with_the_given_controller_settings() -> None:
+    """``scalebus simulate --config``: the simulated policy is the configured one (here: prewarming off)."""
+    from scalebus.settings import ControllerSettings
+
+    def p95(world: simulate.World) -> float:
+        report = simulate.run_simulation("builtin:trickle", ["scalebus"], 2, world=world)
+        return float(report.to_dict()["results"][0]["metrics"]["wait_p95_s"]["mean"])
+
+    assert p95(simulate.World(controller=ControllerSettings(prewarm=False))) > p95(simulate.World())
