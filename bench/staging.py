@@ -168,6 +168,18 @@ def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_t
         list(pool.map(make, ds.files.items()))
 
 
+def require_tools(tools: list[str]) -> None:
+    """The comparison needs Debian's ``rclone`` and GNU ``time``; say how to get them instead of failing later."""
+    needed = {"/usr/bin/time": "time"}
+    if any(tool.startswith("rclone") for tool in tools):
+        needed["rclone"] = "rclone"
+    missing = sorted({package for program, package in needed.items() if shutil.which(program) is None})
+    if missing:
+        sys.exit(
+            f"bench/staging.py: missing {', '.join(missing)}; install with: apt-get install -y {' '.join(missing)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
@@ -178,6 +190,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    require_tools(args.tools.split(","))
 
     from azure.storage.blob import BlobServiceClient
 
