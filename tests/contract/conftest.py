@@ -13,7 +13,7 @@ from tests.contract.local_backends import *  # noqa: F403  (fixtures)
 
 QUEUE_BACKENDS = ["sqlite", "servicebus"]
 SCALE_SET_BACKENDS = ["local", "vmss", "vmss_flexible"]
-STORE_BACKENDS = ["folder", "azurite"]
+STORE_BACKENDS = ["folder", "azurite", "azurite_sdk"]
 
 
 @pytest.fixture(params=QUEUE_BACKENDS)

@@ -159,3 +159,25 @@ def azurite_store_factory(azurite_env: AzuriteServer) -> Iterator[Callable[[], t
     yield factory
     for store in opened:
         store.close()
+
+
+@pytest.fixture
+def azurite_sdk_store_factory(azurite_env: AzuriteServer) -> Iterator[Callable[[], tuple[base.ObjectStore, str]]]:
+    """Like ``azurite_store_factory`` but without the lean path: listing and reads through the SDK (the fallback
+    taken when a proxy is configured)."""
+    from scalebus.backends.azure import datalake
+
+    opened: list[datalake.AdlsStore] = []
+    settings = azurite_env.storage_settings()
+
+    def factory() -> tuple[base.ObjectStore, str]:
+        container = azurite_env.new_container()
+        root = f"abfss://{container}@{ACCOUNT}.dfs.core.windows.net/lake/"
+        where = datalake.AbfssPath.parse(root)
+        store = datalake.AdlsStore(lambda: datalake.service_client(where, settings))
+        opened.append(store)
+        return store, root
+
+    yield factory
+    for store in opened:
+        store.close()

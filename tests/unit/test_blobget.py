@@ -1,5 +1,5 @@
-"""The lean blob read path: the Shared Key signer, SAS and bearer auth, error mapping, and its behaviour against
-Azurite (which checks Shared Key signatures and SAS the way the service does)."""
+"""The lean blob path: the Shared Key signer, SAS and bearer auth, error mapping, List Blobs parsing, and its
+behaviour against Azurite (which checks Shared Key signatures and SAS the way the service does)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_string_to_sign_follows_the_documented_layout() -> None:
 def test_shared_key_header_is_the_hmac_of_the_string_to_sign() -> None:
     auth = _blobget.SharedKeyAuth.from_base64(ACCOUNT, ACCOUNT_KEY)
     headers = {"x-ms-date": "Wed, 25 Nov 2026 10:00:00 GMT", "x-ms-version": "2021-08-06"}
-    assert auth.authorize("GET", "/devstoreaccount1/c/b", headers) == ""
+    assert auth.authorize("GET", "/devstoreaccount1/c/b", headers, {}) == ""
     expected = hmac.new(
         base64.b64decode(ACCOUNT_KEY),
         _blobget.string_to_sign("GET", "/devstoreaccount1/c/b", {}, headers, ACCOUNT).encode(),
@@ -91,7 +91,7 @@ def test_bearer_token_is_reused_until_near_expiry() -> None:
     for t in (0.0, 500.0, 699.0, 701.0, 702.0):  # token-1 expires at 2000; refreshed 300 s before
         now[0] = t + 1_000
         headers: dict[str, str] = {}
-        assert auth.authorize("GET", "/c/b", headers) == ""
+        assert auth.authorize("GET", "/c/b", headers, {}) == ""
         seen.append(headers["Authorization"])
     assert seen == ["Bearer token-1"] * 3 + ["Bearer token-2"] * 2
     assert credential.scopes == [("https://storage.azure.com/.default",)] * 2
@@ -103,7 +103,7 @@ def test_a_credential_that_fails_is_a_storage_error() -> None:
             raise RuntimeError("no identity here")
 
     with pytest.raises(errors.StorageError, match="cannot get a storage token"):
-        _blobget.BearerAuth(Broken()).authorize("GET", "/c/b", {})
+        _blobget.BearerAuth(Broken()).authorize("GET", "/c/b", {}, {})
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -258,9 +258,8 @@ def test_a_failing_sink_is_not_retried_as_a_network_error(
 def test_without_a_reader_the_store_reads_through_the_sdk(azurite_env: AzuriteServer, blob: Blob) -> None:
     """The fallback (a proxy in the environment): same results, same change detection."""
     uri = f"abfss://{blob.container}@{ACCOUNT}.dfs.core.windows.net/{NAME}"
-    store = datalake.AdlsStore(
-        datalake.service_client(datalake.AbfssPath.parse(uri), azurite_env.storage_settings())
-    )
+    settings = azurite_env.storage_settings()
+    store = datalake.AdlsStore(lambda: datalake.service_client(datalake.AbfssPath.parse(uri), settings))
     try:
         (obj,) = store.list_files(uri)
         sink = io.BytesIO()
@@ -270,3 +269,108 @@ def test_without_a_reader_the_store_reads_through_the_sdk(azurite_env: AzuriteSe
             store.read_into(base.RemoteObject(obj.uri, obj.rel_path, obj.size, '"0x8DEADBEEF"'), io.BytesIO())
     finally:
         store.close()
+
+
+LISTED = {
+    "lake/a.txt": b"alpha",
+    "lake/sub dir/b%25.bin": b"b" * 1000,
+    "lake/sub dir/\u00e9t\u00e9 & <x>.txt": b"unicode and XML metacharacters",
+    "lake/deep/1/2/3/c": b"",
+    "lakeside/not-under-lake": b"sibling",
+}
+
+
+@pytest.fixture
+def listed_container(azurite_env: AzuriteServer) -> str:
+    from azure.storage.blob import BlobServiceClient
+
+    container = azurite_env.new_container()
+    with BlobServiceClient.from_connection_string(azurite_env.connection_string()) as client:
+        for name, data in LISTED.items():
+            client.get_blob_client(container, name).upload_blob(data)
+        client.get_blob_client(container, "lake/sub dir").upload_blob(b"", metadata={"hdi_isfolder": "true"})
+    return container
+
+
+def sdk_listing(azurite_env: AzuriteServer, container: str, prefix: str) -> list[_blobget.ListedBlob]:
+    from azure.storage.blob import BlobServiceClient
+
+    with BlobServiceClient.from_connection_string(azurite_env.connection_string()) as client:
+        return [
+            _blobget.ListedBlob(
+                name=blob.name,
+                size=blob.size,
+                etag=str(blob.etag),
+                content_md5=bytes(blob.content_settings.content_md5 or b"") or None,
+                is_folder=(blob.metadata or {}).get("hdi_isfolder") == "true",
+            )
+            for blob in client.get_container_client(container).list_blobs(
+                name_starts_with=prefix, include=["metadata"]
+            )
+        ]
+
+
+@pytest_azurite
+@pytest.mark.parametrize("page_size", [2, 5000], ids=["paged", "one-page"])
+def test_the_lean_listing_matches_the_sdks(
+    azurite_env: AzuriteServer, listed_container: str, reader_for: type[_blobget.BlobReader], page_size: int
+) -> None:
+    reader = reader_for(azurite_env.blob_url, _blobget.SharedKeyAuth.from_base64(ACCOUNT, ACCOUNT_KEY))
+    lean: list[_blobget.ListedBlob] = []
+    marker, pages = "", 0
+    while True:
+        page = reader.list_page(listed_container, "lake", marker, max_results=page_size, what="t")
+        lean += page.blobs
+        pages += 1
+        marker = page.next_marker
+        if not marker:
+            break
+    expected = sdk_listing(azurite_env, listed_container, "lake")
+    assert lean == expected
+    assert pages == (3 if page_size == 2 else 1)
+    assert {blob.name for blob in lean} == set(LISTED) | {"lake/sub dir"}
+    assert [blob.name for blob in lean if blob.is_folder] == ["lake/sub dir"]
+    assert next(b for b in lean if b.name == "lake/a.txt").content_md5 == hashlib.md5(b"alpha").digest()
+
+
+@pytest_azurite
+def test_a_listing_through_a_sas_is_signed_with_its_own_query(
+    azurite_env: AzuriteServer, listed_container: str, reader_for: type[_blobget.BlobReader]
+) -> None:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    sas = generate_container_sas(
+        ACCOUNT,
+        listed_container,
+        account_key=ACCOUNT_KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+    )
+    reader = reader_for(azurite_env.blob_url, _blobget.SasAuth(sas))
+    page = reader.list_page(listed_container, "lake/sub dir/", "", max_results=10, what="t")
+    assert sorted(blob.name for blob in page.blobs) == sorted(n for n in LISTED if n.startswith("lake/sub dir/"))
+
+
+@pytest_azurite
+def test_a_listing_with_a_wrong_key_is_refused(
+    azurite_env: AzuriteServer, listed_container: str, reader_for: type[_blobget.BlobReader]
+) -> None:
+    wrong = base64.b64encode(b"not the key" * 6).decode()
+    reader = reader_for(azurite_env.blob_url, _blobget.SharedKeyAuth.from_base64(ACCOUNT, wrong))
+    with pytest.raises(errors.StorageError, match="authentication failed"):
+        reader.list_page(listed_container, "lake", "", max_results=10, what="t")
+
+
+def test_a_listing_that_is_not_xml_is_a_storage_error() -> None:
+    with pytest.raises(errors.StorageError, match="not valid XML"):
+        _blobget.parse_blob_page(b"<html>proxy error", what="list c/p")
+
+
+def test_encoded_names_are_decoded() -> None:
+    body = (
+        b'<?xml version="1.0" encoding="utf-8"?><EnumerationResults><Blobs><Blob>'
+        b'<Name Encoded="true">a%EF%BF%BEb</Name><Properties><Content-Length>3</Content-Length>'
+        b"<Etag>0x1</Etag><Content-MD5 /></Properties></Blob></Blobs><NextMarker /></EnumerationResults>"
+    )
+    page = _blobget.parse_blob_page(body, what="t")
+    assert page == _blobget.BlobPage([_blobget.ListedBlob("a\ufffeb", 3, "0x1", None, False)], "")

@@ -60,7 +60,7 @@ def staged(dest: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     ("fault", "path", "times", "policy"),
     [
-        (Fault.BUSY, "comp=list", 1, "data_plane"),
+        (Fault.BUSY, "comp=list", 1, "blob_get"),
         (Fault.BUSY, "a.fq", 2, "blob_get"),
         (Fault.DROP, "b.fq", 1, "blob_get"),
         (Fault.DROP, "big.bam", 2, "blob_get"),

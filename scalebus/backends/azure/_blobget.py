@@ -1,4 +1,4 @@
-"""Blob reads on a lean path: keep-alive HTTP connections reused across GETs, the body streamed socket → sink.
+"""Blob reads and listings on a lean path: keep-alive HTTP connections reused across GETs, bodies streamed.
 
 Why not the SDK for reads: profiled over many small blobs, nearly all client CPU went to azure-core's per-request
 pipeline and ``requests`` (which re-reads the proxy environment on every request), and the SDK holds a whole GET
@@ -6,10 +6,17 @@ in memory before writing it, so large GETs cost their size in RSS. Here a GET is
 a pooled persistent connection (one per thread in flight), the body is copied through one fixed buffer of
 :data:`READ_BUFFER_BYTES` per thread, so a file of any size is one GET with constant memory.
 
-Boundary: only Get Blob (whole or ranged, conditional on the listed etag). Listing, writes and everything else stay
-on the SDK in :mod:`scalebus.backends.azure.datalake`, which builds a :class:`BlobReader` from the same credential
-the SDK client uses: a bearer token (cached until near expiry), a SAS query string, or a Shared Key signature
-(the documented "Authorize with Shared Key" scheme for the Blob service; Azurite uses it).
+Listing goes the same way: List Blobs pages are fetched on the same connections and parsed with ElementTree for
+the five fields staging needs (name, size, etag, Content-MD5, the ``hdi_isfolder`` marker). Profiled over 2,000
+small blobs, the SDK's generated XML deserializer for ``list_blobs`` was ~40 % of all client CPU of a staging run
+(a hundred thousand key extractions), and it holds the full ``BlobProperties`` of every blob until the plan is
+built.
+
+Boundary: only Get Blob (whole or ranged, conditional on the listed etag) and List Blobs (REST "List Blobs",
+``restype=container&comp=list``, flat, with metadata). Writes and everything else stay on the SDK in
+:mod:`scalebus.backends.azure.datalake`, which builds a :class:`BlobReader` from the same credential the SDK client
+uses: a bearer token (cached until near expiry), a SAS query string, or a Shared Key signature (the documented
+"Authorize with Shared Key" scheme for the Blob service; Azurite uses it).
 
 Errors: HTTP statuses become scalebus storage errors (transient for 408/429/5xx, with ``Retry-After``); the cause
 is a :class:`BlobStatusError` carrying ``status_code``. Connection failures (resets, a body cut short) drop the
@@ -35,6 +42,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol, cast
+from xml.etree import ElementTree
 
 from scalebus import errors
 from scalebus.backends.azure import _errors, _retry
@@ -59,9 +67,12 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Auth(Protocol):
-    """Adds authorisation to one request: mutates ``headers``, returns a query string to append (or "")."""
+    """Adds authorisation to one request: mutates ``headers``, returns a query string to append (or "").
 
-    def authorize(self, method: str, path: str, headers: dict[str, str]) -> str: ...
+    ``query`` holds the request's own query parameters, values percent-encoded as sent (Shared Key signs them).
+    """
+
+    def authorize(self, method: str, path: str, headers: dict[str, str], query: Mapping[str, str]) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------- auth
@@ -113,8 +124,8 @@ class SharedKeyAuth:
     def signature(self, message: str) -> str:
         return base64.b64encode(hmac.new(self.key, message.encode("utf-8"), hashlib.sha256).digest()).decode()
 
-    def authorize(self, method: str, path: str, headers: dict[str, str]) -> str:
-        message = string_to_sign(method, path, {}, headers, self.account)
+    def authorize(self, method: str, path: str, headers: dict[str, str], query: Mapping[str, str]) -> str:
+        message = string_to_sign(method, path, query, headers, self.account)
         headers["Authorization"] = f"SharedKey {self.account}:{self.signature(message)}"
         return ""
 
@@ -125,7 +136,7 @@ class SasAuth:
 
     token: str
 
-    def authorize(self, method: str, path: str, headers: dict[str, str]) -> str:
+    def authorize(self, method: str, path: str, headers: dict[str, str], query: Mapping[str, str]) -> str:
         return self.token.lstrip("?")
 
 
@@ -143,7 +154,7 @@ class BearerAuth:
         self._token = ""
         self._expires_on = 0.0
 
-    def authorize(self, method: str, path: str, headers: dict[str, str]) -> str:
+    def authorize(self, method: str, path: str, headers: dict[str, str], query: Mapping[str, str]) -> str:
         headers["Authorization"] = "Bearer " + self._current()
         return ""
 
@@ -173,8 +184,55 @@ class BlobStatusError(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True, slots=True)
+class ListedBlob:
+    """One entry of a List Blobs page, as far as staging needs it (``etag`` exactly as the service lists it)."""
+
+    name: str
+    size: int
+    etag: str
+    content_md5: bytes | None
+    is_folder: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPage:
+    """One List Blobs page; ``next_marker`` is "" on the last page."""
+
+    blobs: list[ListedBlob]
+    next_marker: str
+
+
+def parse_blob_page(body: bytes, *, what: str) -> BlobPage:
+    """The blobs of a List Blobs ``EnumerationResults`` document (names marked ``Encoded`` are percent-decoded)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise errors.StorageError(f"{what}: the listing is not valid XML ({exc})") from exc
+    blobs: list[ListedBlob] = []
+    for node in root.iterfind("Blobs/Blob"):
+        name_node = node.find("Name")
+        props = node.find("Properties")
+        if name_node is None or props is None:
+            raise errors.StorageError(f"{what}: a listed blob has no Name or Properties")
+        name = name_node.text or ""
+        if name_node.get("Encoded") == "true":
+            name = urllib.parse.unquote(name)
+        md5 = props.findtext("Content-MD5")
+        blobs.append(
+            ListedBlob(
+                name=name,
+                size=int(props.findtext("Content-Length") or 0),
+                etag=props.findtext("Etag") or "",
+                content_md5=base64.b64decode(md5) if md5 else None,
+                is_folder=node.findtext("Metadata/hdi_isfolder") == "true",
+            )
+        )
+    return BlobPage(blobs, root.findtext("NextMarker") or "")
+
+
 class BlobReader:
-    """Streams blobs of one account endpoint (``scheme://host[:port][/base path]``) into sinks."""
+    """Streams blobs of one account endpoint (``scheme://host[:port][/base path]``) into sinks, and lists them."""
 
     def __init__(self, endpoint: str, auth: Auth, *, ca_file: str = "") -> None:
         parts = urllib.parse.urlsplit(endpoint)
@@ -213,24 +271,51 @@ class BlobReader:
             start: int | None = sink.tell() if sink.seekable() else None
         except (AttributeError, OSError):
             start = None
-        got: int = self._attempt(path, headers, sink, _Attempts(start), what=what)
+        got: int = self._attempt(path, {}, headers, sink, _Attempts(start), what=what)
         return got
+
+    def list_page(self, container: str, prefix: str, marker: str, *, max_results: int, what: str) -> BlobPage:
+        """One page of List Blobs (flat, with metadata) of names starting with ``prefix``; ``marker`` is the
+        previous page's ``next_marker`` ("" for the first page)."""
+        query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(max_results)}
+        if prefix:
+            query["prefix"] = prefix
+        if marker:
+            query["marker"] = marker
+        encoded = {name: urllib.parse.quote(value, safe="") for name, value in query.items()}
+        path = f"{self._base_path}/{urllib.parse.quote(container, safe='')}"
+        sink = io.BytesIO()
+        got: int = self._attempt(path, encoded, {"x-ms-version": API_VERSION}, sink, _Attempts(0), what=what)
+        return parse_blob_page(sink.getbuffer()[:got].tobytes(), what=what)  # a retry rewrote it from 0
 
     @_retry.retry_blob_get
     def _attempt(
-        self, path: str, headers: dict[str, str], sink: BinaryIO, attempts: _Attempts, *, what: str
+        self,
+        path: str,
+        query: Mapping[str, str],
+        headers: dict[str, str],
+        sink: BinaryIO,
+        attempts: _Attempts,
+        *,
+        what: str,
     ) -> int:
         attempts.count += 1
         if attempts.count > 1:
             if attempts.start is None:
                 raise errors.StorageError(f"{what}: failed part-way into a sink that cannot rewind")
             sink.seek(attempts.start)
-        return self._get(path, dict(headers), sink, what=what)
+        return self._get(path, query, dict(headers), sink, what=what)
 
-    def _get(self, path: str, headers: dict[str, str], sink: BinaryIO, *, what: str) -> int:
+    def _get(
+        self, path: str, query: Mapping[str, str], headers: dict[str, str], sink: BinaryIO, *, what: str
+    ) -> int:
+        """One GET of ``path`` with ``query`` (values percent-encoded); the 200/206 body goes into ``sink``."""
         headers["x-ms-date"] = _http_date()
-        query = self._auth.authorize("GET", path, headers)
-        target = f"{path}?{query}" if query else path
+        params = "&".join(f"{name}={value}" for name, value in query.items())
+        extra = self._auth.authorize("GET", path, headers, query)
+        if extra:
+            params = f"{params}&{extra}" if params else extra
+        target = f"{path}?{params}" if params else path
         wire = self._take()
         reusable = False
         try:

@@ -5,11 +5,15 @@ accounts it lists and reads the same paths as the DFS endpoint, and it is the on
 Azure/Azurite#409). Directory marker blobs (metadata ``hdi_isfolder=true``) are skipped. A file system is a
 container; a path is a blob name.
 
-Reads take the lean path of :mod:`scalebus.backends.azure._blobget` (one keep-alive connection per thread, the
-body streamed through a fixed 1 MiB buffer, so one GET per file whatever its size), authenticated with the same
-credential as the SDK client. Only when that path cannot be used (a proxy set in the environment) do reads go
-through the SDK, which buffers at most :data:`GET_BYTES` per GET. Reads are conditional on the listed etag, so a
-file rewritten during staging fails loudly instead of mixing versions. Listing and writes stay on the SDK.
+Listing and reads take the lean path of :mod:`scalebus.backends.azure._blobget` (List Blobs parsed for the few
+fields staging needs; one keep-alive connection per thread, the body streamed through a fixed 1 MiB buffer, so one
+GET per file whatever its size), authenticated with the same credential as the SDK client. Only when that path
+cannot be used (a proxy set in the environment) do listing and reads go through the SDK, which buffers at most
+:data:`GET_BYTES` per GET. Reads are conditional on the listed etag, so a file rewritten during staging fails
+loudly instead of mixing versions. Writes and existence checks stay on the SDK.
+
+The SDK client is built on first use: a one-shot ``scalebus stage`` authenticated by key or SAS never imports
+``azure.storage.blob`` (a fifth of a second of start-up, measured with ``-X importtime``).
 
 Retries: the SDK's own retry policy is turned off (it would multiply with ours and ignores ``Retry-After``);
 every SDK call is wrapped in ``_errors.translated`` and ``_retry.retry_data_plane`` (lean reads:
@@ -23,20 +27,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import structlog
-from azure.core import MatchConditions
-from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
 
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import _blobget, _errors, _retry
 from scalebus.settings import StorageSettings
+
+if TYPE_CHECKING:
+    from azure.storage.blob import BlobServiceClient, ContainerClient
 
 log = structlog.get_logger(__name__)
 
@@ -75,14 +81,23 @@ class AbfssPath:
         return "https://" + self.host.replace(".dfs.", ".blob.", 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Account:
+    """How to reach an account: its blob endpoint, the credential as the lean path uses it (None: the lean path
+    cannot), and how to build the SDK client (called once, on first use)."""
+
+    endpoint: str
+    auth: _blobget.Auth | None
+    make_client: Callable[[], BlobServiceClient]
+
+
 def open_store(uri: str, settings: StorageSettings) -> AdlsStore:
     """The store for the account an ``abfss://`` URI names, authenticated as ``settings`` say."""
-    client, auth = _connect(AbfssPath.parse(uri), settings)
+    account = _connect(AbfssPath.parse(uri), settings)
     reader: _blobget.BlobReader | None = None
-    endpoint = client.primary_endpoint.split("?", 1)[0]
-    if auth is not None and not _blobget.proxy_configured(endpoint):
-        reader = _blobget.BlobReader(endpoint, auth, ca_file=settings.connection_verify)
-    return AdlsStore(client, reader=reader)
+    if account.auth is not None and not _blobget.proxy_configured(account.endpoint):
+        reader = _blobget.BlobReader(account.endpoint, account.auth, ca_file=settings.connection_verify)
+    return AdlsStore(account.make_client, reader=reader)
 
 
 def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceClient:
@@ -90,27 +105,19 @@ def service_client(where: AbfssPath, settings: StorageSettings) -> BlobServiceCl
 
     ``settings.account_url`` (Azurite, proxies, sovereign clouds) overrides the endpoint in every case.
     """
-    return _connect(where, settings)[0]
+    return _connect(where, settings).make_client()
 
 
-def _connect(where: AbfssPath, settings: StorageSettings) -> tuple[BlobServiceClient, _blobget.Auth | None]:
-    """The SDK client, and its credential in the form the lean read path uses (None: reads stay on the SDK)."""
-    options: dict[str, Any] = {
-        "retry_total": 0,
-        "max_single_get_size": GET_BYTES,
-        "max_chunk_get_size": GET_BYTES,
-        "max_single_put_size": PUT_BLOCK_BYTES,
-        "max_block_size": PUT_BLOCK_BYTES,
-    }
-    if settings.connection_verify:
-        options["connection_verify"] = settings.connection_verify
+def _connect(where: AbfssPath, settings: StorageSettings) -> _Account:
+    """Endpoint, lean-path credential and SDK client factory for the account, as ``settings`` say."""
     account_url = settings.account_url.rstrip("/") or where.blob_endpoint
     if not settings.connection_string_env:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
-        client = BlobServiceClient(account_url, credential=credential, **options)
-        return client, _blobget.BearerAuth(credential)
+        return _Account(
+            account_url, _blobget.BearerAuth(credential), _client_factory(account_url, credential, settings)
+        )
     secret = os.environ.get(settings.connection_string_env, "").strip()
     if not secret:
         raise errors.ConfigError(
@@ -121,7 +128,7 @@ def _connect(where: AbfssPath, settings: StorageSettings) -> tuple[BlobServiceCl
     fields = _connection_string_fields(secret)
     if not fields:  # a bare SAS token
         sas = secret.lstrip("?")
-        return BlobServiceClient(account_url, credential=sas, **options), _blobget.SasAuth(sas)
+        return _Account(account_url, _blobget.SasAuth(sas), _client_factory(account_url, sas, settings))
     auth: _blobget.Auth | None = None
     if "SharedAccessSignature" in fields:
         auth = _blobget.SasAuth(fields["SharedAccessSignature"])
@@ -129,25 +136,78 @@ def _connect(where: AbfssPath, settings: StorageSettings) -> tuple[BlobServiceCl
         with contextlib.suppress(ValueError):
             auth = _blobget.SharedKeyAuth.from_base64(fields["AccountName"], fields["AccountKey"])
     if not settings.account_url:
+        return _from_connection_string(secret, fields, auth, settings)
+    if "SharedAccessSignature" in fields:
+        return _Account(account_url, auth, _client_factory(account_url, fields["SharedAccessSignature"], settings))
+    if "AccountName" in fields and "AccountKey" in fields:
+        key = {"account_name": fields["AccountName"], "account_key": fields["AccountKey"]}
+        return _Account(account_url, auth, _client_factory(account_url, key, settings))
+    raise errors.ConfigError(
+        "storage.connection_string_env",
+        f"the connection string in {settings.connection_string_env} has no AccountKey or SharedAccessSignature",
+        "use a connection string with a key or SAS, or a bare SAS token",
+    )
+
+
+def _sdk_options(settings: StorageSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "retry_total": 0,
+        "max_single_get_size": GET_BYTES,
+        "max_chunk_get_size": GET_BYTES,
+        "max_single_put_size": PUT_BLOCK_BYTES,
+        "max_block_size": PUT_BLOCK_BYTES,
+    }
+    if settings.connection_verify:
+        options["connection_verify"] = settings.connection_verify
+    return options
+
+
+def _client_factory(
+    account_url: str, credential: Any, settings: StorageSettings
+) -> Callable[[], BlobServiceClient]:
+    def make() -> BlobServiceClient:
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient(account_url, credential=credential, **_sdk_options(settings))
+
+    return make
+
+
+def _from_connection_string(
+    secret: str, fields: dict[str, str], auth: _blobget.Auth | None, settings: StorageSettings
+) -> _Account:
+    """The account a full connection string names. When the lean path has all it needs the SDK waits for first
+    use; otherwise the SDK parses (and so validates) the string now."""
+
+    def make() -> BlobServiceClient:
+        from azure.storage.blob import BlobServiceClient
+
         with _errors.translated(_errors.STORAGE, what="storage connection string"):
             try:
-                return BlobServiceClient.from_connection_string(secret, **options), auth
+                return BlobServiceClient.from_connection_string(secret, **_sdk_options(settings))
             except ValueError:
                 raise errors.ConfigError(
                     "storage.connection_string_env",
                     f"the value of {settings.connection_string_env} is not a valid connection string",
                     "copy it again from the portal (Access keys) or use a SAS token",
                 ) from None
-    if "SharedAccessSignature" in fields:
-        return BlobServiceClient(account_url, credential=fields["SharedAccessSignature"], **options), auth
-    if "AccountName" in fields and "AccountKey" in fields:
-        key = {"account_name": fields["AccountName"], "account_key": fields["AccountKey"]}
-        return BlobServiceClient(account_url, credential=key, **options), auth
-    raise errors.ConfigError(
-        "storage.connection_string_env",
-        f"the connection string in {settings.connection_string_env} has no AccountKey or SharedAccessSignature",
-        "use a connection string with a key or SAS, or a bare SAS token",
-    )
+
+    endpoint = _blob_endpoint(fields)
+    if endpoint is None or auth is None:
+        client = make()
+        return _Account(client.primary_endpoint.split("?", 1)[0], auth, lambda: client)
+    return _Account(endpoint, auth, make)
+
+
+def _blob_endpoint(fields: dict[str, str]) -> str | None:
+    """The blob endpoint a connection string names (``BlobEndpoint``, else account and suffix), as the SDK does."""
+    if fields.get("BlobEndpoint"):
+        return fields["BlobEndpoint"].rstrip("/")
+    if fields.get("AccountName") and "UseDevelopmentStorage" not in fields:
+        protocol = fields.get("DefaultEndpointsProtocol") or "https"
+        suffix = fields.get("EndpointSuffix") or "core.windows.net"
+        return f"{protocol}://{fields['AccountName']}.blob.{suffix}"
+    return None
 
 
 def _connection_string_fields(secret: str) -> dict[str, str]:
@@ -178,29 +238,42 @@ class _CountingSink:
 
 
 class AdlsStore:
-    """``base.ObjectStore`` over one storage account's blob endpoint; reads go through ``reader`` when given."""
+    """``base.ObjectStore`` over one storage account's blob endpoint; listing and reads go through ``reader`` when
+    given. ``make_client`` builds the SDK client, once, when something first needs it."""
 
-    def __init__(self, client: BlobServiceClient, *, reader: _blobget.BlobReader | None = None) -> None:
-        self._client = client
+    def __init__(
+        self, make_client: Callable[[], BlobServiceClient], *, reader: _blobget.BlobReader | None = None
+    ) -> None:
+        self._make_client = make_client
+        self._sdk: BlobServiceClient | None = None
+        self._sdk_lock = threading.Lock()
         self._reader = reader
+
+    @property
+    def _client(self) -> BlobServiceClient:
+        with self._sdk_lock:
+            if self._sdk is None:
+                self._sdk = self._make_client()
+            return self._sdk
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        self._client.close()
+        with self._sdk_lock:
+            if self._sdk is not None:
+                self._sdk.close()
 
     # ------------------------------------------------------------------------------------------ list
 
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
         where = AbfssPath.parse(uri)
         prefix = where.path.rstrip("/")
-        container = self._client.get_container_client(where.filesystem)
         base_uri = uri.rstrip("/") + "/"
         exact: base.RemoteObject | None = None
         found = False
-        for blob in _list_blobs(container, prefix, what=f"list {where.filesystem}/{prefix}"):
-            name: str = blob.name
-            if (blob.metadata or {}).get(_FOLDER_MARKER) == "true":
+        for blob in self._listed(where.filesystem, prefix):
+            name = blob.name
+            if blob.is_folder:
                 continue
             if prefix and name == prefix:
                 exact = _remote(blob, uri=uri, rel_path=name.rsplit("/", 1)[-1])
@@ -214,6 +287,19 @@ class AdlsStore:
             if exact is None:
                 raise errors.ObjectNotFoundError(f"{uri}: not found")
             yield exact
+
+    def _listed(self, filesystem: str, prefix: str) -> Iterator[_blobget.ListedBlob]:
+        what = f"list {filesystem}/{prefix}"
+        if self._reader is None:
+            yield from _list_blobs(self._client.get_container_client(filesystem), prefix, what=what)
+            return
+        marker = ""
+        while True:
+            page = self._reader.list_page(filesystem, prefix, marker, max_results=_LIST_PAGE, what=what)
+            yield from page.blobs
+            marker = page.next_marker
+            if not marker:
+                return
 
     # ------------------------------------------------------------------------------------------ read
 
@@ -246,6 +332,8 @@ class AdlsStore:
         what: str,
     ) -> int:
         """Reads when the lean path cannot be used (a proxy in the environment, an unparsed credential)."""
+        from azure.core import MatchConditions
+
         blob = self._client.get_blob_client(where.filesystem, where.path)
         try:
             start: int | None = sink.tell() if sink.seekable() else None
@@ -279,6 +367,8 @@ class AdlsStore:
     # ------------------------------------------------------------------------------------------ write
 
     def write_file(self, source: Path, uri: str) -> None:
+        from azure.storage.blob import ContentSettings
+
         where = AbfssPath.parse(uri)
         blob = self._client.get_blob_client(where.filesystem, where.path)
         what = f"upload {where.filesystem}/{where.path}"
@@ -303,6 +393,8 @@ class AdlsStore:
         upload()
 
     def write_bytes(self, data: bytes, uri: str) -> None:
+        from azure.storage.blob import ContentSettings
+
         where = AbfssPath.parse(uri)
         blob = self._client.get_blob_client(where.filesystem, where.path)
         digest = hashlib.md5(data, usedforsecurity=False).digest()
@@ -335,8 +427,8 @@ class AdlsStore:
         return found
 
 
-def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterator[Any]:
-    """Every blob under ``prefix``, page by page; a page that fails transiently is fetched again."""
+def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterator[_blobget.ListedBlob]:
+    """Every blob under ``prefix`` through the SDK, page by page; a page failing transiently is fetched again."""
     token: str | None = None
 
     @_retry.retry_data_plane
@@ -350,17 +442,20 @@ def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterat
 
     while True:
         items, token = page(token)
-        yield from items
+        for blob in items:
+            md5 = blob.content_settings.content_md5 if blob.content_settings else None
+            yield _blobget.ListedBlob(
+                name=blob.name,
+                size=int(blob.size),
+                etag=str(blob.etag),
+                content_md5=bytes(md5) if md5 else None,
+                is_folder=(blob.metadata or {}).get(_FOLDER_MARKER) == "true",
+            )
         if not token:
             return
 
 
-def _remote(blob: Any, *, uri: str, rel_path: str) -> base.RemoteObject:
-    md5 = blob.content_settings.content_md5 if blob.content_settings else None
+def _remote(blob: _blobget.ListedBlob, *, uri: str, rel_path: str) -> base.RemoteObject:
     return base.RemoteObject(
-        uri=uri,
-        rel_path=rel_path,
-        size=int(blob.size),
-        etag=str(blob.etag),
-        content_md5=bytes(md5) if md5 else None,
+        uri=uri, rel_path=rel_path, size=blob.size, etag=blob.etag, content_md5=blob.content_md5
     )
