@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 AZURITE_DIR := .tools/azurite
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 
-.PHONY: demo test lint bench bench-staging bench-policy clean
+.PHONY: demo test lint bench bench-staging bench-policy bench-settle clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(RUN_STAMP): pyproject.toml | $(PY)
 	touch $(RUN_STAMP)
 
 $(DEV_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev,plot]'
+	$(PY) -m pip install --quiet -e '.[dev,plot,s3]'
 	touch $(RUN_STAMP) $(DEV_STAMP)
 
 $(AZURITE):
@@ -37,7 +37,7 @@ lint: $(DEV_STAMP)
 test: $(DEV_STAMP) $(AZURITE) lint
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) -m pytest -q
 
-bench: bench-staging bench-policy bench-reaction
+bench: bench-staging bench-policy bench-reaction bench-settle
 
 bench-staging: $(DEV_STAMP) $(AZURITE)
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) bench/staging.py
@@ -47,6 +47,9 @@ bench-policy: $(DEV_STAMP)
 
 bench-reaction: $(DEV_STAMP)
 	$(PY) bench/reaction.py
+
+bench-settle: $(DEV_STAMP)
+	$(PY) bench/settle.py
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,14 @@
-"""Staging benchmark: scalebus ``stage_in`` against rclone, the naive SDK loop and ``cp -r``, on Azurite.
+"""Staging benchmark: ``scalebus stage`` against rclone, the naive SDK loop and ``cp -r``, on Azurite.
 
 Run with ``make bench-staging`` (or ``python bench/staging.py --help``). It starts Azurite (in memory), generates
 the data sets there and on local disk (for ``cp -r``), then runs every client as a subprocess, several times,
 into a fresh destination, and reads each client's wall time, CPU (user+sys) and peak RSS from ``wait4``.
 Prints a Markdown table of medians (and writes JSON with ``--json``).
+
+``scalebus`` is the real command line (``scalebus stage SRC DEST -o json``), start-up included, as a one-shot
+user runs it. Its JSON answer also says how long ``stage_in`` itself took and the CPU the process used meanwhile:
+that is the row ``scalebus (in a worker)``, what staging costs a worker that is already running (a worker imports
+once and stages job after job). Both rows come from the same process runs.
 
 Sets: A = 64 × 16 MiB (single-put blobs, so they carry Content-MD5), B = 20,000 × 4 KiB, and ``mixed`` = one
 large file (2 GiB by default, ``--big-mib``), 8 × 100 MiB and 1,000 files of 1–512 KiB nested 8 deep.
@@ -58,17 +63,6 @@ def data_sets(big_mib: int, small_files: int) -> list[DataSet]:
 # --------------------------------------------------------------------------------------------- clients
 
 
-def client_scalebus(account_url: str, container: str, prefix: str, dest: str) -> None:
-    from scalebus.backends.azure import datalake
-    from scalebus.settings import StagingSettings, StorageSettings
-    from scalebus.worker import staging
-
-    storage = StorageSettings(account_url=account_url, connection_string_env=CONNECTION_ENV)
-    uri = f"abfss://{container}@devstoreaccount1.dfs.core.windows.net/{prefix}"
-    store = datalake.open_store(uri, storage)
-    staging.stage_in(lambda _u: store, [uri], Path(dest), StagingSettings(min_free_bytes=0))
-
-
 def client_sdk_sequential(account_url: str, container: str, prefix: str, dest: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
@@ -82,9 +76,10 @@ def client_sdk_sequential(account_url: str, container: str, prefix: str, dest: s
 
 
 CLIENTS: dict[str, Callable[[str, str, str, str], None]] = {
-    "scalebus": client_scalebus,
     "sdk-sequential": client_sdk_sequential,
 }
+IN_WORKER = "scalebus (in a worker)"
+"""The row read from ``scalebus stage``'s own stats (``seconds``, ``cpu_s``) rather than from ``wait4``."""
 
 
 # --------------------------------------------------------------------------------------------- harness
@@ -101,17 +96,17 @@ class Run:
     bytes: int
 
 
-def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Wall, CPU (user+sys) and peak RSS of one client run, read by GNU ``time`` (``wait4`` in a small parent:
-    a child forked from this big harness would inherit its RSS high-water mark)."""
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Wall, CPU (user+sys), peak RSS and standard output of one client run, read by GNU ``time`` (``wait4`` in a
+    small parent: a child forked from this big harness would inherit its RSS high-water mark)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         timed = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", out.name, *argv]
-        proc = subprocess.run(timed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        proc = subprocess.run(timed, env=env, capture_output=True, check=False)
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace")
             raise RuntimeError(f"{argv[:3]} failed ({proc.returncode}): {err[-2000:]}")
         wall, user, system, rss_kib = out.read().split()[-4:]
-    return float(wall), float(user) + float(system), float(rss_kib) / 1024
+    return float(wall), float(user) + float(system), float(rss_kib) / 1024, proc.stdout.decode()
 
 
 def tally(root: Path) -> tuple[int, int]:
@@ -136,6 +131,9 @@ def tool_argv(
             "rclone", "copy", "--transfers", transfers, "--checkers", "16",
             f"az:{container}/{ds.name}", str(dest / ds.name),
         ]  # fmt: skip
+    if tool == "scalebus":
+        source = f"abfss://{container}@devstoreaccount1.dfs.core.windows.net/{ds.name}"
+        return [str(Path(sys.executable).with_name("scalebus")), "stage", source, str(dest), "-o", "json"]
     return [sys.executable, __file__, "client", tool, account_url, container, ds.name, str(dest)]
 
 
@@ -180,6 +178,24 @@ def require_tools(tools: list[str]) -> None:
         )
 
 
+def run_once(tool: str, ds: DataSet, argv: list[str], env: dict[str, str], *, dest: Path) -> list[Run]:
+    """One timed run into a fresh ``dest``, checked for file count and bytes (two rows for scalebus)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    subprocess.run(["sync"], check=True)
+    wall, cpu, rss, out = measure(argv, env)
+    files, nbytes = tally(dest)
+    if (files, nbytes) != (len(ds.files), ds.bytes):
+        raise RuntimeError(
+            f"{tool} on {ds.name}: {files} files / {nbytes} bytes, expected {len(ds.files)} / {ds.bytes}"
+        )
+    runs = [Run(ds.name, tool, wall, cpu, rss, files, nbytes)]
+    if tool == "scalebus":
+        stats = json.loads(out)
+        runs.append(Run(ds.name, IN_WORKER, stats["seconds"], stats["cpu_s"], rss, files, nbytes))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
@@ -210,6 +226,11 @@ def main() -> None:
         "RCLONE_CONFIG_AZ_USE_EMULATOR": "true",
         "RCLONE_CONFIG_AZ_ENDPOINT": server.blob_url,
         "PYTHONPATH": str(REPO),
+        # scalebus stage: default staging settings, reaching Azurite with its key
+        "SCALEBUS_STORAGE__ACCOUNT_URL": server.blob_url,
+        "SCALEBUS_STORAGE__CONNECTION_STRING_ENV": CONNECTION_ENV,
+        "SCALEBUS_STAGING__MIN_FREE_BYTES": "0",
+        "SCALEBUS_LOG__LEVEL": "warning",
     }
     tools = args.tools.split(",")
     wanted = set(args.sets.split(","))
@@ -228,26 +249,23 @@ def main() -> None:
                   f"in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
             for rep in range(args.reps):
                 for tool in tools:
-                    dest = workdir / "dest"
-                    shutil.rmtree(dest, ignore_errors=True)
-                    dest.mkdir()
-                    subprocess.run(["sync"], check=True)
                     argv = tool_argv(
-                        tool, ds, account_url=server.blob_url, container=container, local_src=local_src, dest=dest
-                    )
-                    wall, cpu, rss = measure(argv, env)
-                    files, nbytes = tally(dest)
-                    if (files, nbytes) != (len(ds.files), ds.bytes):
-                        raise RuntimeError(f"{tool} on {ds.name}: {files} files / {nbytes} bytes, expected "
-                                           f"{len(ds.files)} / {ds.bytes}")  # fmt: skip
-                    runs.append(Run(ds.name, tool, wall, cpu, rss, files, nbytes))
-                    print(f"  {ds.name} rep {rep + 1} {tool:15s} {wall:7.2f} s  cpu {cpu:6.2f} s  "
-                          f"rss {rss:6.0f} MiB", flush=True)  # fmt: skip
+                        tool, ds, account_url=server.blob_url, container=container, local_src=local_src,
+                        dest=workdir / "dest",
+                    )  # fmt: skip
+                    for run in run_once(tool, ds, argv, env, dest=workdir / "dest"):
+                        runs.append(run)
+                        print(f"  {ds.name} rep {rep + 1} {run.tool:22s} {run.wall_s:7.2f} s  "
+                              f"cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mib:6.0f} MiB", flush=True)  # fmt: skip
             shutil.rmtree(workdir / "dest", ignore_errors=True)
     finally:
         server.stop()
     print()
-    print(table(runs, sets, tools))
+    print(
+        table(
+            runs, sets, [name for tool in tools for name in ([tool, IN_WORKER] if tool == "scalebus" else [tool])]
+        )
+    )
     if args.json:
         args.json.write_text(json.dumps([asdict(run) for run in runs], indent=1))
     shutil.rmtree(workdir / "src", ignore_errors=True)

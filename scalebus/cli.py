@@ -4,6 +4,9 @@ Commands are thin: build the objects a command needs from the settings tree, cal
 ``worker``, ``selfdestroy`` or ``jobs``, print the result (``-o table`` for people, ``-o json`` for pipelines).
 A user mistake (``ConfigError``, ``UserInputError``, a refused job) ends in one line on stderr and exit code 2;
 a backend failure in one line and exit code 1. Tracebacks are for bugs only.
+
+The controller, worker, self-destroy and demo modules are imported by the commands that run them, as the Azure
+backends are: a one-shot command such as ``scalebus stage`` or ``submit`` pays start-up only for what it uses.
 """
 
 from __future__ import annotations
@@ -20,20 +23,22 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import rich.console
 import rich.table
 import structlog
 import typer
 
-from scalebus import demo, errors, jobs, logs, settings
+from scalebus import errors, jobs, logs, settings
 from scalebus.backends import base
 from scalebus.backends.local import folder, pool, sqlite_queue
-from scalebus.controller import loop as controller_loop
-from scalebus.selfdestroy import routine
-from scalebus.worker import loop as worker_loop
+from scalebus.worker import secrets as worker_secrets
 from scalebus.worker import staging
+
+if TYPE_CHECKING:
+    from scalebus.controller import loop as controller_loop
+    from scalebus.selfdestroy import routine
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +148,50 @@ def open_identity(cfg: settings.Settings) -> base.InstanceIdentity:
     return imds.ImdsIdentity(cfg.identity.imds_endpoint)
 
 
+def open_notices(cfg: settings.Settings, identity: base.InstanceInfo | None) -> base.NoticeSource | None:
+    """Where a worker learns its instance is being evicted: the pool's notices, or IMDS scheduled events (matched
+    on the VM name). ``None`` outside a scale set or with ``worker.eviction_poll_s = 0``."""
+    if identity is None or cfg.worker.eviction_poll_s <= 0:
+        return None
+    if is_local_pool(cfg):
+        from scalebus.backends.local import notices
+
+        return notices.SqliteNoticeSource.open(Path(cfg.scale_set.state_path), identity.instance_id)
+    from scalebus.backends.azure import scheduled_events
+
+    return scheduled_events.ImdsNoticeSource(
+        cfg.identity.imds_endpoint, vm_name=identity.name or identity.instance_id
+    )
+
+
+def open_secrets(cfg: settings.Settings) -> base.SecretSource:
+    """``secrets.url``: ``local://<folder>`` or a Key Vault URL (read with the same credential as ARM)."""
+    scheme = urllib.parse.urlsplit(cfg.secrets.url).scheme
+    if scheme == "local":
+        from scalebus.backends.local import secrets as local_secrets
+
+        return local_secrets.FolderSecretSource.from_url(cfg.secrets.url)
+    if scheme in ("https", "http"):  # keyvault explains that a vault is https only
+        from scalebus.backends.azure import imds, keyvault
+
+        credential = None
+        if cfg.identity.imds_endpoint.rstrip("/") != imds.DEFAULT_IMDS_ENDPOINT:
+            credential = imds.managed_identity_credential(imds_endpoint=cfg.identity.imds_endpoint)
+        return keyvault.open_secret_source(cfg.secrets, credential=credential)
+    raise errors.ConfigError(
+        "secrets.url",
+        f"{cfg.secrets.url!r} is neither local:// nor a Key Vault URL",
+        "use local://<folder> (e.g. local://.scalebus/secrets) or https://<vault>.vault.azure.net",
+    )
+
+
+def open_secret_env(cfg: settings.Settings) -> worker_secrets.SecretEnv | None:
+    """The analytics' secrets (``worker.secret_env``), or ``None`` when it maps none (no source is opened)."""
+    if not cfg.worker.secret_env:
+        return None
+    return worker_secrets.SecretEnv(open_secrets(cfg), cfg.worker.secret_env, cache_s=cfg.secrets.cache_s)
+
+
 def store_resolver(cfg: settings.Settings) -> Callable[[str], base.ObjectStore]:
     """URI → store, one store per (scheme, filesystem@account)."""
     cache: dict[tuple[str, str], base.ObjectStore] = {}
@@ -232,6 +281,8 @@ def controller_run(
 
 
 def run_controller(cfg: settings.Settings, config: Path | None) -> controller_loop.ControllerStats:
+    from scalebus.controller import loop as controller_loop
+
     _, depth = open_queue(cfg)
     controller = controller_loop.Controller(
         depth=depth,
@@ -251,13 +302,18 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
 
     Each job: peek-lock (renewed while it runs), validate, stage inputs, run worker.command, publish outputs
     (committed once, _SUCCESS last), complete. SIGTERM drains: no new work, the running job gets
-    worker.drain_timeout_s, then it is abandoned.
+    worker.drain_timeout_s, then it is abandoned. A Spot eviction notice (worker.eviction_poll_s) abandons a job
+    that cannot finish in time at once and exits without self-destroy.
     """
+    from scalebus.worker import loop as worker_loop
+
     cfg = load_settings(config, log_format)
     queue, _ = open_queue(cfg)
     identity = _identity_or_none(cfg)
     instance_id = identity.instance_id if identity else f"manual-{os.getpid()}"
     on_idle = (lambda: _retire(cfg, config)) if identity and cfg.worker.self_destroy else None
+    secret_env = open_secret_env(cfg)
+    notices = open_notices(cfg, identity)
     worker = worker_loop.Worker(
         queue=queue,
         resolve=store_resolver(cfg),
@@ -266,10 +322,16 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
         settings=cfg.worker,
         staging_settings=cfg.staging,
         on_idle=on_idle,
+        secrets=secret_env,
+        notices=notices,
     )
     with stop_on_signals(worker.request_stop):
         worker.run()
     queue.close()
+    if notices is not None:
+        notices.close()
+    if secret_env is not None:
+        secret_env.close()
 
 
 def _identity_or_none(cfg: settings.Settings) -> base.InstanceInfo | None:
@@ -286,6 +348,8 @@ def _retire(cfg: settings.Settings, config: Path | None) -> None:
 
 
 def self_destroy(cfg: settings.Settings, config: Path | None, *, dry_run: bool) -> routine.Result:
+    from scalebus.selfdestroy import routine
+
     scale_set = open_scale_set(cfg, config)
     scale_set_id = pool.pool_url(Path(cfg.scale_set.state_path)) if is_local_pool(cfg) else cfg.scale_set.url
     return routine.self_destroy(
@@ -425,6 +489,53 @@ def _status_table(data: dict[str, Any]) -> rich.table.Table:
     return table
 
 
+@app.command("requeue")
+def requeue_cmd(
+    max_count: Annotated[
+        int, typer.Option("--max", help="Move at most this many dead letters (run again for more).")
+    ] = 1000,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            help="Service Bus: dead letters settled at once, one receiver each (1-32). "
+            "The embedded queue moves them all in one transaction.",
+        ),
+    ] = 8,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Put dead-lettered jobs back on the queue, once their cause is fixed (see them with `status`).
+
+    Each goes back with its body and a fresh delivery count, under the id <job id>+r<sequence number>: Service
+    Bus duplicate detection would silently drop a copy that reused the job id. The copy is sent before the dead
+    letter is removed, so an interruption can duplicate a job (its committed outputs make the rerun a no-op),
+    never lose one.
+    """
+    if max_count < 1:
+        raise errors.UserInputError(f"--max {max_count}: give 1 or more")
+    if not 1 <= concurrency <= 32:
+        raise errors.UserInputError(f"--concurrency {concurrency}: give 1 to 32")
+    cfg = load_settings(config, log_format)
+    queue, _ = open_queue(cfg)
+    try:
+        moved = queue.requeue_dead_letters(max_count=max_count, concurrency=concurrency)
+    finally:
+        queue.close()
+    data = {"queue": queue.name, "requeued": len(moved), "messages": [asdict(m) for m in moved]}
+    emit(data, output, _requeue_table)
+
+
+def _requeue_table(data: dict[str, Any]) -> rich.table.Table:
+    table = rich.table.Table(title=f"queue {data['queue']}: {data['requeued']} dead letters requeued")
+    table.add_column("dead letter")
+    table.add_column("requeued as")
+    for moved in data["messages"]:
+        table.add_row(moved["message_id"], moved["new_message_id"])
+    return table
+
+
 @app.command("stage")
 def stage_cmd(
     src: Annotated[list[str], typer.Argument(help="Source file or folder URIs (file://, abfss://).")],
@@ -454,6 +565,71 @@ def staging_progress() -> Iterator[Callable[[staging.Progress], None] | None]:
         yield reporter
 
 
+@app.command("ingest")
+def ingest_cmd(
+    src: Annotated[str, typer.Argument(help="Source: s3://<bucket>/<prefix> (or a file:// or abfss:// folder).")],
+    dest: Annotated[str, typer.Argument(help="Destination folder URI (abfss://, file://).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be copied; copy nothing.")] = False,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (ingest.endpoint_url)."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Copy the objects under SRC that are new or changed since the last run into DEST.
+
+    What was copied is recorded in DEST/_scalebus_ingest.jsonl (key, ETag, size): a rerun, after a crash too,
+    copies only what is not recorded, and an object with a new ETag again. Nothing is deleted at DEST. Objects
+    whose names could not land safely are refused with the reason (exit 1, after the rest are copied). Shows a
+    progress bar on a terminal.
+    """
+    from scalebus.ingest import engine
+    from scalebus.worker import progress
+
+    cfg = load_settings(config, log_format)
+    source, close = open_source(src, cfg, endpoint_url=endpoint_url or "")
+    try:
+        store = store_resolver(cfg)(dest)
+        with progress.progress_reporter(description="ingest") as on_progress:
+            stats = engine.ingest(source, src, store, dest, cfg.ingest, dry_run=dry_run, on_progress=on_progress)
+    finally:
+        close()
+    emit(stats.as_dict(), output, _ingest_table)
+    if stats.refused:
+        first = stats.refused[0]
+        raise errors.UnsafePathError(
+            f"{len(stats.refused)} object(s) refused, the rest {'checked' if dry_run else 'copied'}; "
+            f"first {first['path']!r}: {first['reason']}"
+        )
+
+
+def open_source(
+    uri: str, cfg: settings.Settings, *, endpoint_url: str = ""
+) -> tuple[base.ObjectSource, Callable[[], None]]:
+    """The source ``scalebus ingest`` reads, and how to close it: S3, or any store the resolver knows."""
+    if urllib.parse.urlsplit(uri).scheme != "s3":
+        return store_resolver(cfg)(uri), lambda: None
+    from scalebus.backends.aws import s3
+
+    s3.S3Uri.parse(uri)
+    try:
+        source = s3.open_source(cfg.ingest, endpoint_url=endpoint_url)
+    except ModuleNotFoundError as exc:  # boto3 is the optional extra ``s3``
+        if (exc.name or "").partition(".")[0] not in ("boto3", "botocore"):
+            raise
+        raise errors.UserInputError(f"s3:// sources need {exc.name}: pip install 'scalebus[s3]'") from None
+    return source, source.close
+
+
+def _ingest_table(data: dict[str, Any]) -> rich.table.Table:
+    rows = {k: len(v) if isinstance(v, list) else v for k, v in data.items()}
+    return _kv_table("ingest (dry run)" if data["dry_run"] else "ingested", rows)
+
+
 @app.command("demo")
 def demo_cmd(
     directory: Annotated[
@@ -474,6 +650,8 @@ def demo_cmd(
     controller until every job is settled and every worker has retired, then prints a summary. Settings from
     --config (your worker.command, say) are kept, except where the demo must place its queue, pool and data.
     """
+    from scalebus import demo
+
     user = load_settings(config, log_format)
     console = rich.console.Console(stderr=True)
     console.print(
@@ -525,6 +703,9 @@ def simulate_cmd(
         ),
     ] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, max=1000, help="Runs per policy.")] = 30,
+    max_instances: Annotated[
+        int | None, typer.Option("--max-instances", min=1, help="Fleet cap for all policies (default: trace's).")
+    ] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of depth, capacity and busy instances.")
     ] = None,
@@ -534,14 +715,20 @@ def simulate_cmd(
 ) -> None:
     """Replay a job trace through scaling policies (ours and the KEDA / Azure autoscale / Batch baselines).
 
-    The scalebus policy runs with the [controller] settings of --config (max_instances comes from the trace).
+    The scalebus policy runs with the [controller] settings of --config (max_instances comes from the trace,
+    or from --max-instances).
     """
     from scalebus.controller import simulate
 
     cfg = load_settings(config, log_format or "console")
     world = simulate.World(controller=cfg.controller)
     report = simulate.run_simulation(
-        trace, policies or ["scalebus", "keda", "azure-autoscale", "batch", "oracle"], seeds, plot, world=world
+        trace,
+        policies or ["scalebus", "keda", "azure-autoscale", "batch", "oracle"],
+        seeds,
+        plot,
+        world=world,
+        max_instances=max_instances,
     )
     emit(report.to_dict(), output, lambda _d: _rows_table(f"simulation of {trace}, {seeds} seeds", report.rows()))
 
@@ -567,6 +754,7 @@ _USER_ERRORS = (
     errors.DuplicateJobError,
     errors.SelfDestroyRefused,
     errors.QueueNotFoundError,
+    errors.BucketNotFoundError,
 )
 
 

@@ -94,6 +94,10 @@ class ObjectNotFoundError(StorageError, PermanentBackendError):
     """The object or folder does not exist."""
 
 
+class BucketNotFoundError(ObjectNotFoundError):
+    """The bucket (S3) a URI names does not exist: a mistake in the URI, reported like a user error."""
+
+
 class UnsafePathError(StorageError, PermanentBackendError):
     """A remote name would escape the staging directory or is not representable locally."""
 
@@ -104,6 +108,26 @@ class IntegrityError(StorageError):
 
 class IdentityError(BackendError):
     """This process cannot tell which instance it runs on."""
+
+
+class SecretError(BackendError):
+    """The secret source failed (access denied, unreadable). Messages name the secret, never its value."""
+
+
+class TransientSecretError(SecretError, TransientBackendError):
+    """The secret source is throttled or briefly unavailable."""
+
+
+class SecretNotFoundError(SecretError, PermanentBackendError):
+    """No such secret (or it is disabled): a job that needs it is dead-lettered with reason ``SecretNotFound``."""
+
+
+class NoticeError(BackendError):
+    """Scheduled events (IMDS, or the local pool's notices) could not be read or acknowledged."""
+
+
+class TransientNoticeError(NoticeError, TransientBackendError):
+    """The notice source is throttled or briefly unavailable: the next poll asks again."""
 
 
 class SelfDestroyRefused(ScalebusError):

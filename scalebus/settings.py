@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from scalebus import errors
+from scalebus.backends.base import SECRET_NAME_PATTERN
 
 ENV_PREFIX = "SCALEBUS_"
 
@@ -96,6 +98,36 @@ class StagingSettings(_Section):
     """Disk space that must remain free after staging (the preflight refuses otherwise)."""
 
 
+class IngestSettings(_Section):
+    endpoint_url: str = ""
+    """S3 endpoint override (``http://host:port``) for S3-compatible stores and tests (``--endpoint-url`` wins).
+    Empty: AWS S3 for the region."""
+    region: str = ""
+    """AWS region of the bucket. Empty: the AWS chain (``AWS_REGION``, the profile), else us-east-1; S3 redirects
+    to the bucket's own region either way."""
+    profile: str = ""
+    """Named AWS profile (``~/.aws/config``). Empty: the standard chain (environment, ``AWS_PROFILE``, the
+    instance's or container's role)."""
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    """S3 bucket addressing: ``path`` for S3-compatible stores that serve no virtual-host buckets."""
+    max_concurrency: int = Field(default=8, ge=1, le=256)
+    """Objects copied at once (those over 1 MiB each through a temporary file in ``scratch_dir``)."""
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    """Attempts per S3 request (botocore's standard retry mode: throttling, 5xx and connection errors, with
+    jittered back-off); a body cut off part-way resumes from the last byte received, as often."""
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest wait for bytes from S3 on an open connection before the request counts as failed (and retried)."""
+    scratch_dir: str = ""
+    """Local folder for objects in transit (at most ``max_concurrency`` objects at a time). Empty: the system
+    temporary directory."""
+    checkpoint_interval_s: float = Field(default=30.0, ge=0)
+    """How often the record of copied objects is rewritten at the destination during a run (and always at its
+    end, or when it fails): a run killed outright copies again at most what it copied in its last interval."""
+    verify_md5: bool = True
+    """Check each object against its MD5: the S3 ETag of a single-part, not KMS-encrypted upload, or the
+    Content-MD5 another store lists. The size is always checked."""
+
+
 class ControllerSettings(_Section):
     min_instances: int = Field(default=0, ge=0)
     """Instances kept even with an empty queue."""
@@ -115,7 +147,8 @@ class ControllerSettings(_Section):
     """Stop once the queue is empty and no instances remain (the demo and batch runs)."""
     boot_estimate_s: float = Field(default=120.0, gt=0)
     """What booting a new instance costs, in seconds (a VM's typical boot to first heartbeat). The policy weighs
-    it against idle time: idle workers are kept while the next job is expected within about twice this, and
+    it against idle time: idle workers are kept while the next job the busy workers cannot take is expected
+    within about twice this, and
     waiting jobs the busy fleet will start within this time are not booted for (``absorb_factor``)."""
     idle_grace_min_s: float = Field(default=5.0, ge=0)
     """Shortest time the controller tells idle workers to wait for work before retiring (sparse arrivals).
@@ -129,8 +162,9 @@ class ControllerSettings(_Section):
     prewarm_lead_s: float = Field(default=360.0, ge=0)
     """How long before a periodic job is due a worker is booted (about the p95 boot time)."""
     absorb_factor: float = Field(default=0.8, ge=0)
-    """Waiting jobs the busy workers will start within ``boot_estimate_s`` anyway (busy × boot / mean job
-    time, times this) get no new instance. 0 turns it off: every waiting job asks for an instance."""
+    """Waiting jobs the busy workers will start within ``boot_estimate_s`` anyway (estimated from the learned
+    job durations and how long each busy job has run, times this) get no new instance. 0 turns it off: every
+    waiting job asks for an instance."""
 
     @pydantic.field_validator("idle_grace_max_s")
     @classmethod
@@ -164,6 +198,26 @@ class WorkerSettings(_Section):
     """How often the worker reports busy/idle."""
     self_destroy: bool = True
     """Delete this instance when idle. Off for a worker run by hand."""
+    eviction_poll_s: float = Field(default=5.0, ge=0)
+    """How often the worker asks for scheduled events (IMDS on Azure; the pool's notices locally). On a Spot
+    eviction (``Preempt``, 30 s notice) or ``Terminate`` it takes no new work, abandons a job that cannot end in
+    time at once (so another worker takes it without waiting out the lock) and exits. 0 turns it off."""
+    eviction_acknowledge: bool = True
+    """Once the job is released, approve the eviction so it proceeds without waiting for its NotBefore time (only
+    events naming this instance alone: an approval lets the event start for every instance it names)."""
+    secret_env: dict[str, str] = Field(default_factory=dict)
+    """Environment variable → secret name (``{API_TOKEN = "genomics-api-token"}``): each job's analytics gets
+    these variables, read from ``[secrets]`` by the worker. Values never reach logs or errors."""
+
+    @pydantic.field_validator("secret_env")
+    @classmethod
+    def _secret_env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for var, name in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var) or var.upper().startswith("SCALEBUS_"):
+                raise ValueError(f"{var!r} is not a usable variable name (letters, digits, _; not SCALEBUS_*)")
+            if not re.fullmatch(SECRET_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} (for {var}) is not a Key Vault secret name (1-127 letters, digits, -)")
+        return value
 
 
 class LogSettings(_Section):
@@ -171,6 +225,21 @@ class LogSettings(_Section):
     """``auto``: console on a terminal, JSON otherwise."""
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged."""
+
+
+class SecretsSettings(_Section):
+    url: str = "local://.scalebus/secrets"
+    """Where ``worker.secret_env`` reads secrets: ``local://<folder>`` (embedded: one file per secret, named like
+    the secret, mode 600) or ``https://<vault>.vault.azure.net`` (Azure Key Vault; the workers' managed identity
+    needs *Key Vault Secrets User*)."""
+    cache_s: float = Field(default=300.0, ge=0)
+    """A worker reuses a secret it read for this long (0: read for every job); a rotated value is picked up
+    within this time. Keeps a large fleet of short jobs within Key Vault's request limits."""
+    connection_verify: str = ""
+    """CA bundle path for HTTPS to the vault (self-signed test peers). Empty: system CAs."""
+    verify_challenge_resource: bool = True
+    """Check that the vault's auth challenge names a resource matching the vault's host (the Key Vault SDK's
+    guard against sending tokens elsewhere). Turn off only for an emulator served on another host name."""
 
 
 class IdentitySettings(_Section):
@@ -185,10 +254,12 @@ class Settings(_Section):
     scale_set: ScaleSetSettings = ScaleSetSettings()
     storage: StorageSettings = StorageSettings()
     staging: StagingSettings = StagingSettings()
+    ingest: IngestSettings = IngestSettings()
     controller: ControllerSettings = ControllerSettings()
     worker: WorkerSettings = WorkerSettings()
     log: LogSettings = LogSettings()
     identity: IdentitySettings = IdentitySettings()
+    secrets: SecretsSettings = SecretsSettings()
 
 
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -220,6 +291,8 @@ def _toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are valid TOML
 
 

@@ -8,6 +8,8 @@ pytest_plugins = [
     "tests.fakes.servicebus_plugin",
     "tests.fakes.compute_plugin",
     "tests.fakes.azurite_plugin",
+    "tests.fakes.keyvault_plugin",
+    "tests.fakes.moto_plugin",
 ]
 
 

@@ -51,6 +51,35 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class Requeued:
+    """A dead-lettered message that went back on the queue: its old id and the id of the copy."""
+
+    message_id: str
+    new_message_id: str
+
+
+MAX_MESSAGE_ID_CHARS = 128
+"""Service Bus's limit on a message id."""
+REQUEUE_MARK = "+r"
+"""Separates a job id from the sequence number in a requeued copy's id; ``+`` is never part of a job id."""
+
+
+def requeued_message_id(message_id: str, sequence_number: int) -> str:
+    """The id a dead-lettered message is requeued under: the job id, ``+r``, the dead letter's sequence number.
+
+    Not the old id: Service Bus duplicate detection remembers every id sent within its window (up to 7 days)
+    and silently drops a copy that reuses one, so the dead letter would be completed and the job lost. The
+    sequence number makes the id unique per dead letter yet the same if a requeue is retried, so duplicate
+    detection still drops a second copy of the *same* dead letter. A mark from an earlier requeue is replaced,
+    not stacked.
+    """
+    head, mark, tail = message_id.rpartition(REQUEUE_MARK)
+    job_id = head if mark and tail.isdigit() else message_id
+    suffix = f"{REQUEUE_MARK}{sequence_number}"
+    return job_id[: MAX_MESSAGE_ID_CHARS - len(suffix)] + suffix
+
+
+@dataclass(frozen=True, slots=True)
 class DepthSample:
     """How much work is waiting, and how old that knowledge is.
 
@@ -109,6 +138,17 @@ class JobQueue(Protocol):
 
     def peek_dead_letters(self, *, max_count: int) -> list[DeadLetter]:
         """Look at dead-lettered messages without removing them."""
+
+    def requeue_dead_letters(self, *, max_count: int, concurrency: int = 1) -> list[Requeued]:
+        """Move up to ``max_count`` dead-lettered messages back onto the queue (once their cause is fixed).
+
+        Each copy has the same body under :func:`requeued_message_id` and a fresh delivery count. The copy is
+        sent before the dead letter is removed, so a crash in between leaves a duplicate, never a loss: Service
+        Bus duplicate detection drops a second copy of the same dead letter (same derived id) and a job whose
+        outputs are already committed is completed without running again. ``concurrency`` is how many dead
+        letters settle at once (one receiver each, since a message settles only through the link that received
+        it); backends that move them in one transaction ignore it. Returns what was moved, in no set order.
+        """
 
     def close(self) -> None: ...
 
@@ -175,6 +215,52 @@ class InstanceIdentity(Protocol):
         """Raises ``IdentityError`` when this process is not an instance of a scale set."""
 
 
+class NoticeKind(enum.StrEnum):
+    """What a scheduled platform event does to the instance (IMDS ``EventType``)."""
+
+    PREEMPT = "Preempt"
+    """A Spot instance is being evicted (deleted), at 30 s notice: the VM and its disks are lost."""
+    TERMINATE = "Terminate"
+    """The instance is being deleted (scale-set terminate notification, 5–15 minutes)."""
+    REBOOT = "Reboot"
+    REDEPLOY = "Redeploy"
+    FREEZE = "Freeze"
+
+
+INSTANCE_LOSING_NOTICES = frozenset({NoticeKind.PREEMPT, NoticeKind.TERMINATE})
+"""Notices after which this instance is gone: the worker releases its job and exits. The others pause or move it
+and it comes back, so they are only logged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A scheduled platform event that names this instance."""
+
+    event_id: str
+    kind: NoticeKind
+    not_before: float | None
+    """When the event may start (epoch seconds); ``None`` once it has started (IMDS leaves NotBefore blank) or
+    when the platform gave no usable time: treat it as now."""
+    started: bool = False
+    others_affected: bool = False
+    """The event names other instances too: acknowledging it lets it proceed for them as well."""
+
+
+class NoticeSource(Protocol):
+    """Where a worker learns that its instance is about to be evicted, deleted, rebooted or paused: IMDS
+    scheduled events on Azure, the pool's database locally. Bound to one instance when opened."""
+
+    def pending(self) -> list[Notice]:
+        """The current events that name this instance (events for other instances are left out). Raises
+        ``TransientNoticeError`` when asking again later may help, ``NoticeError`` otherwise."""
+
+    def acknowledge(self, event_id: str) -> None:
+        """Let the event start now instead of at its ``not_before`` (IMDS ``StartRequests``). Acknowledging twice
+        is fine; an event that is gone (finished, cancelled, never existed) raises ``NoticeError``."""
+
+    def close(self) -> None: ...
+
+
 class WorkerState(enum.StrEnum):
     IDLE = "idle"
     BUSY = "busy"
@@ -236,6 +322,8 @@ class RemoteObject:
     size: int
     etag: str
     content_md5: bytes | None = None
+    modified_at: float | None = None
+    """Last modification (epoch seconds) where the listing reports it (S3); ``None`` elsewhere."""
 
 
 @runtime_checkable
@@ -255,3 +343,34 @@ class ObjectStore(Protocol):
     def write_bytes(self, data: bytes, uri: str) -> None: ...
 
     def exists(self, uri: str) -> bool: ...
+
+
+class ObjectSource(Protocol):
+    """The read half of ``ObjectStore``: where ``scalebus ingest`` copies from (S3, or any ``ObjectStore``)."""
+
+    def list_files(self, uri: str) -> Iterator[RemoteObject]:
+        """Every file under ``uri``, as ``ObjectStore.list_files``."""
+
+    def read_into(self, obj: RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None) -> int:
+        """Stream bytes of ``obj`` into ``sink``, as ``ObjectStore.read_into``."""
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+SECRET_NAME_PATTERN = r"^[0-9A-Za-z-]{1,127}$"
+"""Key Vault's rule for secret names, applied by every ``SecretSource`` (so a name is never a path)."""
+
+
+class SecretSource(Protocol):
+    """Named secrets for the analytics: Key Vault, or a folder of files on the embedded default.
+
+    Only the worker reads secrets, and hands them to the analytics as environment variables; values never reach
+    logs, error messages or ``status`` (errors name the secret, never its value).
+    """
+
+    def get(self, name: str) -> str:
+        """The current value of secret ``name``. Raises ``SecretNotFoundError`` when there is no such secret (or
+        it is disabled, or the name breaks ``SECRET_NAME_PATTERN``), ``TransientSecretError`` when asking again
+        later may help, ``SecretError`` otherwise (access denied, unreadable)."""
+
+    def close(self) -> None: ...

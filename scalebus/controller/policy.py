@@ -14,9 +14,10 @@ What it decides:
 * **delete** — named broken instances: failed, never booted within ``boot_timeout_s``, or silent for
   ``heartbeat_timeout_s``. Never one whose latest heartbeat says it is busy within the heartbeat timeout.
 * **idle_grace_s** — how long idle workers should keep waiting for work before deleting themselves. The
-  ski-rental answer: keep a worker while the next job is expected sooner than re-booting one would cost
-  (``boot_estimate_s``), within ``[idle_grace_min_s, idle_grace_max_s]``. The controller loop publishes it to
-  the workers through the heartbeat store (``HeartbeatStore.publish_hint``).
+  ski-rental answer: keep a worker while the next job *it* will get is expected sooner than re-booting one would
+  cost (``boot_estimate_s``), within ``[idle_grace_min_s, idle_grace_max_s]``. Only the arrivals the busy
+  workers do not take as they free up need an idle worker, so a steady fleet retires its idle surplus at once.
+  The controller loop publishes it to the workers through the heartbeat store (``HeartbeatStore.publish_hint``).
 
 The controller loop applies ``delete`` first, then writes ``capacity`` (the target already accounts for the
 deletions), and counts both against the ARM write budget (``max_writes_per_minute``).
@@ -25,11 +26,14 @@ Beyond the foundation (issue 6) the policy reads the *age* of the depth sample. 
 old and has no in-flight count: jobs that workers picked up after the sample was taken are no longer waiting,
 so they are subtracted (the policy remembers when it first saw each job busy), and in-flight work is taken from
 the busy heartbeats. Requests are stable on noisy input because capacity only rises, and only when the demand
-exceeds supply by at least ``Tunables.min_step`` or has stayed above it for ``Tunables.confirm_s``.
+exceeds supply by at least ``Tunables.min_step`` or has stayed above it for ``Tunables.confirm_s``. Waiting jobs
+that busy workers will start within a boot are not booted for: each busy job's chance to end soon is read off the
+learned durations given how long it has run.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -158,11 +162,11 @@ def decide(
     waiting = _waiting_now(obs, job_first_seen)
     busy = _busy_count(obs, settings)
     in_flight = obs.depth.in_flight if obs.depth.in_flight is not None else busy
-    absorbed = _absorbed(busy, durations, settings, tunables)
+    absorbed = _absorbed(obs, dict(job_first_seen), durations, settings, tunables)
     demand = math.ceil((max(0, waiting - absorbed) + in_flight) / settings.jobs_per_instance)
 
     arrivals = _remember_arrivals(state, now, obs.depth.active, newly_busy, tunables)
-    grace = _idle_grace(arrivals, settings)
+    grace = _idle_grace(arrivals, busy, durations, settings, tunables)
     forecast = _forecast(arrivals, now, settings, tunables)
     if forecast is not None:  # the next periodic job is due within a boot: have a worker ready and waiting
         demand = max(demand, 1)
@@ -321,12 +325,39 @@ def _learn_durations(
     return busy_now, durations
 
 
-def _absorbed(busy: int, durations: tuple[float, ...], settings: ControllerSettings, tunables: Tunables) -> int:
-    """Waiting jobs the busy workers will start before a new VM could boot (not worth booting for)."""
-    if busy == 0 or len(durations) < tunables.min_durations or settings.absorb_factor <= 0:
+def _absorbed(
+    obs: Observation,
+    first_seen: dict[str, float],
+    durations: tuple[float, ...],
+    settings: ControllerSettings,
+    tunables: Tunables,
+) -> int:
+    """Waiting jobs the busy workers will start before a new VM could boot (not worth booting for).
+
+    Per busy worker: the jobs it starts within the horizon (``boot_estimate_s``) are its current job's chance
+    to end by then plus the jobs it runs after that (the time left over / the mean duration). The chance is
+    read off the durations learned so far *given how long the job has run*: a job near its typical duration
+    is about to free its worker, a fresh one is not. A job older than all but a few learned durations (or
+    whose id is unknown) is taken as memoryless: horizon / mean duration.
+    """
+    if len(durations) < tunables.min_durations or settings.absorb_factor <= 0:
         return 0
-    mean = sum(durations) / len(durations)
-    return math.floor(settings.absorb_factor * busy * settings.boot_estimate_s / max(mean, 1.0))
+    horizon = settings.boot_estimate_s
+    ordered = sorted(durations)
+    mean = max(sum(ordered) / len(ordered), 1.0)
+    expected = 0.0
+    for view in obs.instances:
+        if not _is_busy(view, obs.now, settings):
+            continue
+        age = obs.now - first_seen[view.job_id] if view.job_id in first_seen else math.inf
+        first = bisect.bisect_right(ordered, age)
+        longer = ordered[first:]
+        if len(longer) < tunables.min_durations:
+            expected += horizon / mean
+            continue
+        left_over = [horizon - (d - age) for d in longer[: bisect.bisect_right(longer, age + horizon)]]
+        expected += (len(left_over) + sum(left_over) / mean) / len(longer)
+    return math.floor(settings.absorb_factor * expected)
 
 
 def _forecast(
@@ -367,16 +398,31 @@ def _remember_arrivals(
     return arrivals[-tunables.arrival_memory :]
 
 
-def _idle_grace(arrivals: tuple[float, ...], settings: ControllerSettings) -> float:
-    """Ski rental: keep an idle worker while the next job is expected sooner than a reboot would cost.
+def _idle_grace(
+    arrivals: tuple[float, ...],
+    busy: int,
+    durations: tuple[float, ...],
+    settings: ControllerSettings,
+    tunables: Tunables,
+) -> float:
+    """Ski rental: keep an idle worker while the next job *for it* is expected sooner than a reboot would cost.
 
-    With a typical gap between arrivals below the break-even (the boot estimate, doubled: a reboot costs VM
-    time booting and the job's wait), waiting pays; otherwise retire quickly and pay the boot when work comes.
+    A new job goes to an idle worker only if no busy worker frees up first: busy workers free up at
+    ``busy / mean duration`` per second, jobs arrive at ``1 / typical gap``, and an idle worker is needed at
+    the rate the arrivals outpace the completions. When the completions keep up (a steady fleet), idle workers
+    are surplus and retire at once; while work grows (or with nothing busy) the expected wait for a job is
+    ``1 / (arrival rate - completion rate)``. Below the break-even (the boot estimate, doubled: a reboot costs
+    VM time booting and the job's wait), waiting pays; otherwise retire quickly and pay the boot when work comes.
     """
     if len(arrivals) < 3:
         return settings.idle_grace_min_s
     gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     typical = gaps[len(gaps) // 2]
+    if len(durations) >= tunables.min_durations and busy > 0:
+        freed_per_gap = busy * typical / max(sum(durations) / len(durations), 1.0)
+        if freed_per_gap >= 1.0:
+            return settings.idle_grace_min_s
+        typical /= 1.0 - freed_per_gap
     if typical <= 2.0 * settings.boot_estimate_s:
         return min(max(1.5 * typical, settings.idle_grace_min_s), settings.idle_grace_max_s)
     return settings.idle_grace_min_s

@@ -28,7 +28,7 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -339,7 +339,7 @@ class Simulation:
         vm.job = job
         self._set_state(vm, STAGING)
         staging = self.trace.jobs[job].input_bytes / self.world.bandwidth_bytes_per_s
-        self._push(self.now + staging, _STAGED, vm.vid)
+        self._push(self.now + staging, _STAGED, _tagged(vm))
 
     def _open_episode(self) -> None:
         """Backlog appears: more jobs wait than idle or booting workers, and the fleet could still grow."""
@@ -373,16 +373,25 @@ class Simulation:
                 self.autoscaler.on_ready(self, vm_or_none)
                 self._assign(vm_or_none)
         elif kind == _STAGED:
-            vm_or_none = self.vms.get(arg)
+            vm_or_none = self._current(arg)
             if vm_or_none is not None and vm_or_none.state == STAGING and vm_or_none.job is not None:
                 self._set_state(vm_or_none, RUNNING)
-                self._push(self.now + self.trace.jobs[vm_or_none.job].run_s, _RAN, vm_or_none.vid)
+                self._push(self.now + self.trace.jobs[vm_or_none.job].run_s, _RAN, arg)
         elif kind == _RAN:
-            vm_or_none = self.vms.get(arg)
+            vm_or_none = self._current(arg)
             if vm_or_none is not None and vm_or_none.state == RUNNING and vm_or_none.job is not None:
                 self._finish(vm_or_none)
         else:
             self._dispatch_timers(kind, arg)
+
+    def _current(self, tagged: int) -> Vm | None:
+        """The VM of a job event, if the job it was scheduled for is still the VM's current one.
+
+        A worker whose job was killed (KEDA removed its pod) and that then took another job must not have the
+        new job staged or finished by the old job's timers.
+        """
+        vm = self.vms.get(tagged >> 20)
+        return vm if vm is not None and vm.idle_epoch & 0xFFFFF == tagged & 0xFFFFF else None
 
     def _dispatch_timers(self, kind: int, arg: int) -> None:
         if kind in (_RETIRE, _SELF_DESTROY):
@@ -423,7 +432,7 @@ class Simulation:
 
     def schedule_retire(self, vm: Vm, after_s: float) -> None:
         """A scalebus worker stops taking work after ``after_s`` idle; the controller (or itself) deletes it."""
-        self._push(self.now + after_s, _RETIRE, (vm.vid << 20) | (vm.idle_epoch & 0xFFFFF))
+        self._push(self.now + after_s, _RETIRE, _tagged(vm))
 
     def _sample_metric(self) -> None:
         lag = self._lag_rng.uniform(self.world.metric_lag_min_s, self.world.metric_lag_max_s)
@@ -521,6 +530,11 @@ class Simulation:
             jobs_done=self.completed,
             evicted_busy=self.evicted_busy,
         )
+
+
+def _tagged(vm: Vm) -> int:
+    """An event argument naming the VM and its current busy spell (``idle_epoch`` changes on every idle)."""
+    return (vm.vid << 20) | (vm.idle_epoch & 0xFFFFF)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -665,15 +679,23 @@ def run_simulation(
     plot: Path | None = None,
     *,
     world: World | None = None,
+    max_instances: int | None = None,
 ) -> SimulationReport:
-    """Replay ``trace`` (``builtin:NAME``, a built-in name, or a CSV path) through each policy on seeds 0..n-1."""
+    """Replay ``trace`` (``builtin:NAME``, a built-in name, or a CSV path) through each policy on seeds 0..n-1.
+
+    ``max_instances`` overrides the trace's fleet cap, for every policy alike.
+    """
     if seeds < 1:
         raise errors.UserInputError("--seeds must be at least 1")
+    if max_instances is not None and max_instances < 1:
+        raise errors.UserInputError("--max-instances must be at least 1")
     for name in policies:
         if name not in POLICIES:
             raise errors.UserInputError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
     make_trace = traces.load(trace)
     per_seed = [make_trace(seed) for seed in range(seeds)]
+    if max_instances is not None:
+        per_seed = [replace(seeded, max_instances=max_instances) for seeded in per_seed]
     results = []
     timelines: dict[str, list[tuple[float, int, int, int]]] = {}
     for name in policies:

@@ -2,12 +2,17 @@
 
 Settlement follows the error's type (STYLE.md pattern 4): an invalid job or ``RejectJob`` is dead-lettered with
 its reason; ``RetryJob``, a transient backend failure or an unexpected error abandons the message (the queue
-dead-letters it after its max delivery count). If the lock is lost while the job runs, the analytics are stopped
-and nothing is published or settled: the job belongs to whoever holds it now. Outputs are committed once: a job
-whose ``_SUCCESS`` marker already exists (an earlier delivery published, then crashed before completing) is just
-completed. On SIGTERM the worker takes no new work and lets the running job finish within ``drain_timeout_s``,
-then abandons it. Idle for the idle grace, it reports itself retired and waits for the controller to delete it
-(in a batch), deleting itself after ``retire_wait_s`` if nobody did.
+dead-letters it after its max delivery count). A secret of ``worker.secret_env`` that does not exist is permanent:
+the job is dead-lettered with reason ``SecretNotFound`` naming the secret, before anything is staged (abandoning
+would redeliver at once and end in the dead-letter queue anyway, as ``MaxDeliveryCountExceeded``, the cause lost);
+the worker's start-up check keeps a fleet with a wrong mapping from taking jobs at all. If the lock is lost while
+the job runs, the analytics are stopped and nothing is published or settled: the job belongs to whoever holds it
+now. Outputs are committed once: a job whose ``_SUCCESS`` marker already exists (an earlier delivery published,
+then crashed before completing) is just completed. On SIGTERM the worker takes no new work and lets the running
+job finish within ``drain_timeout_s``, then abandons it. Idle for the idle grace, it reports itself retired and
+waits for the controller to delete it (in a batch), deleting itself after ``retire_wait_s`` if nobody did.
+A Spot eviction or deletion notice (``worker/eviction.py``) stops it taking work, releases a job that cannot end
+in time (abandoned at once, nothing published) and ends it without self-destroy: the platform is deleting it.
 
 The idle grace is the controller's: the policy weighs the expected next arrival against a boot and publishes the
 answer as a :class:`~scalebus.backends.base.FleetHint` in the heartbeat store, which the worker re-reads with each
@@ -33,7 +38,8 @@ import structlog
 from scalebus import errors, jobs
 from scalebus.backends import base
 from scalebus.settings import StagingSettings, WorkerSettings
-from scalebus.worker import runner, staging
+from scalebus.worker import eviction, runner, staging
+from scalebus.worker.secrets import SecretEnv
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +84,8 @@ class Worker:
         settings: WorkerSettings,
         staging_settings: StagingSettings,
         on_idle: Callable[[], None] | None = None,
+        secrets: SecretEnv | None = None,
+        notices: base.NoticeSource | None = None,
     ) -> None:
         self._queue = queue
         self._resolve = resolve
@@ -86,6 +94,11 @@ class Worker:
         self._settings = settings
         self._staging = staging_settings
         self._on_idle = on_idle
+        self._secrets = secrets
+        self._notices = notices
+        self._eviction: base.Notice | None = None
+        self._release = threading.Event()  # an eviction notice: give the running job back now
+        self._job_ends_by = math.inf
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._stop_requested_at: float | None = None
@@ -98,7 +111,7 @@ class Worker:
 
     def request_stop(self) -> None:
         """SIGTERM: take no new work; the running job gets ``drain_timeout_s`` to finish."""
-        if self._stop.is_set():
+        if self._stop_requested_at is not None:
             return
         self._stop.set()
         self._stop_requested_at = time.monotonic()
@@ -110,18 +123,61 @@ class Worker:
 
     def run(self) -> WorkerStats:
         structlog.contextvars.bind_contextvars(instance_id=self._instance_id)
+        if self._secrets is not None:
+            self._secrets.check()
         beat_stop = threading.Event()
         self._read_hint()
         beater = threading.Thread(target=self._beat_forever, args=(beat_stop,), name="heartbeat", daemon=True)
         beater.start()
+        watch = self._watch_notices()
         try:
             idle_for = self._loop()
-            if idle_for is not None:
+            if self._eviction is not None and watch is not None:
+                watch.acknowledge_released()  # no job held any more
+                log.info("worker_evicted", event_id=self._eviction.event_id, completed=self.stats.completed)
+            elif idle_for is not None:
                 self._retire(idle_for)
         finally:
+            if watch is not None:
+                watch.stop()
             beat_stop.set()
             beater.join()
         return self.stats
+
+    @property
+    def evicted_by(self) -> base.Notice | None:
+        """The notice that ended this worker (its instance is being evicted or deleted), if any."""
+        return self._eviction
+
+    def _watch_notices(self) -> eviction.EvictionWatch | None:
+        if self._notices is None or self._settings.eviction_poll_s <= 0:
+            return None
+        watch = eviction.EvictionWatch(
+            self._notices,
+            instance_id=self._instance_id,
+            poll_s=self._settings.eviction_poll_s,
+            acknowledge=self._settings.eviction_acknowledge,
+            job=self._running_job,
+            on_decision=self._on_eviction,
+        )
+        watch.start()
+        return watch
+
+    def _running_job(self) -> eviction.RunningJob | None:
+        job_id = self._job_id
+        return eviction.RunningJob(job_id, self._job_ends_by) if job_id is not None else None
+
+    def _on_eviction(self, decision: eviction.EvictionDecision) -> None:
+        """From the watch thread: stop taking work; release the job if it cannot end before the instance does."""
+        if self._eviction is None and decision.eviction is not None:
+            self._eviction = decision.eviction
+            self._stop.set()  # no drain timer: the decision says whether the job may finish
+            self._state = base.WorkerState.DRAINING
+            self._beat()
+        if decision.release_job and not self._release.is_set():
+            log.warning("eviction_releasing_job", instance_id=self._instance_id, job_id=self._job_id)
+            self._release.set()
+            self._cancel.set()
 
     def idle_timeout_s(self) -> float:
         """How long to wait for work before retiring: the controller's fresh hint, else ``idle_timeout_s``."""
@@ -151,7 +207,11 @@ class Worker:
                 return idle_for
             wait = min(self._settings.receive_wait_s, max(0.1, timeout - idle_for))
             message = self._queue.receive(max_wait_s=wait)
-            if message is not None:
+            if message is not None and self._eviction is not None:  # received as the notice came: give it back
+                self._queue.abandon(message)
+                self.stats.abandoned += 1
+                log.warning("job_abandoned", delivery_count=message.delivery_count, why="instance being evicted")
+            elif message is not None:
                 self.handle(message)
                 idle_since = time.monotonic()
         return None
@@ -169,6 +229,7 @@ class Worker:
                 self._handle_job(message, job)
 
     def _handle_job(self, message: base.ReceivedMessage, job: jobs.Job) -> None:
+        self._job_ends_by = math.inf  # unbounded until the analytics starts (staging has no timeout)
         self._set_state(base.WorkerState.BUSY, job.job_id)
         keeper = self._queue.keep_locked(message, on_lost=self._on_lock_lost)
         try:
@@ -214,12 +275,14 @@ class Worker:
         if store.exists(output_uri + SUCCESS_MARKER):
             log.info("job_already_published", output=output_uri)
             return
-        job_dir = Path(self._settings.work_dir) / f"{job.job_id}.{message.delivery_count}"
+        # absolute: the analytics runs with cwd = job_dir, so relative SCALEBUS_*_DIR paths would point nowhere
+        job_dir = Path(self._settings.work_dir).absolute() / f"{job.job_id}.{message.delivery_count}"
         try:
             report = self._stage_and_run(message, job, job_dir, keeper)
             out_dir = job_dir / "output"
             (out_dir / JOB_REPORT).write_text(json.dumps(asdict(report), indent=2))
             _raise_if_lost(keeper)
+            self._raise_if_released()
             published = staging.publish(self._resolve, out_dir, output_uri, self._staging)
             log.info("job_published", output=output_uri, files=published.files, bytes=published.bytes)
         finally:
@@ -231,6 +294,7 @@ class Worker:
         in_dir, out_dir = job_dir / "input", job_dir / "output"
         shutil.rmtree(job_dir, ignore_errors=True)
         in_dir.mkdir(parents=True)
+        secret_env = self._secrets.resolve() if self._secrets is not None else {}
         staged = staging.stage_in(self._resolve, job.inputs, in_dir, self._staging)
         self.stats.bytes_staged += staged.bytes
         self.stats.staging_seconds += staged.seconds
@@ -242,16 +306,21 @@ class Worker:
             mb_per_s=round(staged.mb_per_s, 1),
         )
         _raise_if_lost(keeper)
+        self._raise_if_released()
+        timeout_s = job.timeout_s or self._settings.job_timeout_s
+        self._job_ends_by = time.time() + timeout_s
         result = runner.run(
             self._settings.command,
             cwd=job_dir,
-            env=runner.job_env(job_id=job.job_id, input_dir=in_dir, output_dir=out_dir, params=job.params),
+            env=runner.job_env(job_id=job.job_id, input_dir=in_dir, output_dir=out_dir, params=job.params)
+            | secret_env,
             output_dir=out_dir,
-            timeout_s=job.timeout_s or self._settings.job_timeout_s,
+            timeout_s=timeout_s,
             cancel=self._cancel,
         )
         _raise_if_lost(keeper)
-        _check_result(result, out_dir)
+        self._raise_if_released()
+        _check_result(result, out_dir, mask=self._secrets.mask if self._secrets is not None else str)
         log.info("job_ran", seconds=round(result.seconds, 2))
         return JobReport(
             job.job_id,
@@ -263,6 +332,11 @@ class Worker:
             round(result.seconds, 3),
             result.exit_code,
         )
+
+    def _raise_if_released(self) -> None:
+        if self._release.is_set():
+            notice = self._eviction
+            raise errors.RetryJob(f"instance being evicted ({notice.kind if notice else '?'}): job released")
 
     def _on_lock_lost(self, exc: BaseException) -> None:
         log.warning("job_lock_renewal_failed", error=str(exc))
@@ -322,10 +396,10 @@ def _raise_if_lost(keeper: base.LockKeeper) -> None:
         raise errors.LockLostError(f"job lock lost: {keeper.lost}")
 
 
-def _check_result(result: runner.RunResult, out_dir: Path) -> None:
+def _check_result(result: runner.RunResult, out_dir: Path, *, mask: Callable[[str], str]) -> None:
     if result.ok:
         return
-    stderr = runner.tail(out_dir / "stderr.txt", max_bytes=500)
+    stderr = mask(runner.tail(out_dir / "stderr.txt", max_bytes=500))  # the analytics may print a secret
     if result.timed_out:
         raise errors.RetryJob(f"analytics timed out after {result.seconds:.0f} s")
     if result.cancelled:

@@ -58,7 +58,11 @@ Resolver = Callable[[str], base.ObjectStore]
 
 @dataclass(frozen=True, slots=True)
 class StageStats:
-    """What one staging (in or out) did. ``already_published``: publish found the marker and did nothing."""
+    """What one staging (in or out) did. ``already_published``: publish found the marker and did nothing.
+
+    ``cpu_s`` is the CPU time (user + system) the whole process used meanwhile: the client cost of the transfer
+    when nothing else runs in the process (``scalebus stage``), an upper bound for it in a worker.
+    """
 
     files: int
     bytes: int
@@ -66,6 +70,7 @@ class StageStats:
     skipped_bytes: int
     seconds: float
     already_published: bool = False
+    cpu_s: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -103,7 +108,7 @@ def stage_in(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> StageStats:
     """Download every file under ``sources`` into ``dest`` (layout and path rules: :mod:`scalebus.worker.plan`)."""
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     stores = [resolve(uri) for uri in sources]
     listings = [plan.Listing(uri, list(store.list_files(uri))) for uri, store in zip(sources, stores, strict=True)]
     dest = dest.absolute()
@@ -129,6 +134,7 @@ def stage_in(
         skipped_files=len(download.skip),
         skipped_bytes=download.skip_bytes,
         seconds=time.monotonic() - started,
+        cpu_s=round(time.process_time() - cpu_started, 3),
     )
     log.info("staging.stage_in.done", dest=str(dest), sources=len(sources), **stats.as_dict())
     return stats
@@ -483,7 +489,7 @@ def publish(
 
     If ``_SUCCESS`` is already there the outputs were committed by an earlier delivery: nothing is uploaded.
     """
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     store = resolve(dest_uri)
     prefix = dest_uri.rstrip("/") + "/"
     marker_uri = prefix + MARKER_NAME
@@ -514,7 +520,9 @@ def publish(
     }
     store.write_bytes(json.dumps(marker, indent=1).encode(), marker_uri)
     progress.finish()
-    stats = StageStats(len(files), total, 0, 0, time.monotonic() - started)
+    stats = StageStats(
+        len(files), total, 0, 0, time.monotonic() - started, cpu_s=round(time.process_time() - cpu_started, 3)
+    )
     log.info("staging.publish.done", dest=dest_uri, **stats.as_dict())
     return stats
 

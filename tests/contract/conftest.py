@@ -14,6 +14,7 @@ from tests.contract.local_backends import *  # noqa: F403  (fixtures)
 QUEUE_BACKENDS = ["sqlite", "servicebus"]
 SCALE_SET_BACKENDS = ["local", "vmss", "vmss_flexible"]
 STORE_BACKENDS = ["folder", "azurite", "azurite_sdk"]
+SECRETS_BACKENDS = ["folder", "keyvault"]
 
 
 @pytest.fixture(params=QUEUE_BACKENDS)
@@ -32,3 +33,10 @@ def scale_set_factory(request: pytest.FixtureRequest) -> object:
 def store_factory(request: pytest.FixtureRequest) -> object:
     """``factory() -> (ObjectStore, root_uri)``: an empty root URI ending in '/' the store can write under."""
     return request.getfixturevalue(f"{request.param}_store_factory")
+
+
+@pytest.fixture(params=SECRETS_BACKENDS)
+def secrets_factory(request: pytest.FixtureRequest) -> object:
+    """``factory() -> (SecretSource, put)``: an empty source, and ``put(name, value)`` adding a secret (or a new
+    version of it) the backend's own way."""
+    return request.getfixturevalue(f"{request.param}_secrets_factory")

@@ -11,6 +11,7 @@ import pytest
 
 from scalebus.backends import base
 from scalebus.backends.local import folder, pool, sqlite_queue
+from scalebus.backends.local import secrets as local_secrets
 
 QueueFactory = Callable[..., tuple[base.JobQueue, base.QueueDepth]]
 _names = itertools.count()
@@ -65,5 +66,24 @@ def folder_store_factory(tmp_path: Path) -> Callable[[], tuple[base.ObjectStore,
         root = tmp_path / f"lake{next(_names)}"
         root.mkdir()
         return folder.FolderStore(), folder.uri_of(root) + "/"
+
+    return factory
+
+
+@pytest.fixture
+def folder_secrets_factory(tmp_path: Path) -> Callable[[], tuple[base.SecretSource, Callable[[str, str], None]]]:
+    """``factory() -> (SecretSource, put)``: an empty secrets folder; ``put`` writes a mode-600 file as an operator
+    would (``echo "$VALUE" > name``, so with a trailing newline)."""
+
+    def factory() -> tuple[base.SecretSource, Callable[[str, str], None]]:
+        root = tmp_path / f"secrets{next(_names)}"
+        root.mkdir(mode=0o700)
+
+        def put(name: str, value: str) -> None:
+            path = root / name
+            path.touch(mode=0o600)
+            path.write_text(value + "\n", encoding="utf-8")
+
+        return local_secrets.FolderSecretSource.from_url(f"local://{root}"), put
 
     return factory

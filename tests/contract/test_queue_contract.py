@@ -167,3 +167,63 @@ def test_concurrent_receivers_never_share_a_message(queue_factory) -> None:  # t
         thread.join()
     assert failures == []
     assert sorted(seen) == sorted(f"job-{i}" for i in range(20))
+
+
+def _dead_letter_all(queue: base.JobQueue, count: int) -> dict[str, int]:
+    """Send ``count`` jobs and dead-letter each at once (well inside any duplicate-detection window, so a copy
+    that reused the old id would be dropped); returns message id → sequence number."""
+    queue.send([_msg(i) for i in range(count)])
+    sequence_numbers: dict[str, int] = {}
+    for _ in range(count):
+        got = queue.receive(max_wait_s=WAIT_S)
+        assert got is not None
+        queue.dead_letter(got, reason="SchemaViolation", description="fixed since")
+        sequence_numbers[got.message_id] = got.sequence_number
+    return sequence_numbers
+
+
+def _receive_all(queue: base.JobQueue) -> list[base.ReceivedMessage]:
+    received = []
+    while (got := queue.receive(max_wait_s=1.0)) is not None:
+        received.append(got)
+        queue.complete(got)
+    return received
+
+
+def test_requeue_moves_dead_letters_back_with_their_bodies(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, depth = queue_factory()
+    sequence_numbers = _dead_letter_all(queue, 5)
+
+    first = queue.requeue_dead_letters(max_count=3, concurrency=2)
+    assert len(first) == 3  # max_count holds across receivers
+    assert len(queue.peek_dead_letters(max_count=10)) == 2
+    rest = queue.requeue_dead_letters(max_count=10, concurrency=4)
+    moved = first + rest
+    assert sorted(m.message_id for m in moved) == sorted(sequence_numbers)
+    assert {m.new_message_id for m in moved} == {
+        base.requeued_message_id(mid, seq) for mid, seq in sequence_numbers.items()
+    }
+    assert queue.peek_dead_letters(max_count=10) == []
+
+    received = _receive_all(queue)
+    by_new_id = {m.new_message_id: m.message_id for m in moved}
+    assert sorted(r.message_id for r in received) == sorted(by_new_id)
+    assert all(r.body == _msg(by_new_id[r.message_id].removeprefix("job-")).body for r in received)
+    assert {r.delivery_count for r in received} == {1}  # a fresh start
+    assert _wait_for_depth(depth, lambda s: s.dead_lettered == 0 and s.active == 0).dead_lettered == 0
+    assert queue.requeue_dead_letters(max_count=10, concurrency=2) == []
+
+
+def test_a_requeued_job_dead_lettered_again_can_be_requeued_again(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory()
+    _dead_letter_all(queue, 1)
+    (once,) = queue.requeue_dead_letters(max_count=1)
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None and got.message_id == once.new_message_id
+    queue.dead_letter(got, reason="StillBroken", description="try again")
+    (twice,) = queue.requeue_dead_letters(max_count=1)
+    assert twice.message_id == once.new_message_id
+    assert twice.new_message_id == base.requeued_message_id("job-0", got.sequence_number)  # one mark, not two
+    again = queue.receive(max_wait_s=WAIT_S)
+    assert again is not None and again.message_id == twice.new_message_id and again.body == _msg(0).body
+    queue.complete(again)

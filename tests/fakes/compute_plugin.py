@@ -61,11 +61,11 @@ def imds_server() -> Iterator[ImdsFake]:
 def imds_fake(imds_server: ImdsFake) -> Iterator[ImdsFake]:
     """The IMDS fake, with no identity, events or failures left over from another test."""
     imds_server.identity = None
-    imds_server.scheduled_events = []
+    imds_server.reset_scheduled_events()
     imds_server.token_status = 200
     yield imds_server
     imds_server.identity = None
-    imds_server.scheduled_events = []
+    imds_server.reset_scheduled_events()
     imds_server.token_status = 200
 
 

@@ -11,7 +11,12 @@ Endpoints (each requires the ``Metadata: true`` header, as IMDS does, and answer
   shape MSAL's ``_obtain_token_on_azure_vm`` (used by azure-identity 1.27's ``ManagedIdentityCredential``) reads:
   ``access_token``, ``expires_in`` (seconds, a string as IMDS sends it), ``expires_on``, ``resource``,
   ``token_type``. Point the credential here with ``AZURE_POD_IDENTITY_AUTHORITY_HOST``.
-- ``GET /metadata/scheduledevents?api-version=...``: ``{"DocumentIncarnation": n, "Events": [...]}``.
+- ``GET /metadata/scheduledevents?api-version=...``: ``{"DocumentIncarnation": n, "Events": [...]}``, events in
+  the documented shape (``EventId``, ``EventType``, ``ResourceType``, ``Resources`` — VM names, ``EventStatus``,
+  ``NotBefore`` as an RFC 1123 date, blank once ``Started``, ``Description``, ``EventSource``,
+  ``DurationInSeconds``). :meth:`ImdsFake.post_event` schedules one; every change bumps the incarnation.
+- ``POST /metadata/scheduledevents?api-version=...`` with ``{"StartRequests": [{"EventId": ...}]}``: approves
+  events (recorded in ``acknowledged``; each moves to ``Started``); 400 for a malformed body or an unknown id.
 
 Every request is counted per path, so tests can see that the credential really asked.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import email.utils
 import http.server
 import json
 import secrets
@@ -73,6 +79,8 @@ class ImdsFake(ServedFake):
         self.identity: VmIdentity | None = None
         self.scheduled_events: list[dict[str, Any]] = []
         self.document_incarnation = 1
+        self.acknowledged: list[str] = []
+        """Event ids approved through ``POST`` (``StartRequests``), in order."""
         self.token_status = 200
         """Set to 400 to answer like a VM with no identity assigned."""
         self._counts: collections.Counter[str] = collections.Counter()
@@ -86,6 +94,72 @@ class ImdsFake(ServedFake):
     def count(self, path: str) -> int:
         with self._lock:
             return self._counts[path]
+
+    def post_event(
+        self,
+        event_type: str,
+        resources: list[str],
+        *,
+        not_before_s: float = 30.0,
+        status: str = "Scheduled",
+        event_id: str | None = None,
+    ) -> str:
+        """Schedule an event for these VM names, ``not_before_s`` from now; returns its id."""
+        event_id = event_id or str(uuid.uuid4()).upper()
+        not_before = "" if status == "Started" else email.utils.formatdate(time.time() + not_before_s, usegmt=True)
+        event = {
+            "EventId": event_id,
+            "EventType": event_type,
+            "ResourceType": "VirtualMachine",
+            "Resources": list(resources),
+            "EventStatus": status,
+            "NotBefore": not_before,
+            "Description": "",
+            "EventSource": "Platform",
+            "DurationInSeconds": -1,
+        }
+        with self._lock:
+            self.scheduled_events = [*self.scheduled_events, event]
+            self.document_incarnation += 1
+        return event_id
+
+    def clear_event(self, event_id: str) -> None:
+        """The event is over (or cancelled): it leaves the document."""
+        with self._lock:
+            self.scheduled_events = [e for e in self.scheduled_events if e.get("EventId") != event_id]
+            self.document_incarnation += 1
+
+    def reset_scheduled_events(self) -> None:
+        with self._lock:
+            self.scheduled_events = []
+            self.acknowledged = []
+            self.document_incarnation += 1
+
+    def handle_post(self, raw_path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        parsed = urllib.parse.urlsplit(raw_path)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        with self._lock:
+            self._counts[f"POST {parsed.path}"] += 1
+        if headers.get("Metadata", "").lower() != "true" or "api-version" not in query:
+            return 400, {"error": "Bad request. Required metadata header or api-version not specified"}
+        if parsed.path != "/metadata/scheduledevents":
+            return 404, {"error": "Not found"}
+        try:
+            requests = json.loads(body)["StartRequests"]
+            ids = [str(r["EventId"]) for r in requests]
+        except (ValueError, KeyError, TypeError):
+            return 400, {"error": "Bad request. StartRequests is malformed"}
+        with self._lock:
+            known = {e.get("EventId"): e for e in self.scheduled_events}
+            if not ids or any(i not in known for i in ids):
+                return 400, {"error": "Bad request. Unknown EventId"}
+            self.scheduled_events = [
+                {**e, "EventStatus": "Started", "NotBefore": ""} if e.get("EventId") in ids else e
+                for e in self.scheduled_events
+            ]
+            self.acknowledged += ids
+            self.document_incarnation += 1
+        return 200, {}
 
     def handle(self, raw_path: str, headers: Any) -> tuple[int, Any]:
         parsed = urllib.parse.urlsplit(raw_path)
@@ -101,7 +175,9 @@ class ImdsFake(ServedFake):
         if parsed.path == "/metadata/identity/oauth2/token":
             return self._token(query)
         if parsed.path == "/metadata/scheduledevents":
-            return 200, {"DocumentIncarnation": self.document_incarnation, "Events": list(self.scheduled_events)}
+            with self._lock:
+                events = list(self.scheduled_events)
+                return 200, {"DocumentIncarnation": self.document_incarnation, "Events": events}
         return 404, {"error": "Not found"}
 
     def _instance(self) -> tuple[int, Any]:
@@ -163,6 +239,16 @@ def _handler_for(fake: ImdsFake) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             status, payload = fake.handle(self.path, self.headers)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, payload = fake.handle_post(self.path, self.headers, body)
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")

@@ -11,7 +11,9 @@ settled echo 7.15 waits for, lock expiry with redelivery, ``max_delivery_count``
 (``MaxDeliveryCountExceeded``), duplicate detection by message id, scheduled messages, and the
 ``<queue>/$management`` node (``renew-lock``, ``peek-message``, ``update-disposition``,
 ``receive-by-sequence-number``). Its state is readable from any thread (:meth:`ServiceBusBroker.counts`), so the
-admin and metrics fakes report real numbers.
+admin and metrics fakes report real numbers. ``disposition_delay_ms`` holds back every disposition the broker
+sends (the settled echo a settlement waits for, the outcome a sender waits for) to stand in for a network round
+trip; nothing else is delayed, so benchmarks against it see the cost of waiting for settlements.
 
 Frames are encoded and decoded with the SDK's own codec, ``azure.servicebus._pyamqp``. That module is private,
 which is why ``azure-servicebus`` is pinned to ``~=7.15.0`` in pyproject.toml: a minor release may change it.
@@ -322,6 +324,15 @@ class Connection:
         if not self.closed:
             self.writer.write(_frame_bytes(channel, frame))
 
+    def send_disposition(self, channel: int, frame: performatives.DispositionFrame) -> None:
+        """Send now, or after the broker's ``disposition_delay_ms`` (each on its own timer: replies overlap as
+        they would on a network, they do not queue behind each other)."""
+        delay_s = self.broker.disposition_delay_ms / 1000
+        if delay_s <= 0:
+            self.send(channel, frame)
+        else:
+            asyncio.get_running_loop().call_later(delay_s, self.send, channel, frame)
+
     async def read_frame(self) -> tuple[int, int, int | None, list[Any] | None]:
         head = await self.reader.readexactly(8)
         size, doff, ftype, channel = struct.unpack(">IBBH", head)
@@ -557,7 +568,7 @@ class Connection:
         else:
             self._request(link, _decode.decode_payload(memoryview(payload)), now)
         if not first[4]:  # unsettled: the client waits for our outcome
-            self.send(
+            self.send_disposition(
                 session.channel,
                 performatives.DispositionFrame(
                     role=ROLE_RECEIVER,
@@ -623,7 +634,7 @@ class Connection:
             assert link.entity is not None
             echo = self.broker.settle(link.entity, token, state, now)
             if not settled:
-                self.send(
+                self.send_disposition(
                     session.channel,
                     performatives.DispositionFrame(
                         role=ROLE_SENDER,
@@ -689,10 +700,13 @@ class Connection:
 class ServiceBusBroker:
     """The fake namespace: queues, connections, and a thread running their event loop."""
 
-    def __init__(self, *, host: str = "127.0.0.1", duplicate_window_s: float = 600.0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", duplicate_window_s: float = 600.0, disposition_delay_ms: float = 0.0
+    ) -> None:
         self.host = host
         self.port = 0
         self.duplicate_window_s = duplicate_window_s
+        self.disposition_delay_ms = disposition_delay_ms
         self.key = base64.b64encode(b"scalebus-fake-servicebus-key-0000").decode()
         self.lock = threading.RLock()
         self.entities: dict[str, Entity] = {}

@@ -1,5 +1,5 @@
-"""Import direction (STYLE.md): only backends/azure imports azure.* ; tenacity only in backends/azure/_retry.py;
-the pure modules import no I/O backends."""
+"""Import direction (STYLE.md): only backends/azure imports azure.* ; only backends/aws imports boto3/botocore;
+tenacity only in backends/azure/_retry.py; the pure modules import no I/O backends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scalebus"
-PURE = ("controller/policy.py", "worker/plan.py", "jobs.py", "errors.py")
+PURE = ("controller/policy.py", "worker/plan.py", "ingest/plan.py", "jobs.py", "errors.py")
 
 
 def _imports(path: Path) -> set[str]:
@@ -31,6 +31,8 @@ def test_azure_and_tenacity_stay_at_the_edge(path: Path) -> None:
     imported = _imports(path)
     if not rel.startswith("backends/azure/"):
         assert not any(name == "azure" or name.startswith("azure.") for name in imported), rel
+    if not rel.startswith("backends/aws/"):
+        assert not any(name.partition(".")[0] in ("boto3", "botocore") for name in imported), rel
     if rel != "backends/azure/_retry.py":
         assert not any(name == "tenacity" or name.startswith("tenacity.") for name in imported), rel
 
@@ -39,6 +41,7 @@ def test_azure_and_tenacity_stay_at_the_edge(path: Path) -> None:
 def test_pure_modules_do_no_io(rel: str) -> None:
     imported = _imports(PACKAGE / rel)
     forbidden = {"subprocess", "socket", "sqlite3", "scalebus.backends.local", "scalebus.backends.azure", "time"}
+    forbidden |= {"scalebus.backends.aws", "scalebus.backends.aws.s3"}
     assert not imported & forbidden, f"{rel} imports {imported & forbidden}"
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from scalebus.backends import base
+from scalebus.backends.local import sqlite_queue
+
 
 def scalebus(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -55,6 +58,8 @@ def config(tmp_path: Path) -> Path:
             id="bad-scheme",
         ),
         pytest.param(["selfdestroy"], {}, "not running in a scale set", id="selfdestroy-outside-pool"),
+        pytest.param(["requeue", "--max", "0"], {}, "--max 0: give 1 or more", id="requeue-max-zero"),
+        pytest.param(["requeue", "--concurrency", "99"], {}, "give 1 to 32", id="requeue-concurrency"),
     ],
 )
 def test_user_mistakes_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
@@ -107,7 +112,17 @@ def test_submit_then_status_as_json(tmp_path: Path, config: Path) -> None:
 def test_help_explains_commands(tmp_path: Path) -> None:
     result = scalebus("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("demo", "controller", "worker", "selfdestroy", "submit", "status", "stage", "simulate"):
+    for command in (
+        "demo",
+        "controller",
+        "worker",
+        "selfdestroy",
+        "submit",
+        "status",
+        "requeue",
+        "stage",
+        "simulate",
+    ):
         assert command in result.stdout
 
 
@@ -127,3 +142,29 @@ def test_stage_command_copies_and_reports_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bytes"] == 1000
     assert (tmp_path / "dest" / "s1" / "a.bin").read_bytes() == b"x" * 1000
+
+
+def test_requeue_puts_dead_letters_back_as_json(tmp_path: Path, config: Path) -> None:
+    queue = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5)
+    try:
+        queue.send([base.OutgoingMessage(message_id=f"j{i}", body=f'{{"n": {i}}}'.encode()) for i in range(3)])
+        for _ in range(3):
+            got = queue.receive(max_wait_s=1)
+            assert got is not None
+            queue.dead_letter(got, reason="SchemaViolation", description="fixed since")
+    finally:
+        queue.close()
+
+    first = scalebus("requeue", "-c", str(config), "--max", "2", "-o", "json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert (data["queue"], data["requeued"]) == ("jobs", 2)
+    assert [m["message_id"] for m in data["messages"]] == ["j0", "j1"]
+    assert all(m["new_message_id"].startswith(m["message_id"] + "+r") for m in data["messages"])
+    rest = scalebus("requeue", "-c", str(config), "--concurrency", "1", cwd=tmp_path)  # the table, for people
+    assert rest.returncode == 0, rest.stderr
+    assert "requeued as" in rest.stdout and "j2+r" in rest.stdout
+    status = json.loads(scalebus("status", "-c", str(config), "-o", "json", cwd=tmp_path).stdout)
+    assert (status["depth"]["active"], status["depth"]["dead_lettered"], status["dead_letters"]) == (3, 0, [])
+    help_text = scalebus("requeue", "--help", cwd=tmp_path)
+    assert help_text.returncode == 0 and "--concurrency" in help_text.stdout and "duplicate" in help_text.stdout

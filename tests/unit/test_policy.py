@@ -298,3 +298,38 @@ def test_idle_grace_bounds_are_validated() -> None:
         settings_module.load(
             environ={"SCALEBUS_CONTROLLER__IDLE_GRACE_MIN_S": "60", "SCALEBUS_CONTROLLER__IDLE_GRACE_MAX_S": "30"}
         )
+
+
+@pytest.mark.parametrize(
+    ("age", "capacity"),
+    [
+        pytest.param(290.0, None, id="jobs-about-to-end-absorb-the-waiting"),
+        pytest.param(0.0, 5, id="fresh-jobs-absorb-nothing"),
+        pytest.param(400.0, 5, id="older-than-all-learned-taken-as-memoryless"),
+    ],
+)
+def test_absorb_weighs_how_long_the_busy_jobs_have_run(age: float, capacity: int | None) -> None:
+    """Jobs take 300 s; three busy, two waiting, a boot is 120 s. Near their end the busy workers start the
+    waiting jobs within a boot; just started (or past every duration seen) they will not: the jobs get VMs."""
+    seen = tuple((f"job-{iid}", NOW - age) for iid in "abc")
+    state = replace(policy.initial_state(), durations=(300.0,) * 5, job_first_seen=seen)
+    decision, _ = policy.decide(observe(2, 3, instances=(busy("a"), busy("b"), busy("c"))), state, DEFAULT)
+    assert decision.capacity == capacity, decision.reason
+
+
+@pytest.mark.parametrize(
+    ("busy_count", "grace"),
+    [
+        pytest.param(0, 150.0, id="nothing-busy-wait-one-and-a-half-gaps"),
+        pytest.param(1, 225.0, id="arrivals-outpace-completions-wait-for-the-surplus"),
+        pytest.param(2, 5.0, id="surplus-arrives-too-rarely-retire"),
+        pytest.param(3, 5.0, id="completions-keep-up-idle-workers-retire"),
+    ],
+)
+def test_idle_grace_counts_the_workers_about_to_free_up(busy_count: int, grace: float) -> None:
+    """A job every 100 s, jobs take 300 s: each busy worker frees up every 300 s, and an idle worker is
+    needed only for the arrivals the busy ones do not take (1/100 − busy/300 per second)."""
+    state = replace(arrived_every(100, 4, last_at=NOW - 100), durations=(300.0,) * 5)
+    fleet = tuple(busy(f"b{n}") for n in range(busy_count))
+    decision, _ = policy.decide(observe(0, busy_count, instances=fleet), state, DEFAULT)
+    assert decision.idle_grace_s == pytest.approx(grace)

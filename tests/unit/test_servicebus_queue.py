@@ -118,6 +118,46 @@ def test_many_jobs_go_out_in_batches_and_duplicates_are_dropped(  # type: ignore
     assert counts is not None and (counts.total_received, counts.active) == (6, 6)
 
 
+def test_requeue_with_many_receivers_moves_every_dead_letter_exactly_once(  # type: ignore[no-untyped-def]
+    open_queue, servicebus_broker: ServiceBusBroker
+) -> None:
+    name, queue, _ = open_queue(lock_duration_s=30)
+    count = 50
+    queue.send([_msg(i, f'{{"n": {i}}}'.encode()) for i in range(count)])
+    sequence_numbers = {}
+    for _ in range(count):
+        got = queue.receive(max_wait_s=5)
+        assert got is not None
+        queue.dead_letter(got, reason="Bad", description="bad input")
+        sequence_numbers[got.message_id] = got.sequence_number
+
+    moved = queue.requeue_dead_letters(max_count=1000, concurrency=4)
+
+    assert sorted(m.message_id for m in moved) == sorted(sequence_numbers)  # each dead letter once
+    assert sorted(m.new_message_id for m in moved) == sorted(
+        base.requeued_message_id(mid, seq) for mid, seq in sequence_numbers.items()
+    )
+    counts = servicebus_broker.counts(name)
+    assert counts is not None
+    # the originals and one copy each reached the queue; nothing is dead-lettered or left locked
+    assert (counts.total_received, counts.active, counts.dead_lettered, counts.locked) == (2 * count, count, 0, 0)
+    bodies = {}
+    while (got := queue.receive(max_wait_s=1)) is not None:
+        bodies[got.message_id] = got.body
+        queue.complete(got)
+    assert bodies == {m.new_message_id: f'{{"n": {m.message_id.removeprefix("job-")}}}'.encode() for m in moved}
+
+
+def test_requeue_on_a_missing_queue_raises_our_error_from_every_receiver(servicebus_settings: Settings) -> None:
+    settings, environ = servicebus_settings("never-created-dlq")
+    queue, _ = servicebus.open_servicebus(settings, environ=environ)
+    try:
+        with pytest.raises(errors.QueueNotFoundError):
+            queue.requeue_dead_letters(max_count=10, concurrency=3)
+    finally:
+        queue.close()
+
+
 def test_unknown_queue_is_a_permanent_not_found(
     servicebus_settings: Settings, servicebus_broker: ServiceBusBroker
 ) -> None:

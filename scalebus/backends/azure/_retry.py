@@ -95,11 +95,29 @@ def retry_long_running_poll(fn: Callable[..., T]) -> Callable[..., T]:
     return decorated
 
 
+def retry_secret_read(fn: Callable[..., T]) -> Callable[..., T]:
+    """One Key Vault secret GET: throttling (429, honouring Retry-After), 5xx, resets. Short, because a job waits
+    on it and an abandoned job comes back anyway."""
+    decorated: Callable[..., T] = _policy(
+        name="secret_read", attempts=4, deadline_s=30.0, initial_s=0.5, max_s=8.0
+    )(fn)
+    return decorated
+
+
 def retry_blob_get(fn: Callable[..., T]) -> Callable[..., T]:
-    """One GET of a blob (or range) on the lean read path: resets, bodies cut short, 500, 503 ServerBusy (never
-    sooner than its Retry-After). Each attempt re-sends the whole GET on a fresh connection, from the sink's
-    starting position."""
+    """One GET on the lean path, of a blob (or range) or of a List Blobs page: resets, bodies cut short, 500,
+    503 ServerBusy (never sooner than its Retry-After). Each attempt re-sends the whole GET on a fresh connection,
+    from the sink's starting position."""
     decorated: Callable[..., T] = _policy(
         name="blob_get", attempts=6, deadline_s=120.0, initial_s=0.2, max_s=10.0
+    )(fn)
+    return decorated
+
+
+def retry_metadata_call(fn: Callable[..., T]) -> Callable[..., T]:
+    """One IMDS scheduled-events GET or acknowledgement: IMDS throttles at 5 requests/s per VM and answers 5xx
+    while busy. Short, because a Spot eviction gives 30 s in all and the worker polls again anyway."""
+    decorated: Callable[..., T] = _policy(
+        name="metadata_call", attempts=3, deadline_s=5.0, initial_s=0.2, max_s=1.0
     )(fn)
     return decorated

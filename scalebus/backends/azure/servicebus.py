@@ -13,10 +13,16 @@ once per ``depth_cache_s``. Service Bus counts a peek-locked message as *active*
 has no locked count (``MessageCount`` is the sum of the other counters, so subtracting them leaves nothing), so the
 admin API cannot tell waiting from in-flight work: ``in_flight`` is ``None`` and ``active`` includes locked
 messages. The controller learns in-flight work from worker heartbeats instead.
+
+Requeueing dead letters settles many messages at once, and since 7.15 every settlement waits for the broker's
+echo. A message settles only through the link that received it and an SDK receiver is not thread-safe, so
+``requeue_dead_letters`` runs K receivers on the dead-letter queue, one thread each with its own sender: N dead
+letters cost about N / K settlement round trips instead of N (bench/settle.py measures it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -59,6 +65,14 @@ CLOSE_TIMEOUT_S = 10.0
 """Longest wait for one link to close."""
 NO_PRACTICAL_CAP_S = 10 * 365 * 24 * 3600.0
 """``AutoLockRenewer`` needs a maximum renewal duration; a job outlives its VM long before this."""
+REQUEUE_BATCH = 16
+"""Most dead letters one requeue receiver takes per round. It completes them one after another, each waiting for
+the broker's echo, so a round holds their locks for about this many round trips (far inside the 5 s minimum
+lock); small rounds also spread a short dead-letter queue over every receiver, at one receive per round."""
+REQUEUE_WAIT_S = 2.0
+"""How long a requeue receiver waits for a dead letter before it takes the dead-letter queue for drained."""
+MAX_REQUEUE_CONCURRENCY = 32
+"""Upper bound on requeue receivers (each is a connection with a sender of its own)."""
 
 _TRANSIENT_SB = (
     sb_exc.ServiceBusConnectionError,
@@ -167,6 +181,34 @@ class _RenewedLock:
         self._renewer.close(wait=False)
 
 
+class _Quota:
+    """How many more dead letters a requeue may take, shared by its receivers (claimed before each receive, the
+    unreceived part given back after it, so ``max_count`` holds however the receivers interleave). A claim is at
+    most a fair share of what is left, so a small ``max_count`` still spreads over every receiver."""
+
+    def __init__(self, total: int, *, receivers: int) -> None:
+        self._left = total
+        self._receivers = receivers
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def take(self, wanted: int) -> int:
+        with self._lock:
+            fair_share = -(-self._left // self._receivers)
+            granted = 0 if self._stopped else max(0, min(wanted, fair_share, self._left))
+            self._left -= granted
+            return granted
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self._left += count
+
+    def stop(self) -> None:
+        """No receiver starts another round (one of them failed)."""
+        with self._lock:
+            self._stopped = True
+
+
 class ServiceBusJobQueue:
     """A Service Bus queue in peek-lock mode behind ``base.JobQueue``.
 
@@ -229,19 +271,7 @@ class ServiceBusJobQueue:
     @_retry.retry_messaging
     def _send_batches(self, messages: list[base.OutgoingMessage]) -> None:
         with _translated(what=f"send to {self._queue_name}"):
-            sender = self._get_sender()
-            batch = sender.create_message_batch()
-            for message in messages:
-                sb_message = ServiceBusMessage(
-                    message.body, message_id=message.message_id, content_type=message.content_type
-                )
-                try:
-                    batch.add_message(sb_message)
-                except sb_exc.MessageSizeExceededError:
-                    sender.send_messages(batch)
-                    batch = sender.create_message_batch()
-                    batch.add_message(sb_message)
-            sender.send_messages(batch)
+            _send_in_batches(self._get_sender(), messages)
 
     # ------------------------------------------------------------------ receive and settle
 
@@ -342,16 +372,135 @@ class ServiceBusJobQueue:
             for m in peeked
         ]
 
+    # ------------------------------------------------------------------ requeue dead letters
+
+    def requeue_dead_letters(self, *, max_count: int, concurrency: int = 1) -> list[base.Requeued]:
+        """``concurrency`` receivers on ``<queue>/$deadletterqueue``, one thread each with its own sender (neither
+        SDK handler is thread-safe). Each round a receiver takes up to ``REQUEUE_BATCH`` dead letters, sends
+        their copies in one batch and then completes each of its own dead letters. Receivers stop when
+        ``max_count`` is reached or the dead-letter queue stays empty for ``REQUEUE_WAIT_S``.
+
+        A dead letter whose lock was lost before it was completed is left in the dead-letter queue and not
+        reported (its copy is on the queue: a later requeue sends the same id again, which duplicate detection
+        drops within its window). The first error of any receiver stops the others after their round and is
+        raised once they are done; what they moved stays moved.
+        """
+        if max_count <= 0:
+            return []
+        receivers = max(1, min(concurrency, MAX_REQUEUE_CONCURRENCY, max_count))
+        quota = _Quota(max_count, receivers=receivers)
+        moved: list[base.Requeued] = []
+        moved_lock = threading.Lock()
+
+        def record(item: base.Requeued) -> None:
+            with moved_lock:
+                moved.append(item)
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(receivers, thread_name_prefix="sb-requeue") as pool:
+            futures = [pool.submit(self._requeue_rounds, quota, record) for _ in range(receivers)]
+        failures = [exc for future in futures if (exc := future.exception()) is not None]
+        self._log.info(
+            "servicebus.dead_letters_requeued",
+            count=len(moved),
+            concurrency=receivers,
+            elapsed_s=round(time.monotonic() - started, 3),
+            failed=bool(failures),
+        )
+        if failures:
+            raise failures[0]
+        return moved
+
+    def _requeue_rounds(self, quota: _Quota, record: Callable[[base.Requeued], None]) -> None:
+        """One receiver's share of a requeue, on its own thread with its own links."""
+        what = f"requeue dead letters of {self._queue_name}"
+        handlers: list[Any] = []
+        try:
+            with _translated(what=what):
+                receiver = self._client.get_queue_receiver(
+                    self._queue_name,
+                    sub_queue=ServiceBusSubQueue.DEAD_LETTER,
+                    receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+                    prefetch_count=0,
+                )
+                handlers.append(receiver)
+                sender = self._client.get_queue_sender(self._queue_name)
+                handlers.append(sender)
+            while (wanted := quota.take(REQUEUE_BATCH)) > 0:
+                with _translated(what=what):
+                    got = receiver.receive_messages(max_message_count=wanted, max_wait_time=REQUEUE_WAIT_S)
+                quota.give_back(wanted - len(got))
+                if not got:
+                    return
+                copies = [
+                    base.OutgoingMessage(
+                        message_id=base.requeued_message_id(str(m.message_id or ""), int(m.sequence_number or 0)),
+                        body=_body(m),
+                        content_type=str(m.content_type or "application/json"),
+                    )
+                    for m in got
+                ]
+                self._send_copies(sender, copies)
+                for dead_letter, copy in zip(got, copies, strict=True):
+                    try:
+                        self._complete_dead_letter(receiver, dead_letter)
+                    except errors.LockLostError:
+                        self._log.warning(
+                            "servicebus.requeue_lock_lost",
+                            message_id=dead_letter.message_id,
+                            new_message_id=copy.message_id,
+                        )
+                        continue
+                    record(
+                        base.Requeued(message_id=str(dead_letter.message_id or ""), new_message_id=copy.message_id)
+                    )
+        except BaseException:
+            quota.stop()
+            raise
+        finally:
+            _close_side_by_side(handlers)
+
+    @_retry.retry_messaging
+    def _send_copies(self, sender: Any, copies: list[base.OutgoingMessage]) -> None:
+        with _translated(what=f"requeue to {self._queue_name}"):
+            _send_in_batches(sender, copies)
+
+    @_retry.retry_messaging
+    def _complete_dead_letter(self, receiver: Any, message: ServiceBusReceivedMessage) -> None:
+        with _translated(what=f"complete dead letter of {self._queue_name}"):
+            receiver.complete_message(message)
+
     def close(self) -> None:
         """Close the links side by side: each close waits for the SDK's keep-alive thread (up to a second)."""
         handlers = [h for h in (self._sender, self._receiver, self._dead_letter_receiver) if h is not None]
         self._sender = self._receiver = self._dead_letter_receiver = None
-        threads = [threading.Thread(target=_close_quietly, args=(h,), daemon=True) for h in handlers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(CLOSE_TIMEOUT_S)
+        _close_side_by_side(handlers)
         _close_quietly(self._client)
+
+
+def _send_in_batches(sender: Any, messages: Sequence[base.OutgoingMessage]) -> None:
+    """As few sends as the batch size limit allows (each waits for the broker's outcome)."""
+    batch = sender.create_message_batch()
+    for message in messages:
+        sb_message = ServiceBusMessage(
+            message.body, message_id=message.message_id, content_type=message.content_type
+        )
+        try:
+            batch.add_message(sb_message)
+        except sb_exc.MessageSizeExceededError:
+            sender.send_messages(batch)
+            batch = sender.create_message_batch()
+            batch.add_message(sb_message)
+    sender.send_messages(batch)
+
+
+def _close_side_by_side(handlers: Sequence[Any]) -> None:
+    """Close handlers in parallel: each close waits for the SDK's keep-alive thread (up to a second)."""
+    threads = [threading.Thread(target=_close_quietly, args=(h,), daemon=True) for h in handlers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CLOSE_TIMEOUT_S)
 
 
 def _close_quietly(handler: Any) -> None:

@@ -187,6 +187,29 @@ class SqliteJobQueue:
             for mid, reason, desc, count, body in rows
         ]
 
+    def requeue_dead_letters(self, *, max_count: int, concurrency: int = 1) -> list[base.Requeued]:
+        """One transaction moves them all, oldest first: each copy goes to the back of the queue (a new row,
+        delivery count 0) and its dead letter is deleted. ``concurrency`` has nothing to spread here."""
+        del concurrency
+        now = time.time()
+        moved: list[base.Requeued] = []
+        with self._db.write() as conn:
+            rows = conn.execute(
+                "SELECT seq, message_id, body FROM messages WHERE queue = ? AND dead = 1 ORDER BY seq LIMIT ?",
+                (self._queue, max(max_count, 0)),
+            ).fetchall()
+            for seq, message_id, body in rows:
+                new_id = base.requeued_message_id(message_id, seq)
+                conn.execute(
+                    "INSERT INTO messages (queue, message_id, body, enqueued_at) VALUES (?,?,?,?)",
+                    (self._queue, new_id, body, now),
+                )
+                conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+                moved.append(base.Requeued(message_id=message_id, new_message_id=new_id))
+        if moved:
+            log.info("dead_letters_requeued", queue=self._queue, count=len(moved))
+        return moved
+
     def read_depth(self) -> base.DepthSample:
         now = time.time()
         with self._db.read() as conn:

@@ -1,0 +1,119 @@
+"""The ingest plan (pure): copy / skip / refuse / deleted-at-source, and the manifest format."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scalebus.backends import base
+from scalebus.ingest import plan
+
+
+def obj(rel_path: str, etag: str = "e1", size: int = 10) -> base.RemoteObject:
+    return base.RemoteObject(uri=f"s3://b/p/{rel_path}", rel_path=rel_path, size=size, etag=etag, modified_at=1.0)
+
+
+def entry(rel_path: str, etag: str = "e1", size: int = 10) -> plan.CopiedEntry:
+    return plan.CopiedEntry(rel_path, etag, size)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "present", "expected"),
+    [
+        pytest.param(None, {}, "new", id="never-copied"),
+        pytest.param(entry("a"), {"a": 10}, "skip", id="same-etag-and-size"),
+        pytest.param(entry("a", etag="e0"), {"a": 10}, "changed", id="new-etag"),
+        pytest.param(entry("a", size=9), {"a": 10}, "changed", id="new-size"),
+        pytest.param(entry("a"), {}, "missing", id="deleted-at-destination"),
+        pytest.param(entry("a"), {"a": 3}, "missing", id="altered-at-destination"),
+        pytest.param(entry("a"), None, "skip", id="destination-not-checked"),
+    ],
+)
+def test_decision_for_one_object(
+    recorded: plan.CopiedEntry | None, present: dict[str, int] | None, expected: str
+) -> None:
+    copied = {"a": recorded} if recorded else {}
+    result = plan.plan_ingest([obj("a")], copied=copied, present=present)
+    if expected == "skip":
+        assert (result.skip, result.copy) == ((obj("a"),), ())
+    else:
+        assert result.copy == (plan.CopyTask(obj("a"), expected),)
+        assert result.skip == ()
+
+
+@pytest.mark.parametrize(
+    ("rel_path", "reason"),
+    [
+        pytest.param("../escape", "has a '..' segment", id="dotdot"),
+        pytest.param("a/../../b", "has a '..' segment", id="dotdot-inside"),
+        pytest.param("/etc/passwd", "absolute path", id="absolute"),
+        pytest.param("a//b", "has an empty segment", id="empty-segment"),
+        pytest.param("./a", "has a '.' segment", id="dot"),
+        pytest.param("a\\b", "contains a backslash", id="backslash"),
+        pytest.param("bad\u202ename", "contains a format character (U+202E)", id="bidi-override"),
+        pytest.param("zero\u200bwidth", "contains a format character (U+200B)", id="zero-width"),
+        pytest.param("line\nbreak", "contains a control character (U+000A)", id="newline"),
+        pytest.param("cafe\u0301", "not in Unicode NFC (normalising could merge it with another name)", id="nfd"),
+        pytest.param(plan.MANIFEST_NAME, "reserved for the ingest manifest", id="manifest-name"),
+    ],
+)
+def test_unsafe_names_are_refused_with_a_reason(rel_path: str, reason: str) -> None:
+    result = plan.plan_ingest([obj(rel_path), obj("fine.txt")], copied={}, present={})
+    assert result.refused == (plan.Refusal(rel_path, reason),)
+    assert [task.obj.rel_path for task in result.copy] == ["fine.txt"]
+
+
+def test_an_object_that_is_also_a_folder_is_refused_and_its_children_copied() -> None:
+    result = plan.plan_ingest([obj("d"), obj("d/e"), obj("d/f/g")], copied={}, present={})
+    assert [r.rel_path for r in result.refused] == ["d"]
+    assert "folder" in result.refused[0].reason
+    assert [task.obj.rel_path for task in result.copy] == ["d/e", "d/f/g"]
+
+
+def test_recorded_objects_no_longer_listed_are_reported_not_deleted() -> None:
+    copied = {"a": entry("a"), "gone": entry("gone"), "also/gone": entry("also/gone")}
+    result = plan.plan_ingest([obj("a")], copied=copied, present={"a": 10, "gone": 10})
+    assert result.deleted_at_source == ("also/gone", "gone")
+    assert result.skip == (obj("a"),)
+
+
+def test_manifest_round_trip_and_bad_lines() -> None:
+    entries = {"a": plan.CopiedEntry("a", "e1", 10, 1.5, 2.5), "ü/b c": plan.CopiedEntry("ü/b c", "x-2", 0)}
+    data = plan.render_manifest(entries, source="s3://b/p", now=3.0)
+    header = data.splitlines()[0]
+    assert b'"schema": 1' in header and b'"source": "s3://b/p"' in header
+    assert plan.parse_manifest(data) == entries
+    damaged = data + b'{"path": "x", "etag": "e"}\nnot json\n[1, 2]\n{"path": "y", "etag": "e", "size": "NaN?"}\n'
+    assert plan.parse_manifest(damaged) == entries
+
+
+_segment = st.one_of(
+    st.sampled_from(["..", ".", "", "a", "b", "c.txt", "\u202e", "x\u200b", "cafe\u0301", plan.MANIFEST_NAME]),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=4),
+)
+_paths = st.lists(_segment, min_size=1, max_size=4).map("/".join) | st.sampled_from(["/abs", "a\\b"])
+_objects = st.lists(st.tuples(_paths, st.sampled_from(["e1", "e2"]), st.integers(0, 3)), max_size=12)
+
+
+@given(listed=_objects, recorded=_objects)
+def test_every_object_is_decided_once_and_nothing_escapes(
+    listed: list[tuple[str, str, int]], recorded: list[tuple[str, str, int]]
+) -> None:
+    listing = list({path: obj(path, etag, size) for path, etag, size in listed}.values())
+    copied = {path: entry(path, etag, size) for path, etag, size in recorded}
+    present = {path: size for path, _etag, size in recorded}
+    result = plan.plan_ingest(listing, copied=copied, present=present)
+    decided = [t.obj.rel_path for t in result.copy] + [o.rel_path for o in result.skip]
+    decided += [r.rel_path for r in result.refused]
+    assert sorted(decided) == sorted(o.rel_path for o in listing)
+    for path in [t.obj.rel_path for t in result.copy] + [o.rel_path for o in result.skip]:
+        landed = posixpath.normpath(posixpath.join("/dest", path))
+        assert landed.startswith("/dest/") and landed != "/dest/" + plan.MANIFEST_NAME
+        assert landed == "/dest/" + path  # nothing is rewritten on the way
+    # Applying the plan (record every copy) makes the next plan copy nothing.
+    after = copied | {t.obj.rel_path: entry(t.obj.rel_path, t.obj.etag, t.obj.size) for t in result.copy}
+    present_after = present | {t.obj.rel_path: t.obj.size for t in result.copy}
+    assert plan.plan_ingest(listing, copied=after, present=present_after).copy == ()
