@@ -131,7 +131,9 @@ class LocalScaleSet:
 
     def _spawn(self) -> None:
         with self._db.write() as conn:
-            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM instances").fetchone()[0]
+            # never reuse an id (as VMSS instance ids are not): heartbeats, notices and logs name one machine
+            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'instances'").fetchone()
+            seq = (last[0] if last else 0) + 1
             instance_id = f"local-{seq}"
             conn.execute(
                 "INSERT INTO instances (seq, instance_id, created_at) VALUES (?, ?, ?)",
