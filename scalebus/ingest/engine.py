@@ -39,8 +39,6 @@ log = structlog.get_logger(__name__)
 
 IN_MEMORY_BYTES = 1024 * 1024
 """Objects up to this size are held in memory instead of a scratch file (no file to create and delete)."""
-PROGRESS_INTERVAL_S = 0.2
-"""``on_progress`` is called at most this often (plus once at the end)."""
 
 OnProgress = Callable[[staging.Progress], None]
 
@@ -108,7 +106,7 @@ def ingest(
     )
     if todo.copy and not dry_run:
         checkpoint = _Checkpoint(store, manifest_uri, src_uri, copied, interval_s=settings.checkpoint_interval_s)
-        progress = _Progress(len(todo.copy), todo.copy_bytes, started, on_progress)
+        progress = staging.ProgressTracker(len(todo.copy), todo.copy_bytes, started, on_progress)
         copier = _Copier(source, store, dest_prefix, settings, checkpoint, progress)
         try:
             copier.run(todo.copy)
@@ -152,7 +150,7 @@ class _Copier:
         dest_prefix: str,
         settings: IngestSettings,
         checkpoint: _Checkpoint,
-        progress: _Progress,
+        progress: staging.ProgressTracker,
     ) -> None:
         self._source = source
         self._store = store
@@ -174,7 +172,7 @@ class _Copier:
                 "name a writable folder",
             ) from None
         with scratch:
-            _run_parallel(
+            staging.run_parallel(
                 lambda task: self._copy(task, Path(scratch.name)),
                 tasks,
                 max_workers=self._settings.max_concurrency,
@@ -204,7 +202,7 @@ class _Copier:
         self._checkpoint.record(
             plan.CopiedEntry(obj.rel_path, obj.etag, obj.size, modified_at=obj.modified_at, copied_at=time.time())
         )
-        self._progress.add(obj.size)
+        self._progress.add(files=1, nbytes=obj.size)
         log.debug("ingest.copied", path=obj.rel_path, size=obj.size, reason=task.reason)
 
     def _verify(self, obj: base.RemoteObject, got: int, md5: Callable[[], bytes]) -> None:
@@ -268,68 +266,3 @@ class _Checkpoint:
             self.save()
         except errors.ScalebusError as exc:
             log.warning("ingest.manifest_not_saved", uri=self._uri, error=str(exc))
-
-
-class _Progress:
-    def __init__(self, files_total: int, bytes_total: int, started: float, callback: OnProgress | None) -> None:
-        self._totals = (files_total, bytes_total)
-        self._started = started
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._files = 0
-        self._bytes = 0
-        self._reported_at = 0.0
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:
-            self._files += 1
-            self._bytes += nbytes
-            now = time.monotonic()
-            if self._callback is None or now - self._reported_at < PROGRESS_INTERVAL_S:
-                return
-            self._reported_at = now
-            snapshot = self._snapshot(now)
-        self._callback(snapshot)
-
-    def finish(self) -> None:
-        if self._callback is not None:
-            with self._lock:
-                snapshot = self._snapshot(time.monotonic())
-            self._callback(snapshot)
-
-    def _snapshot(self, now: float) -> staging.Progress:
-        files_total, bytes_total = self._totals
-        return staging.Progress(self._files, files_total, self._bytes, bytes_total, now - self._started)
-
-
-def _run_parallel(
-    fn: Callable[[plan.CopyTask], None], items: Sequence[plan.CopyTask], *, max_workers: int
-) -> None:
-    """Run ``fn`` over ``items`` on at most ``max_workers`` threads; stop at and re-raise the first failure."""
-    lock = threading.Lock()
-    iterator = iter(items)
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        while True:
-            with lock:
-                if failure:
-                    return
-                item = next(iterator, None)
-            if item is None:
-                return
-            try:
-                fn(item)
-            except BaseException as exc:
-                with lock:
-                    failure.append(exc)
-                return
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(0, min(max_workers, len(items)) - 1))]
-    for thread in threads:
-        thread.start()
-    work()
-    for thread in threads:
-        thread.join()
-    if failure:
-        raise failure[0]

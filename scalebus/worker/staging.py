@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, TypeVar
 
 import structlog
 
@@ -54,6 +54,7 @@ PROGRESS_INTERVAL_S = 0.2
 """``on_progress`` is called at most this often (plus once at the end)."""
 
 Resolver = Callable[[str], base.ObjectStore]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ def stage_in(
             dest=dest,
             settings=settings,
             manifest=manifest,
-            progress=_ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress),
+            progress=ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress),
         )
         run.execute(download.fetch)
     stats = StageStats(
@@ -223,7 +224,10 @@ class _Manifest:
                 self._flushed_at = now
 
 
-class _ProgressTracker:
+class ProgressTracker:
+    """Counts files and bytes done from many threads; calls ``callback`` at most every ``PROGRESS_INTERVAL_S``
+    (and once at ``finish``). Shared by staging, publishing and ingest."""
+
     def __init__(
         self, files_total: int, bytes_total: int, started: float, callback: Callable[[Progress], None] | None
     ) -> None:
@@ -332,7 +336,7 @@ class _DownloadRun:
         dest: Path,
         settings: StagingSettings,
         manifest: _Manifest,
-        progress: _ProgressTracker,
+        progress: ProgressTracker,
     ) -> None:
         self._stores = stores
         self._dest = dest
@@ -503,7 +507,7 @@ def publish(
             f"{source_dir / MARKER_NAME}: reserved for the commit marker; rename the output"
         )
     total = sum(size for _rel, size in files)
-    progress = _ProgressTracker(len(files), total, started, on_progress)
+    progress = ProgressTracker(len(files), total, started, on_progress)
     throttle = _Throttle(settings.bandwidth_cap_bytes_per_s)
 
     def upload(item: tuple[str, int]) -> None:
@@ -512,7 +516,7 @@ def publish(
         store.write_file(source_dir / rel, prefix + urllib.parse.quote(rel))
         progress.add(files=1, nbytes=size)
 
-    _run_parallel(upload, files, max_workers=settings.max_concurrency)
+    run_parallel(upload, files, max_workers=settings.max_concurrency)
     marker = {
         "files": [{"path": rel, "size": size} for rel, size in files],
         "bytes": total,
@@ -550,9 +554,7 @@ def _local_files(root: Path) -> list[tuple[str, int]]:
     return found
 
 
-def _run_parallel(
-    fn: Callable[[tuple[str, int]], None], items: Sequence[tuple[str, int]], *, max_workers: int
-) -> None:
+def run_parallel(fn: Callable[[T], None], items: Sequence[T], *, max_workers: int) -> None:
     """Run ``fn`` over ``items`` on at most ``max_workers`` threads; stop at and re-raise the first failure."""
     lock = threading.Lock()
     iterator = iter(items)
