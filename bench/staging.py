@@ -11,7 +11,13 @@ that is the row ``scalebus (in a worker)``, what staging costs a worker that is 
 once and stages job after job). Both rows come from the same process runs.
 
 Sets: A = 64 × 16 MiB (single-put blobs, so they carry Content-MD5), B = 20,000 × 4 KiB, and ``mixed`` = one
-large file (2 GiB by default, ``--big-mib``), 8 × 100 MiB and 1,000 files of 1–512 KiB nested 8 deep.
+large file (2 GiB by default, ``--big-mib``), 8 × 100 MiB and 1,000 files of 1–512 KiB nested 8 deep. Set C is
+B's files in a local folder (``file://`` for scalebus, a local path for rclone): no server in the way, so the
+client's own CPU per file sets the pace, which is where helper processes (``staging.processes``) matter.
+
+``scalebus`` runs with the default settings (``staging.processes = 0``: helper processes once there are 4,000
+files per process); ``scalebus N proc`` sets ``staging.processes = N``. Peak RSS of a client is the larger of
+``wait4``'s (one process) and the highest sum over its process tree sampled every 50 ms (helpers included).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +49,7 @@ CONNECTION_ENV = "SCALEBUS_BENCH_AZURITE_CONNECTION"
 class DataSet:
     name: str
     files: dict[str, int]  # rel path -> size
+    local: bool = False  # read from a local folder, not from Azurite
 
     @property
     def bytes(self) -> int:
@@ -57,7 +65,7 @@ def data_sets(big_mib: int, small_files: int) -> list[DataSet]:
     for i in range(1000):
         depth = "/".join(f"l{j}{rng.randrange(3)}" for j in range(8))
         mixed[f"deep/{depth}/s{i:04d}.idx"] = rng.randrange(1024, 512 * 1024)
-    return [set_a, set_b, DataSet("mixed", mixed)]
+    return [set_a, set_b, DataSet("mixed", mixed), DataSet("C", dict(set_b.files), local=True)]
 
 
 # --------------------------------------------------------------------------------------------- clients
@@ -78,8 +86,13 @@ def client_sdk_sequential(account_url: str, container: str, prefix: str, dest: s
 CLIENTS: dict[str, Callable[[str, str, str, str], None]] = {
     "sdk-sequential": client_sdk_sequential,
 }
-IN_WORKER = "scalebus (in a worker)"
-"""The row read from ``scalebus stage``'s own stats (``seconds``, ``cpu_s``) rather than from ``wait4``."""
+IN_WORKER = " (in a worker)"
+"""Suffix of the rows read from ``scalebus stage``'s own stats (``seconds``, ``cpu_s``) rather than from
+``wait4``."""
+
+
+def in_worker(tool: str) -> str:
+    return tool + IN_WORKER
 
 
 # --------------------------------------------------------------------------------------------- harness
@@ -98,15 +111,76 @@ class Run:
 
 def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
     """Wall, CPU (user+sys), peak RSS and standard output of one client run, read by GNU ``time`` (``wait4`` in a
-    small parent: a child forked from this big harness would inherit its RSS high-water mark)."""
+    small parent: a child forked from this big harness would inherit its RSS high-water mark). CPU includes
+    the client's child processes; RSS is the larger of ``wait4``'s and the sampled sum over the process tree."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         timed = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", out.name, *argv]
-        proc = subprocess.run(timed, env=env, capture_output=True, check=False)
+        proc = subprocess.Popen(timed, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sampler = TreeRss(proc.pid)
+        stdout, stderr = proc.communicate()
+        tree_peak_kib = sampler.stop()
         if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace")
+            err = stderr.decode(errors="replace")
             raise RuntimeError(f"{argv[:3]} failed ({proc.returncode}): {err[-2000:]}")
         wall, user, system, rss_kib = out.read().split()[-4:]
-    return float(wall), float(user) + float(system), float(rss_kib) / 1024, proc.stdout.decode()
+    rss_mib = max(float(rss_kib), tree_peak_kib) / 1024
+    return float(wall), float(user) + float(system), rss_mib, stdout.decode()
+
+
+class TreeRss:
+    """Samples the summed VmRSS of every process below ``root`` (not ``root`` itself, GNU ``time``)."""
+
+    def __init__(self, root: int, interval_s: float = 0.05) -> None:
+        self._root = root
+        self._interval_s = interval_s
+        self._peak_kib = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return self._peak_kib
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval_s):
+            total = sum(_rss_kib(pid) for pid in _descendants(self._root))
+            self._peak_kib = max(self._peak_kib, total)
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in _children(stack.pop()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    pids: list[int] = []
+    for tid in tasks:
+        try:
+            pids += [int(p) for p in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _rss_kib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
 
 
 def tally(root: Path) -> tuple[int, int]:
@@ -127,14 +201,29 @@ def tool_argv(
         return ["cp", "-r", str(local_src / ds.name), str(dest / ds.name)]
     if tool.startswith("rclone"):
         transfers = tool.rsplit(" ", 1)[-1]
-        return [
-            "rclone", "copy", "--transfers", transfers, "--checkers", "16",
-            f"az:{container}/{ds.name}", str(dest / ds.name),
-        ]  # fmt: skip
-    if tool == "scalebus":
-        source = f"abfss://{container}@devstoreaccount1.dfs.core.windows.net/{ds.name}"
+        source = str(local_src / ds.name) if ds.local else f"az:{container}/{ds.name}"
+        return ["rclone", "copy", "--transfers", transfers, "--checkers", "16", source, str(dest / ds.name)]
+    if tool.startswith("scalebus"):
+        source = (
+            (local_src / ds.name).as_uri()
+            if ds.local
+            else f"abfss://{container}@devstoreaccount1.dfs.core.windows.net/{ds.name}"
+        )
         return [str(Path(sys.executable).with_name("scalebus")), "stage", source, str(dest), "-o", "json"]
     return [sys.executable, __file__, "client", tool, account_url, container, ds.name, str(dest)]
+
+
+def tool_env(tool: str, env: dict[str, str]) -> dict[str, str]:
+    """``scalebus N proc`` runs with ``staging.processes = N``; every other tool with ``env`` as it is."""
+    words = tool.split()
+    if words[0] == "scalebus" and len(words) == 3 and words[2] == "proc":
+        return env | {"SCALEBUS_STAGING__PROCESSES": words[1]}
+    return env
+
+
+def applies(tool: str, ds: DataSet) -> bool:
+    """The SDK loop reads only from Azurite; every other tool reads either."""
+    return not (ds.local and tool in CLIENTS)
 
 
 def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_threads: int = 16) -> None:
@@ -157,6 +246,8 @@ def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_t
                 piece = block[: min(MiB, remaining)]
                 fh.write(piece)
                 remaining -= len(piece)
+        if ds.local:
+            return
         with path.open("rb") as fh:
             container_client.upload_blob(
                 f"{ds.name}/{rel}", fh, length=size, overwrite=True, max_concurrency=4 if size > 64 * MiB else 1
@@ -190,9 +281,9 @@ def run_once(tool: str, ds: DataSet, argv: list[str], env: dict[str, str], *, de
             f"{tool} on {ds.name}: {files} files / {nbytes} bytes, expected {len(ds.files)} / {ds.bytes}"
         )
     runs = [Run(ds.name, tool, wall, cpu, rss, files, nbytes)]
-    if tool == "scalebus":
+    if tool.startswith("scalebus"):
         stats = json.loads(out)
-        runs.append(Run(ds.name, IN_WORKER, stats["seconds"], stats["cpu_s"], rss, files, nbytes))
+        runs.append(Run(ds.name, in_worker(tool), stats["seconds"], stats["cpu_s"], rss, files, nbytes))
     return runs
 
 
@@ -248,12 +339,12 @@ def main() -> None:
             print(f"# generated set {ds.name}: {len(ds.files):,} files, {ds.bytes / MiB:,.0f} MiB "
                   f"in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
             for rep in range(args.reps):
-                for tool in tools:
+                for tool in (tool for tool in tools if applies(tool, ds)):
                     argv = tool_argv(
                         tool, ds, account_url=server.blob_url, container=container, local_src=local_src,
                         dest=workdir / "dest",
                     )  # fmt: skip
-                    for run in run_once(tool, ds, argv, env, dest=workdir / "dest"):
+                    for run in run_once(tool, ds, argv, tool_env(tool, env), dest=workdir / "dest"):
                         runs.append(run)
                         print(f"  {ds.name} rep {rep + 1} {run.tool:22s} {run.wall_s:7.2f} s  "
                               f"cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mib:6.0f} MiB", flush=True)  # fmt: skip
@@ -263,7 +354,9 @@ def main() -> None:
     print()
     print(
         table(
-            runs, sets, [name for tool in tools for name in ([tool, IN_WORKER] if tool == "scalebus" else [tool])]
+            runs,
+            sets,
+            [name for tool in tools for name in ([tool, in_worker(tool)] if "scalebus" in tool else [tool])],
         )
     )
     if args.json:

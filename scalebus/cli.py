@@ -192,20 +192,38 @@ def open_secret_env(cfg: settings.Settings) -> worker_secrets.SecretEnv | None:
     return worker_secrets.SecretEnv(open_secrets(cfg), cfg.worker.secret_env, cache_s=cfg.secrets.cache_s)
 
 
-def store_resolver(cfg: settings.Settings) -> Callable[[str], base.ObjectStore]:
-    """URI → store, one store per (scheme, filesystem@account)."""
-    cache: dict[tuple[str, str], base.ObjectStore] = {}
-    lock = threading.Lock()
+class StoreResolver:
+    """URI → store, one store per (scheme, filesystem@account).
 
-    def resolve(uri: str) -> base.ObjectStore:
+    Picklable (the settings travel, the open stores do not): staging helper processes rebuild their own stores
+    from the same settings, so credentials are looked up again in each process, never sent over a pipe.
+    """
+
+    def __init__(self, cfg: settings.Settings) -> None:
+        self._cfg = cfg
+        self._cache: dict[tuple[str, str], base.ObjectStore] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, uri: str) -> base.ObjectStore:
         parts = urllib.parse.urlsplit(uri)
         key = (parts.scheme, parts.netloc)
-        with lock:
-            if key not in cache:
-                cache[key] = _open_store(parts.scheme, uri, cfg)
-            return cache[key]
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = _open_store(parts.scheme, uri, self._cfg)
+            return self._cache[key]
 
-    return resolve
+    def close(self) -> None:
+        """Close every store opened so far."""
+        with self._lock:
+            stores, self._cache = list(self._cache.values()), {}
+        for store in stores:
+            store.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self._cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cfg"])  # type: ignore[misc]
 
 
 def _open_store(scheme: str, uri: str, cfg: settings.Settings) -> base.ObjectStore:
@@ -314,9 +332,10 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
     on_idle = (lambda: _retire(cfg, config)) if identity and cfg.worker.self_destroy else None
     secret_env = open_secret_env(cfg)
     notices = open_notices(cfg, identity)
+    resolver = StoreResolver(cfg)
     worker = worker_loop.Worker(
         queue=queue,
-        resolve=store_resolver(cfg),
+        resolve=resolver,
         heartbeats=open_heartbeats(cfg),
         instance_id=instance_id,
         settings=cfg.worker,
@@ -328,6 +347,7 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
     with stop_on_signals(worker.request_stop):
         worker.run()
     queue.close()
+    resolver.close()
     if notices is not None:
         notices.close()
     if secret_env is not None:
@@ -552,8 +572,12 @@ def stage_cmd(
     if not src:
         raise errors.UserInputError("give at least one source URI")
     dest.mkdir(parents=True, exist_ok=True)
-    with staging_progress() as on_progress:
-        stats = staging.stage_in(store_resolver(cfg), src, dest, cfg.staging, on_progress=on_progress)
+    resolver = StoreResolver(cfg)
+    try:
+        with staging_progress() as on_progress:
+            stats = staging.stage_in(resolver, src, dest, cfg.staging, on_progress=on_progress)
+    finally:
+        resolver.close()
     emit(stats.as_dict(), output, lambda d: _kv_table("staged", d))
 
 
@@ -593,7 +617,7 @@ def ingest_cmd(
     cfg = load_settings(config, log_format)
     source, close = open_source(src, cfg, endpoint_url=endpoint_url or "")
     try:
-        store = store_resolver(cfg)(dest)
+        store = StoreResolver(cfg)(dest)
         with progress.progress_reporter(description="ingest") as on_progress:
             stats = engine.ingest(source, src, store, dest, cfg.ingest, dry_run=dry_run, on_progress=on_progress)
     finally:
@@ -612,7 +636,7 @@ def open_source(
 ) -> tuple[base.ObjectSource, Callable[[], None]]:
     """The source ``scalebus ingest`` reads, and how to close it: S3, or any store the resolver knows."""
     if urllib.parse.urlsplit(uri).scheme != "s3":
-        return store_resolver(cfg)(uri), lambda: None
+        return StoreResolver(cfg)(uri), lambda: None
     from scalebus.backends.aws import s3
 
     s3.S3Uri.parse(uri)

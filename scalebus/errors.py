@@ -8,7 +8,15 @@ from __future__ import annotations
 
 
 class ScalebusError(Exception):
-    """Base of every error scalebus raises on purpose."""
+    """Base of every error scalebus raises on purpose.
+
+    Errors pickle with their type and attributes intact (constructors differ, so the default, which calls
+    ``cls(*args)``, would fail or drop ``retry_after_s``): a staging helper process hands its failure to the
+    parent, which must still tell transient from permanent by the type.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class ConfigError(ScalebusError):
@@ -153,3 +161,11 @@ class RejectJob(JobError):
 
 class DuplicateJobError(QueueError, PermanentBackendError):
     """A message with this id is already in the queue."""
+
+
+def _rebuild(cls: type[ScalebusError], args: tuple[object, ...], state: dict[str, object]) -> ScalebusError:
+    """Unpickle an error without calling its constructor (see :meth:`ScalebusError.__reduce__`)."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -25,12 +26,29 @@ def redact(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """How this process logs (format already resolved from ``auto``), for child processes to log the same way."""
+
+    fmt: Literal["console", "json"]
+    level: str
+
+
+_configured: list[LogConfig] = []  # at most one: what configure() last set in this process
+
+
+def current() -> LogConfig | None:
+    """What :func:`configure` set in this process (``None`` if it was never called)."""
+    return _configured[-1] if _configured else None
+
+
 def configure(
     *, fmt: Literal["auto", "console", "json"] = "auto", level: str = "info", stream: object = None
 ) -> None:
     """Set up structlog (and stdlib logging for SDK messages) for this process."""
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
+    _configured[:] = [LogConfig("json" if use_json else "console", level)]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json

@@ -96,6 +96,10 @@ class StagingSettings(_Section):
     """Check Content-MD5 where the service stored one."""
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     """Disk space that must remain free after staging (the preflight refuses otherwise)."""
+    processes: int = Field(default=0, ge=0, le=64)
+    """Processes that download at once (the staging's own plus helpers; concurrency, memory budget and bandwidth
+    cap are shared between them). 0 = auto: one per available core once there are 4,000 files to fetch per
+    process, since one process tops out near 750 small files/s. 1 = never spawn helpers."""
 
 
 class IngestSettings(_Section):

@@ -344,6 +344,9 @@ class ObjectStore(Protocol):
 
     def exists(self, uri: str) -> bool: ...
 
+    def close(self) -> None:
+        """Release connections (the store is not used afterwards)."""
+
 
 class ObjectSource(Protocol):
     """The read half of ``ObjectStore``: where ``scalebus ingest`` copies from (S3, or any ``ObjectStore``)."""

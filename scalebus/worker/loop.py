@@ -304,6 +304,7 @@ class Worker:
             bytes=staged.bytes,
             seconds=round(staged.seconds, 2),
             mb_per_s=round(staged.mb_per_s, 1),
+            processes=staged.processes,
         )
         _raise_if_lost(keeper)
         self._raise_if_released()

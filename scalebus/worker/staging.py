@@ -6,6 +6,10 @@ concurrency is bounded across files and within them. Each file is streamed to ``
 and Content-MD5 (when the store has one) are checked, and it is renamed into place; only then is it appended to
 the resume manifest, so a crashed staging restarts without fetching finished files again.
 
+A staging with many files to fetch spreads over helper processes (``StagingSettings.processes``, one per core
+by default once there are enough files): one process tops out near 750 small files/s on the GIL.
+:mod:`scalebus.worker.staging_procs` runs them; the plan, the manifest and the progress stay in this process.
+
 Memory stays within ``StagingSettings.memory_budget_bytes``: the stores stream to the file sink and buffer at
 most :data:`READ_BUFFER_BYTES` per read in flight, and the pool never has more reads in flight than the budget
 covers. Transient failures are retried inside the adapters (``backends/azure/_retry.py``), so nothing here
@@ -21,14 +25,15 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, Protocol, TypeVar
 
 import structlog
 
@@ -50,6 +55,8 @@ less per byte, and a file fetched whole is checked against its Content-MD5 while
 read back."""
 MARKER_NAME = "_SUCCESS"
 """The commit marker ``publish`` writes after every output file."""
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+"""Where a container's CPU quota is (cgroup v2); read to size ``staging.processes = 0``."""
 PROGRESS_INTERVAL_S = 0.2
 """``on_progress`` is called at most this often (plus once at the end)."""
 
@@ -61,8 +68,9 @@ T = TypeVar("T")
 class StageStats:
     """What one staging (in or out) did. ``already_published``: publish found the marker and did nothing.
 
-    ``cpu_s`` is the CPU time (user + system) the whole process used meanwhile: the client cost of the transfer
-    when nothing else runs in the process (``scalebus stage``), an upper bound for it in a worker.
+    ``cpu_s`` is the CPU time (user + system) the whole process used meanwhile, plus that of its helper
+    processes: the client cost of the transfer when nothing else runs in the process (``scalebus stage``), an
+    upper bound for it in a worker. ``processes``: how many processes downloaded (``staging.processes``).
     """
 
     files: int
@@ -72,6 +80,7 @@ class StageStats:
     seconds: float
     already_published: bool = False
     cpu_s: float = 0.0
+    processes: int = 1
 
     @property
     def mb_per_s(self) -> float:
@@ -120,25 +129,75 @@ def stage_in(
     download = plan.plan_download(listings, present=present, chunk_size_bytes=chunk_size(total_bytes, settings))
     _preflight(dest, download.fetch_bytes, settings.min_free_bytes)
     _make_dirs(dest, download.directories)
-    with _Manifest(manifest_path) as manifest:
-        run = _DownloadRun(
-            stores=stores,
-            dest=dest,
-            settings=settings,
-            manifest=manifest,
-            progress=ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress),
-        )
-        run.execute(download.fetch)
+    batches = plan.batch_tasks(download.fetch)
+    processes = _process_count(resolve, settings, files=len(download.fetch), batches=len(batches))
+    helpers_cpu_s = 0.0
+    with Manifest(manifest_path) as manifest:
+        progress = ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress)
+        if processes > 1:
+            from scalebus.worker import staging_procs
+
+            team = staging_procs.Team(resolve, sources, dest, share_settings(settings, processes))
+            helpers_cpu_s = team.run(stores, batches, processes=processes, manifest=manifest, progress=progress)
+        else:
+            run = DownloadRun(stores=stores, dest=dest, settings=settings, manifest=manifest, progress=progress)
+            run.execute(download.fetch, n_units=sum(max(1, len(task.chunks)) for task in download.fetch))
+        progress.finish()
     stats = StageStats(
         files=len(download.fetch),
         bytes=download.fetch_bytes,
         skipped_files=len(download.skip),
         skipped_bytes=download.skip_bytes,
         seconds=time.monotonic() - started,
-        cpu_s=round(time.process_time() - cpu_started, 3),
+        cpu_s=round(time.process_time() - cpu_started + helpers_cpu_s, 3),
+        processes=processes,
     )
     log.info("staging.stage_in.done", dest=str(dest), sources=len(sources), **stats.as_dict())
     return stats
+
+
+def _process_count(resolve: Resolver, settings: StagingSettings, *, files: int, batches: int) -> int:
+    """``plan.process_count`` on this machine's usable cores; one process if the resolver cannot be sent to a
+    helper (the CLI's can; a caller's closure cannot)."""
+    count = plan.process_count(settings.processes, cores=machine_cores(), files=files, batches=batches)
+    if count > 1:
+        try:
+            pickle.dumps(resolve)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            log.warning("staging.single_process", reason=f"the store resolver cannot be pickled ({exc})")
+            return 1
+    return count
+
+
+def machine_cores() -> int:
+    """CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota (``docker run --cpus``)."""
+    try:
+        cpu_max = Path(CGROUP_CPU_MAX).read_text()
+    except OSError:
+        cpu_max = None
+    return usable_cores(len(os.sched_getaffinity(0)), cpu_max)
+
+
+def usable_cores(affinity: int, cpu_max: str | None) -> int:
+    """``affinity`` CPUs, fewer if ``cpu_max`` (cgroup v2 ``"<quota> <period>"`` or ``"max <period>"``) allows
+    less: a quota of 1.5 CPUs counts as 2."""
+    fields = (cpu_max or "").split()
+    if len(fields) != 2 or not all(f.isdigit() for f in fields) or int(fields[1]) == 0:
+        return max(1, affinity)
+    quota_cores = -(-int(fields[0]) // int(fields[1]))
+    return max(1, min(affinity, quota_cores))
+
+
+def share_settings(settings: StagingSettings, processes: int) -> StagingSettings:
+    """One process's share of the staging budgets: threads, memory and bandwidth are per VM, not per process."""
+    cap = settings.bandwidth_cap_bytes_per_s
+    return settings.model_copy(
+        update={
+            "max_concurrency": -(-settings.max_concurrency // processes),
+            "memory_budget_bytes": max(READ_BUFFER_BYTES, settings.memory_budget_bytes // processes),
+            "bandwidth_cap_bytes_per_s": max(1, cap // processes) if cap else 0,
+        }
+    )
 
 
 def chunk_size(total_bytes: int, settings: StagingSettings) -> int:
@@ -193,7 +252,19 @@ def _make_dirs(dest: Path, directories: Sequence[str]) -> None:
         raise errors.StorageError(f"{dest}: cannot create directories ({exc.strerror})") from exc
 
 
-class _Manifest:
+class Recorder(Protocol):
+    """Where a download run reports each file it verified and renamed into place."""
+
+    def record(self, task: plan.FileTask) -> None: ...
+
+
+class Counter(Protocol):
+    """Where a download run counts the files and bytes it transferred."""
+
+    def add(self, *, files: int, nbytes: int) -> None: ...
+
+
+class Manifest:
     """Append-only JSON lines; flushed at most every second and at the end. A lost tail only costs refetches."""
 
     def __init__(self, path: Path) -> None:
@@ -202,7 +273,7 @@ class _Manifest:
         self._fh: IO[str] | None = None
         self._flushed_at = 0.0
 
-    def __enter__(self) -> _Manifest:
+    def __enter__(self) -> Manifest:
         try:
             self._fh = self._path.open("a", encoding="utf-8")
         except OSError as exc:
@@ -214,7 +285,10 @@ class _Manifest:
             self._fh.close()
 
     def record(self, task: plan.FileTask) -> None:
-        line = json.dumps({"path": task.rel_dest, "etag": task.obj.etag, "size": task.size}) + "\n"
+        self.record_entry(plan.ManifestEntry(task.rel_dest, task.obj.etag, task.size))
+
+    def record_entry(self, entry: plan.ManifestEntry) -> None:
+        line = json.dumps({"path": entry.rel_path, "etag": entry.etag, "size": entry.size}) + "\n"
         with self._lock:
             assert self._fh is not None
             self._fh.write(line)
@@ -328,15 +402,18 @@ class _Unit:
     shared: _ChunkedFile | None
 
 
-class _DownloadRun:
+class DownloadRun:
+    """One process's threads over units of work (a whole file, or a chunk of a large one); the first failure
+    stops the run (reads in flight finish) and is re-raised by :meth:`execute`."""
+
     def __init__(
         self,
         *,
         stores: Sequence[base.ObjectStore],
         dest: Path,
         settings: StagingSettings,
-        manifest: _Manifest,
-        progress: ProgressTracker,
+        manifest: Recorder,
+        progress: Counter,
     ) -> None:
         self._stores = stores
         self._dest = dest
@@ -347,13 +424,12 @@ class _DownloadRun:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
 
-    def execute(self, tasks: Sequence[plan.FileTask]) -> None:
+    def execute(self, tasks: Iterable[plan.FileTask], *, n_units: int) -> None:
+        """Fetch ``tasks`` (read lazily, under a lock, as threads free up) on at most ``n_units`` threads."""
         units = self._units(tasks)
-        n_units = sum(max(1, len(task.chunks)) for task in tasks)
         by_memory = max(1, self._settings.memory_budget_bytes // READ_BUFFER_BYTES)
         n_threads = max(1, min(self._settings.max_concurrency, by_memory, n_units))
         if n_units == 0:
-            self._progress.finish()
             return
         threads = [
             threading.Thread(target=self._work, args=(units,), name=f"stage-{i}", daemon=True)
@@ -366,9 +442,8 @@ class _DownloadRun:
             thread.join()
         if self._failure is not None:
             raise self._failure
-        self._progress.finish()
 
-    def _units(self, tasks: Sequence[plan.FileTask]) -> Iterator[_Unit]:
+    def _units(self, tasks: Iterable[plan.FileTask]) -> Iterator[_Unit]:
         for task in tasks:
             if len(task.chunks) <= 1:
                 yield _Unit(task, None, None)

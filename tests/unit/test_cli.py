@@ -144,6 +144,20 @@ def test_stage_command_copies_and_reports_json(tmp_path: Path) -> None:
     assert (tmp_path / "dest" / "s1" / "a.bin").read_bytes() == b"x" * 1000
 
 
+def test_stage_command_spreads_over_helper_processes_when_asked(tmp_path: Path) -> None:
+    src = tmp_path / "lake" / "many"
+    src.mkdir(parents=True)
+    for i in range(200):
+        (src / f"f{i:03d}.idx").write_bytes(bytes([i]) * (i + 1))
+    env = {"SCALEBUS_STAGING__MIN_FREE_BYTES": "0", "SCALEBUS_STAGING__PROCESSES": "2"}
+    result = scalebus("stage", src.as_uri(), str(tmp_path / "dest"), "-o", "json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["files"], stats["processes"]) == (200, 2)
+    staged = tmp_path / "dest" / "many"
+    assert all((staged / f"f{i:03d}.idx").read_bytes() == bytes([i]) * (i + 1) for i in range(200))
+
+
 def test_requeue_puts_dead_letters_back_as_json(tmp_path: Path, config: Path) -> None:
     queue = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5)
     try:

@@ -104,6 +104,9 @@ class FailingStore:
     def exists(self, uri: str) -> bool:
         return self._inner.exists(uri)
 
+    def close(self) -> None:
+        self._inner.close()
+
 
 # ------------------------------------------------------------------------------------------ incremental runs
 

@@ -220,3 +220,30 @@ def test_no_planned_path_escapes_the_stage_dir(rels: list[str]) -> None:
         assert "\\" not in task.rel_dest and "\x00" not in task.rel_dest
     for directory in result.directories:
         assert posixpath.normpath(posixpath.join(stage, directory)).startswith(stage + "/")
+
+
+def task(rel: str, size: int, *, chunks: int = 1) -> plan.FileTask:
+    pieces = tuple(plan.Chunk(i, 1) for i in range(chunks)) if size else ()
+    return plan.FileTask(obj=obj("file:///s", rel, size), rel_dest=rel, source=0, chunks=pieces)
+
+
+def test_batches_group_small_files_by_count_and_bytes_and_keep_split_files_alone() -> None:
+    tasks = [task("a", 10), task("b", 10), task("c", 10), task("big", 100, chunks=3), task("d", 50), task("e", 0)]
+    batches = plan.batch_tasks(tasks, max_files=2, max_bytes=60)
+    assert [[t.rel_dest for t in batch] for batch in batches] == [["a", "b"], ["big"], ["c", "d"], ["e"]]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(1, 3)), max_size=60),
+    st.integers(1, 8),
+    st.integers(1, 500),
+)
+def test_batches_hand_out_every_file_once_in_order(sizes: list[tuple[int, int]], files: int, nbytes: int) -> None:
+    tasks = [task(f"f{i}", size, chunks=chunks) for i, (size, chunks) in enumerate(sizes)]
+    batches = plan.batch_tasks(tasks, max_files=files, max_bytes=nbytes)
+    assert sorted((t for batch in batches for t in batch), key=lambda t: int(t.rel_dest[1:])) == tasks
+    for batch in batches:
+        assert batch and len(batch) <= files
+        split = [t for t in batch if len(t.chunks) > 1]
+        assert not split or len(batch) == 1
+        assert len(batch) == 1 or sum(t.size for t in batch[:-1]) < nbytes

@@ -46,6 +46,9 @@ def _etag(st: os.stat_result) -> str:
 class FolderStore:
     """``base.ObjectStore`` over the local file system."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
         root = path_of(uri)
         try:

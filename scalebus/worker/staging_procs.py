@@ -1,0 +1,354 @@
+"""Staging on more than one core: the staging process and helper processes share one download plan.
+
+Why: per small file the client spends about a millisecond of CPU, most of it Python holding the GIL (the HTTP
+exchange, headers, bookkeeping), so one process tops out near 750 small files/s however many threads it runs; a
+million index files would keep one core busy for over 20 minutes on a VM with 16. Large files do not need this:
+socket reads, MD5 and disk writes release the GIL, and the threads of one process already use more than a core.
+
+How: :func:`scalebus.worker.staging.stage_in` plans as always and cuts the fetch list into batches
+(:func:`scalebus.worker.plan.batch_tasks`). Its own threads and the helper processes take batches from one
+:class:`_Dispenser`: the staging process directly, helpers through a short queue that a feeder thread keeps
+topped up, so whoever is faster takes more. Helpers are *spawned* (no locks or threads inherited mid-state),
+rebuild their stores from the pickled resolver, and stream and verify each file exactly as the staging process
+does. They only *report* finished files: the staging process alone appends them to the resume manifest and
+counts progress, so a crash anywhere loses at most the unreported tail (fetched again on resume) and never
+records a file that is not in place.
+
+Failure: the first error anywhere stops the dispenser; every process finishes the reads it has in flight and
+the staging raises that error, with its type (transient or permanent) intact: errors pickle with their type.
+A helper that dies without reporting (killed, out of memory) is a ``StorageError``. Helpers ignore SIGINT (the
+staging process stops them) and exit if the staging process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.process
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from scalebus import errors, logs
+from scalebus.backends import base
+from scalebus.settings import StagingSettings
+from scalebus.worker import plan, staging
+
+log = structlog.get_logger(__name__)
+
+BATCHES_QUEUED_PER_HELPER = 2
+"""Batches waiting for each helper: enough that a helper never waits for the feeder, few enough that the last
+batches stay with whoever is free."""
+REPORT_INTERVAL_S = 0.2
+"""Helpers send their finished files at most this often (and once at the end)."""
+STOP_GRACE_S = 60.0
+"""After a failure or at the end, how long helpers get to finish the reads they have in flight before they are
+terminated."""
+_POLL_S = 0.05
+
+Batch = tuple[plan.FileTask, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _HelperSpec:
+    """Everything a helper needs, sent once when it is spawned."""
+
+    resolve: staging.Resolver
+    sources: tuple[str, ...]
+    dest: Path
+    settings: StagingSettings
+    log_config: logs.LogConfig | None
+
+
+class Team:
+    """The staging process's side: spawn helpers, feed them, collect their reports, download its own share."""
+
+    def __init__(
+        self, resolve: staging.Resolver, sources: Sequence[str], dest: Path, settings: StagingSettings
+    ) -> None:
+        self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current())
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None
+        self._helpers_cpu_s = 0.0
+
+    def run(
+        self,
+        stores: Sequence[base.ObjectStore],
+        batches: Sequence[Batch],
+        *,
+        processes: int,
+        manifest: staging.Manifest,
+        progress: staging.ProgressTracker,
+    ) -> float:
+        """Download ``batches`` here and in ``processes - 1`` helpers; return the helpers' CPU seconds."""
+        ctx = multiprocessing.get_context("spawn")
+        n_helpers = processes - 1
+        dispenser = _Dispenser(batches)
+        tasks: Any = ctx.Queue(maxsize=BATCHES_QUEUED_PER_HELPER * n_helpers)
+        results: Any = ctx.Queue()
+        stop = ctx.Event()
+        helpers = [
+            ctx.Process(
+                target=helper_main,
+                args=(self._spec, tasks, results, stop),
+                name=f"scalebus-stage-{i + 1}",
+                daemon=True,
+            )
+            for i in range(n_helpers)
+        ]
+        for helper in helpers:
+            helper.start()
+        log.info("staging.helpers.started", helpers=n_helpers, pids=[h.pid for h in helpers], batches=len(batches))
+
+        def fail(exc: BaseException) -> None:
+            with self._lock:
+                if self._failure is None:
+                    self._failure = exc
+            dispenser.stop()
+            stop.set()
+
+        feeder = threading.Thread(target=_feed, args=(dispenser, tasks, n_helpers, stop), daemon=True)
+        collector = _Collector(helpers, results, manifest=manifest, progress=progress, fail=fail)
+        collecting = threading.Thread(target=collector.run, daemon=True)
+        feeder.start()
+        collecting.start()
+        try:
+            spec = self._spec
+            own = staging.DownloadRun(
+                stores=stores, dest=spec.dest, settings=spec.settings, manifest=manifest, progress=progress
+            )
+            own.execute(dispenser.tasks(), n_units=spec.settings.max_concurrency)
+        except Exception as exc:
+            fail(exc)
+        except BaseException:
+            fail(errors.StorageError("staging interrupted"))
+            _terminate(helpers)
+            raise
+        finally:
+            collecting.join(STOP_GRACE_S)
+            if collecting.is_alive():
+                fail(errors.StorageError(f"staging helpers did not stop within {STOP_GRACE_S:.0f} s"))
+                _terminate(helpers)
+                collecting.join(STOP_GRACE_S)
+            feeder.join(STOP_GRACE_S)
+            for q in (tasks, results):
+                q.close()
+                q.cancel_join_thread()
+        if self._failure is not None:
+            raise self._failure
+        return collector.helpers_cpu_s
+
+
+class _Dispenser:
+    """Hands out batches in plan order to whoever asks first; ``stop`` makes it hand out no more."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self._batches = iter(batches)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def take(self) -> Batch | None:
+        with self._lock:
+            if self._stopped.is_set():
+                return None
+            return next(self._batches, None)
+
+    def tasks(self) -> Iterator[plan.FileTask]:
+        while (batch := self.take()) is not None:
+            yield from batch
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _feed(dispenser: _Dispenser, tasks: Any, n_helpers: int, stop: Any) -> None:
+    """Keep the helpers' queue topped up from the dispenser; one end-of-work marker per helper at the end."""
+    while (batch := dispenser.take()) is not None:
+        if not _put(tasks, batch, stop):
+            return
+    for _ in range(n_helpers):
+        if not _put(tasks, None, stop):
+            return
+
+
+def _put(tasks: Any, item: Batch | None, stop: Any) -> bool:
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            tasks.put(item, timeout=_POLL_S * 2)
+            return True
+    return False
+
+
+class _Collector:
+    """Reads the helpers' reports: finished files into the manifest and the progress, failures and deaths to
+    ``fail``; returns once every helper has exited."""
+
+    def __init__(
+        self,
+        helpers: Sequence[multiprocessing.process.BaseProcess],
+        results: Any,
+        *,
+        manifest: staging.Manifest,
+        progress: staging.ProgressTracker,
+        fail: Callable[[BaseException], None],
+    ) -> None:
+        self._helpers = {h.pid: h for h in helpers}
+        self._results = results
+        self._manifest = manifest
+        self._progress = progress
+        self._fail = fail
+        self._exited: set[int | None] = set()
+        self.helpers_cpu_s = 0.0
+
+    def run(self) -> None:
+        while len(self._exited) < len(self._helpers):
+            try:
+                message = self._results.get(timeout=_POLL_S)
+            except queue.Empty:
+                self._check_deaths()
+                continue
+            self._handle(message)
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, entries, files, nbytes = message
+            for rel_path, etag, size in entries:
+                self._manifest.record_entry(plan.ManifestEntry(rel_path, etag, size))
+            self._progress.add(files=files, nbytes=nbytes)
+        elif kind == "exit":
+            _, pid, error, cpu_s = message
+            self._exited.add(pid)
+            self.helpers_cpu_s += cpu_s
+            if error is not None:
+                self._fail(error)
+
+    def _check_deaths(self) -> None:
+        for pid, helper in self._helpers.items():
+            if pid in self._exited or helper.exitcode is None:
+                continue
+            # Its last report may still be in the pipe: read what is there before calling it dead.
+            with contextlib.suppress(queue.Empty):
+                while pid not in self._exited:
+                    self._handle(self._results.get(timeout=0.5))
+            if pid not in self._exited:
+                self._exited.add(pid)
+                self._fail(
+                    errors.StorageError(
+                        f"staging helper process {pid} ended without reporting (exit code {helper.exitcode}); "
+                        "was it killed, or out of memory?"
+                    )
+                )
+
+
+def _terminate(helpers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    for helper in helpers:
+        if helper.is_alive():
+            helper.terminate()
+    for helper in helpers:
+        helper.join(5)
+
+
+# --------------------------------------------------------------------------------------------- in a helper
+
+
+def helper_main(spec: _HelperSpec, tasks: Any, results: Any, stop: Any) -> None:
+    """A helper process: download batches from ``tasks`` until told to end, report to ``results``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.log_config is not None:
+        logs.configure(fmt=spec.log_config.fmt, level=spec.log_config.level)
+    cpu_started = time.process_time()
+    reporter = _Reporter(results)
+    error: BaseException | None = None
+    stores: list[base.ObjectStore] = []
+    try:
+        stores = [spec.resolve(uri) for uri in spec.sources]
+        run = staging.DownloadRun(
+            stores=stores, dest=spec.dest, settings=spec.settings, manifest=reporter, progress=reporter
+        )
+        run.execute(_queued_tasks(tasks, stop), n_units=spec.settings.max_concurrency)
+    except BaseException as exc:
+        error = exc
+    for store in {id(store): store for store in stores}.values():
+        with contextlib.suppress(Exception):
+            store.close()
+    reporter.close()
+    results.put(("exit", os.getpid(), _portable(error), time.process_time() - cpu_started))
+    results.close()
+    results.join_thread()
+
+
+def _queued_tasks(tasks: Any, stop: Any) -> Iterator[plan.FileTask]:
+    while not stop.is_set():
+        try:
+            batch = tasks.get(timeout=_POLL_S * 2)
+        except queue.Empty:
+            continue
+        if batch is None:
+            return
+        yield from batch
+
+
+class _Reporter:
+    """A helper's manifest and progress: collects finished files and counts, sends them every
+    :data:`REPORT_INTERVAL_S`; ends the process if the staging process is gone."""
+
+    def __init__(self, results: Any) -> None:
+        self._results = results
+        self._lock = threading.Lock()
+        self._entries: list[tuple[str, str, int]] = []
+        self._files = 0
+        self._bytes = 0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stage-report", daemon=True)
+        self._thread.start()
+
+    def record(self, task: plan.FileTask) -> None:
+        with self._lock:
+            self._entries.append((task.rel_dest, task.obj.etag, task.size))
+
+    def add(self, *, files: int, nbytes: int) -> None:
+        with self._lock:
+            self._files += files
+            self._bytes += nbytes
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        self._flush()
+
+    def _run(self) -> None:
+        parent = multiprocessing.parent_process()
+        while not self._closed.wait(REPORT_INTERVAL_S):
+            if parent is not None and not parent.is_alive():
+                os._exit(3)  # nobody left to report to; a later staging overwrites the .part files left behind
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            if not (self._entries or self._files or self._bytes):
+                return
+            message = ("done", self._entries, self._files, self._bytes)
+            self._entries, self._files, self._bytes = [], 0, 0
+        self._results.put(message)
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """The error itself if it survives a pickle round trip, else a ``StorageError`` that says what it was."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return errors.StorageError(f"staging helper failed: {type(error).__name__}: {error}")
+    return error

@@ -1,0 +1,347 @@
+"""Staging with helper processes (``staging.processes``): the same bytes, manifest and stats as one process,
+helpers really download, and a failure or death in any process stops the staging with the right error type."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+from structlog.testing import capture_logs
+
+from scalebus import errors
+from scalebus.backends import base
+from scalebus.backends.local.folder import FolderStore, uri_of
+from scalebus.cli import StoreResolver
+from scalebus.settings import Settings, StagingSettings
+from scalebus.worker import plan, staging
+from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
+from tests.fakes.fault_proxy import Fault, FaultProxy
+
+SETTINGS = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0, processes=2)
+N_SMALL = 300  # five batches of small files, so the helper surely gets some
+
+
+class FixedResolver:
+    """A picklable resolver handing out one store (helpers unpickle their own copy)."""
+
+    def __init__(self, store: base.ObjectStore) -> None:
+        self.store = store
+
+    def __call__(self, _uri: str) -> base.ObjectStore:
+        return self.store
+
+
+class PidLoggingStore(FolderStore):
+    """Appends ``<pid> <file>`` to a log for every read, to show which process fetched what."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        with self.log.open("a") as fh:
+            fh.write(f"{os.getpid()} {obj.rel_path}\n")
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+class PoisonStore(FolderStore):
+    """Raises ``error`` when reading files named ``poison*``, in whichever process reads them."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        if obj.rel_path.rsplit("/", 1)[-1].startswith("poison"):
+            raise self.error
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+class HelperKillingStore(FolderStore):
+    """In a helper process, the first read ends the process abruptly (as the OOM killer would)."""
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+class SlowStore(FolderStore):
+    """Every read takes ``delay_s`` (a slow link), so a staging lasts long enough to interrupt."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        time.sleep(self.delay_s)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+def make_lake(root: Path, *, n_small: int = N_SMALL) -> dict[str, bytes]:
+    files = {f"d{i % 7}/f{i:04d}.idx": os.urandom(100 + i) for i in range(n_small)}
+    files["big.bam"] = os.urandom(5 * 64 * 1024 + 7)  # chunked: a batch of its own
+    files["empty"] = b""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def manifest_paths(dest: Path) -> list[str]:
+    lines = (dest / plan.MANIFEST_NAME).read_text().splitlines()
+    return [json.loads(line)["path"] for line in lines]
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    src = tmp_path / "lake" / "run"
+    return src, make_lake(src)
+
+
+def test_helpers_download_a_share_and_the_result_equals_one_process(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, files = lake
+    reads = tmp_path / "reads.log"
+    seen: list[staging.Progress] = []
+    stats = staging.stage_in(
+        FixedResolver(PidLoggingStore(reads)), [uri_of(src)], tmp_path / "out", SETTINGS, on_progress=seen.append
+    )
+    assert tree(tmp_path / "out" / "run") == files
+    assert sorted(manifest_paths(tmp_path / "out")) == sorted(f"run/{rel}" for rel in files)
+    pids = {line.split()[0] for line in reads.read_text().splitlines()}
+    assert str(os.getpid()) in pids and len(pids) == 2  # the staging process and one helper both read
+    assert (stats.processes, stats.files, stats.bytes) == (2, len(files), sum(map(len, files.values())))
+    assert seen[-1].files_done == seen[-1].files_total == len(files)
+    assert seen[-1].bytes_done == seen[-1].bytes_total == stats.bytes
+    assert stats.cpu_s > 0
+
+
+def test_a_second_run_skips_what_helpers_staged(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    src, files = lake
+    resolver = FixedResolver(FolderStore())
+    staging.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
+    again = staging.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert (again.files, again.skipped_files, again.processes) == (0, len(files), 1)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.TransientStorageError("poison: 503 ServerBusy", retry_after_s=2.5),
+        errors.IntegrityError("poison: Content-MD5 mismatch"),
+        errors.ObjectNotFoundError("poison: gone"),
+    ],
+    ids=["transient", "integrity", "permanent"],
+)
+def test_a_failure_in_any_process_stops_the_staging_with_its_type(
+    error: errors.StorageError, tmp_path: Path
+) -> None:
+    src = tmp_path / "lake" / "run"
+    files = make_lake(src)
+    for i in range(0, N_SMALL, 50):  # in several batches: whichever process takes one fails
+        (src / f"d{i % 7}" / f"poison{i}").write_bytes(b"x")
+    with pytest.raises(type(error)) as raised:
+        staging.stage_in(FixedResolver(PoisonStore(error)), [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert type(raised.value) is type(error) and str(raised.value) == str(error)
+    assert getattr(raised.value, "retry_after_s", None) == getattr(error, "retry_after_s", None)
+    recorded = manifest_paths(tmp_path / "out")
+    assert not any("poison" in path for path in recorded)
+    assert all((tmp_path / "out" / path).is_file() for path in recorded)
+    for path in recorded:  # everything recorded is complete and intact
+        assert (tmp_path / "out" / path).read_bytes() == files[path.removeprefix("run/")]
+
+
+def test_a_helper_that_dies_is_an_error_and_a_rerun_finishes(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, files = lake
+    with pytest.raises(errors.StorageError, match=r"ended without reporting \(exit code 9\)"):
+        staging.stage_in(FixedResolver(HelperKillingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    done_before = len(manifest_paths(tmp_path / "out"))
+    again = staging.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert tree(tmp_path / "out" / "run") == files
+    assert again.skipped_files == done_before and again.files + again.skipped_files == len(files)
+
+
+def test_a_resolver_that_cannot_be_pickled_stages_in_one_process(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, files = lake
+    store = FolderStore()
+    with capture_logs() as logs:
+        stats = staging.stage_in(lambda _uri: store, [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert stats.processes == 1
+    assert tree(tmp_path / "out" / "run") == files
+    assert any(entry["event"] == "staging.single_process" for entry in logs)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cores", "files", "batches", "expected"),
+    [
+        (0, 16, 3_999, 63, 1),
+        (0, 16, 8_000, 125, 2),
+        (0, 2, 1_000_000, 15_625, 2),
+        (0, 1, 1_000_000, 15_625, 1),
+        (1, 16, 1_000_000, 15_625, 1),
+        (4, 2, 10, 1, 1),
+        (4, 2, 300, 5, 4),
+        (3, 16, 0, 0, 1),
+    ],
+    ids=["auto-few", "auto-two", "auto-capped-by-cores", "auto-one-core", "one", "one-batch", "asked", "nothing"],
+)
+def test_process_count(requested: int, cores: int, files: int, batches: int, expected: int) -> None:
+    assert plan.process_count(requested, cores=cores, files=files, batches=batches) == expected
+
+
+def test_budgets_are_shared_between_processes() -> None:
+    shared = staging.share_settings(
+        StagingSettings(max_concurrency=16, memory_budget_bytes=96 << 20, bandwidth_cap_bytes_per_s=250_000_000), 3
+    )
+    assert (shared.max_concurrency, shared.memory_budget_bytes) == (6, 32 << 20)
+    assert shared.bandwidth_cap_bytes_per_s == 83_333_333
+    assert staging.share_settings(StagingSettings(), 2).bandwidth_cap_bytes_per_s == 0  # no cap stays no cap
+
+
+HELPER_SCRIPT = """
+import sys
+from pathlib import Path
+from scalebus import logs
+from scalebus.settings import StagingSettings
+from scalebus.worker import staging
+from tests.unit.test_staging_procs import FixedResolver, SlowStore
+logs.configure(fmt="json")
+settings = StagingSettings(max_concurrency=2, min_free_bytes=0, processes=2)
+staging.stage_in(FixedResolver(SlowStore(0.5)), [sys.argv[1]], Path(sys.argv[2]), settings)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_helpers_exit_when_the_staging_process_is_killed(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, _files = lake
+    with subprocess.Popen(
+        [sys.executable, "-c", HELPER_SCRIPT, uri_of(src), str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    ) as proc:
+        pids = started_helper_pids(proc)
+        assert pids and all(alive(pid) for pid in pids)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+
+
+def started_helper_pids(proc: subprocess.Popen[str]) -> list[int]:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        event = json.loads(line)
+        if event["event"] == "staging.helpers.started":
+            return list(event["pids"])
+    raise AssertionError(f"no helpers started (exit code {proc.wait()})")
+
+
+# --------------------------------------------------------------------------------------------- over Azurite
+
+
+@pytest.fixture
+def blob_lake(azurite_env: AzuriteServer) -> Iterator[tuple[str, dict[str, bytes]]]:
+    from scalebus.backends.azure import datalake
+
+    container = azurite_env.new_container()
+    source = f"abfss://{container}@{ACCOUNT}.dfs.core.windows.net/run"
+    files = {f"d{i % 5}/s{i:03d}.fai": os.urandom(50 + i) for i in range(160)}
+    files["poison-free/big.bam"] = os.urandom(3 * 64 * 1024 + 5)
+    store = datalake.open_store(source, azurite_env.storage_settings())
+    staging.run_parallel(
+        lambda item: store.write_bytes(item[1], f"{source}/{item[0]}"), list(files.items()), max_workers=8
+    )
+    store.close()
+    yield source, files
+
+
+@pytest.mark.azurite
+def test_helpers_stage_from_azurite_through_faults(
+    azurite_env: AzuriteServer, blob_lake: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    source, files = blob_lake
+    proxy = FaultProxy(upstream_port=azurite_env.port, retry_after_s=0.1)
+    try:
+        proxy.inject(Fault.BUSY, path_contains="s010.fai", times=2)
+        proxy.inject(Fault.DROP, path_contains="s150.fai", times=1)
+        proxy.inject(Fault.DROP_MID_BODY, path_contains="big.bam", times=1)
+        resolver = StoreResolver(Settings(storage=azurite_env.storage_settings(account_url=proxy.url)))
+        settings = SETTINGS.model_copy(update={"max_concurrency": 8})
+        stats = staging.stage_in(resolver, [source], tmp_path / "out", settings)
+    finally:
+        resolver.close()
+        proxy.close()
+    assert stats.processes == 2
+    assert tree(tmp_path / "out" / "run") == files
+
+
+@pytest.mark.azurite
+def test_a_corrupt_body_seen_by_a_helper_is_an_integrity_error(
+    azurite_env: AzuriteServer, blob_lake: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    source, _files = blob_lake
+    proxy = FaultProxy(upstream_port=azurite_env.port, retry_after_s=0.1)
+    try:
+        for i in range(0, 160, 20):  # one in each batch, so whichever process reads one sees it
+            proxy.inject(Fault.CORRUPT, path_contains=f"s{i:03d}.fai", times=1)
+        resolver = StoreResolver(Settings(storage=azurite_env.storage_settings(account_url=proxy.url)))
+        with pytest.raises(errors.IntegrityError, match="Content-MD5 mismatch"):
+            staging.stage_in(resolver, [source], tmp_path / "out", SETTINGS)
+    finally:
+        resolver.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [
+        (16, None, 16),
+        (16, "max 100000\n", 16),
+        (16, "200000 100000\n", 2),
+        (16, "150000 100000", 2),
+        (16, "50000 100000", 1),
+        (2, "800000 100000", 2),
+        (4, "garbage", 4),
+    ],
+    ids=["no-cgroup", "no-quota", "two-cpus", "one-and-a-half", "half", "quota-above-affinity", "unreadable"],
+)
+def test_usable_cores_follow_affinity_and_cgroup_quota(affinity: int, cpu_max: str | None, expected: int) -> None:
+    assert staging.usable_cores(affinity, cpu_max) == expected
