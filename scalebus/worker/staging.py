@@ -22,6 +22,7 @@ marker makes it a no-op, so outputs are committed once however often a job is de
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -431,10 +432,7 @@ class DownloadRun:
         n_threads = max(1, min(self._settings.max_concurrency, by_memory, n_units))
         if n_units == 0:
             return
-        threads = [
-            threading.Thread(target=self._work, args=(units,), name=f"stage-{i}", daemon=True)
-            for i in range(n_threads - 1)
-        ]
+        threads = [_thread_in_context(self._work, units, name=f"stage-{i}") for i in range(n_threads - 1)]
         for thread in threads:
             thread.start()
         self._work(units)
@@ -650,7 +648,7 @@ def run_parallel(fn: Callable[[T], None], items: Sequence[T], *, max_workers: in
                     failure.append(exc)
                 return
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(0, min(max_workers, len(items)) - 1))]
+    threads = [_thread_in_context(work) for _ in range(max(0, min(max_workers, len(items)) - 1))]
     for thread in threads:
         thread.start()
     work()
@@ -658,3 +656,10 @@ def run_parallel(fn: Callable[[T], None], items: Sequence[T], *, max_workers: in
         thread.join()
     if failure:
         raise failure[0]
+
+
+def _thread_in_context(target: Callable[..., None], *args: object, name: str | None = None) -> threading.Thread:
+    """A daemon thread that runs with a copy of the caller's context, so its log lines carry the job's bound
+    ``job_id`` / ``message_id`` / ``instance_id`` (a new thread otherwise starts with an empty context)."""
+    context = contextvars.copy_context()
+    return threading.Thread(target=context.run, args=(target, *args), name=name, daemon=True)

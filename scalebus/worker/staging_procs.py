@@ -68,6 +68,8 @@ class _HelperSpec:
     dest: Path
     settings: StagingSettings
     log_config: logs.LogConfig | None
+    log_context: dict[str, Any]
+    """What the staging process bound (job_id, message_id, instance_id): helpers log with the same."""
 
 
 class Team:
@@ -76,7 +78,8 @@ class Team:
     def __init__(
         self, resolve: staging.Resolver, sources: Sequence[str], dest: Path, settings: StagingSettings
     ) -> None:
-        self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current())
+        context = structlog.contextvars.get_contextvars()
+        self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current(), context)
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._helpers_cpu_s = 0.0
@@ -267,6 +270,7 @@ def helper_main(spec: _HelperSpec, tasks: Any, results: Any, stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.log_config is not None:
         logs.configure(fmt=spec.log_config.fmt, level=spec.log_config.level)
+    structlog.contextvars.bind_contextvars(**spec.log_context, staging_helper=os.getpid())
     cpu_started = time.process_time()
     reporter = _Reporter(results)
     error: BaseException | None = None

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
-from scalebus import errors
+from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, uri_of
 from scalebus.cli import StoreResolver
@@ -90,6 +91,16 @@ class SlowStore(FolderStore):
         self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
     ) -> int:
         time.sleep(self.delay_s)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+class LoggingStore(FolderStore):
+    """Logs every read, as an adapter logs a retry, to show what a helper's log lines carry."""
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        structlog.get_logger("test").info("test.read", path=obj.rel_path)
         return super().read_into(obj, sink, offset=offset, length=length)
 
 
@@ -195,6 +206,23 @@ def test_a_resolver_that_cannot_be_pickled_stages_in_one_process(
     assert stats.processes == 1
     assert tree(tmp_path / "out" / "run") == files
     assert any(entry["event"] == "staging.single_process" for entry in logs)
+
+
+def test_helpers_log_with_the_job_context(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    src, _files = lake
+    logs.configure(fmt="json", level="info")
+    try:
+        with structlog.contextvars.bound_contextvars(job_id="j-42", message_id="m-7"):
+            staging.stage_in(FixedResolver(LoggingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    finally:
+        structlog.reset_defaults()
+    events = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    reads = [event for event in events if event["event"] == "test.read"]
+    in_helpers = [event for event in reads if "staging_helper" in event]
+    assert in_helpers and len(in_helpers) < len(reads)
+    assert all((event["job_id"], event["message_id"]) == ("j-42", "m-7") for event in reads)
 
 
 @pytest.mark.parametrize(
