@@ -11,6 +11,7 @@ backends are: a one-shot command such as ``scalebus stage`` or ``submit`` pays s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -69,6 +70,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "[controller]" or "<queue>" must print as written
 )
 controller_app = typer.Typer(help="The controller: sizes the scale set to the queue.", no_args_is_help=True)
 worker_app = typer.Typer(help="The worker: runs jobs, then retires its own instance.", no_args_is_help=True)
@@ -566,7 +568,8 @@ def stage_cmd(
 ) -> None:
     """Stage files from the data lake to local disk, as a worker does: parallel, verified, resumable.
 
-    Shows a progress bar on a terminal. Running it again skips files already staged intact.
+    Shows a progress bar on a terminal. Running it again skips files already staged intact. Many small files
+    are spread over one process per core (staging.processes; SCALEBUS_STAGING__PROCESSES=1 turns that off).
     """
     cfg = load_settings(config, log_format)
     if not src:
@@ -782,8 +785,22 @@ _USER_ERRORS = (
 )
 
 
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Join the lines of each paragraph of every command's docstring, so ``--help`` wraps them to the terminal
+    (typer keeps single line breaks in all but the first paragraph)."""
+    for info in typer_app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            paragraphs = inspect.cleandoc(doc).split("\n\n")
+            info.help = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; our errors become one line on stderr (exit 2: your input, exit 1: a backend)."""
+    reflow_help(app)
     try:
         app(args=argv)  # standalone: usage errors, --help and exit codes are handled by typer
     except KeyboardInterrupt:

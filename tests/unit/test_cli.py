@@ -126,6 +126,14 @@ def test_help_explains_commands(tmp_path: Path) -> None:
         assert command in result.stdout
 
 
+def test_help_prints_text_as_written_and_reflows_paragraphs(tmp_path: Path) -> None:
+    simulate = scalebus("simulate", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert "runs with the [controller] settings of --config" in simulate.stdout
+    assert "(max_instances comes from the trace, or from --max-instances)" in simulate.stdout
+    ingest = scalebus("ingest", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert "s3://<bucket>/<prefix>" in ingest.stdout
+
+
 def test_stage_command_copies_and_reports_json(tmp_path: Path) -> None:
     src = tmp_path / "lake" / "s1"
     src.mkdir(parents=True)
