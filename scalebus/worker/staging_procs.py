@@ -82,7 +82,8 @@ class Team:
         self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current(), context)
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
-        self._helpers_cpu_s = 0.0
+        self._dispenser = _Dispenser(())
+        self._stop: Any = threading.Event()
 
     def run(
         self,
@@ -96,32 +97,14 @@ class Team:
         """Download ``batches`` here and in ``processes - 1`` helpers; return the helpers' CPU seconds."""
         ctx = multiprocessing.get_context("spawn")
         n_helpers = processes - 1
-        dispenser = _Dispenser(batches)
+        self._dispenser = _Dispenser(batches)
         tasks: Any = ctx.Queue(maxsize=BATCHES_QUEUED_PER_HELPER * n_helpers)
         results: Any = ctx.Queue()
-        stop = ctx.Event()
-        helpers = [
-            ctx.Process(
-                target=helper_main,
-                args=(self._spec, tasks, results, stop),
-                name=f"scalebus-stage-{i + 1}",
-                daemon=True,
-            )
-            for i in range(n_helpers)
-        ]
-        for helper in helpers:
-            helper.start()
+        self._stop = ctx.Event()
+        helpers = self._start_helpers(ctx, n_helpers, tasks, results)
         log.info("staging.helpers.started", helpers=n_helpers, pids=[h.pid for h in helpers], batches=len(batches))
-
-        def fail(exc: BaseException) -> None:
-            with self._lock:
-                if self._failure is None:
-                    self._failure = exc
-            dispenser.stop()
-            stop.set()
-
-        feeder = threading.Thread(target=_feed, args=(dispenser, tasks, n_helpers, stop), daemon=True)
-        collector = _Collector(helpers, results, manifest=manifest, progress=progress, fail=fail)
+        feeder = threading.Thread(target=_feed, args=(self._dispenser, tasks, n_helpers, self._stop), daemon=True)
+        collector = _Collector(helpers, results, manifest=manifest, progress=progress, fail=self._fail)
         collecting = threading.Thread(target=collector.run, daemon=True)
         feeder.start()
         collecting.start()
@@ -130,19 +113,15 @@ class Team:
             own = staging.DownloadRun(
                 stores=stores, dest=spec.dest, settings=spec.settings, manifest=manifest, progress=progress
             )
-            own.execute(dispenser.tasks(), n_units=spec.settings.max_concurrency)
+            own.execute(self._dispenser.tasks(), n_units=spec.settings.max_concurrency)
         except Exception as exc:
-            fail(exc)
+            self._fail(exc)
         except BaseException:
-            fail(errors.StorageError("staging interrupted"))
+            self._fail(errors.StorageError("staging interrupted"))
             _terminate(helpers)
             raise
         finally:
-            collecting.join(STOP_GRACE_S)
-            if collecting.is_alive():
-                fail(errors.StorageError(f"staging helpers did not stop within {STOP_GRACE_S:.0f} s"))
-                _terminate(helpers)
-                collecting.join(STOP_GRACE_S)
+            self._wait(collecting, helpers)
             feeder.join(STOP_GRACE_S)
             for q in (tasks, results):
                 q.close()
@@ -150,6 +129,49 @@ class Team:
         if self._failure is not None:
             raise self._failure
         return collector.helpers_cpu_s
+
+    def _start_helpers(
+        self, ctx: multiprocessing.context.SpawnContext, n_helpers: int, tasks: Any, results: Any
+    ) -> list[multiprocessing.process.BaseProcess]:
+        helpers: list[multiprocessing.process.BaseProcess] = []
+        try:
+            for i in range(n_helpers):
+                helper = ctx.Process(
+                    target=helper_main,
+                    args=(self._spec, tasks, results, self._stop),
+                    name=f"scalebus-stage-{i + 1}",
+                    daemon=True,
+                )
+                helper.start()
+                helpers.append(helper)
+        except Exception as exc:
+            self._stop.set()
+            _terminate(helpers)
+            raise errors.StorageError(f"cannot start a staging helper process ({exc})") from exc
+        return helpers
+
+    def _fail(self, exc: BaseException) -> None:
+        """Remember the first failure and stop handing out work everywhere."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+        self._dispenser.stop()
+        self._stop.set()
+
+    def _wait(self, collecting: threading.Thread, helpers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+        """Until every helper has reported its end. Helpers still working on their last batches (a large file can
+        take long) are waited for; once stopped by a failure they get :data:`STOP_GRACE_S` to finish the reads
+        in flight, then are terminated."""
+        stopped_at: float | None = None
+        while collecting.is_alive():
+            collecting.join(_POLL_S * 4)
+            if stopped_at is None and self._stop.is_set():
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
+                self._fail(errors.StorageError(f"staging helpers did not stop within {STOP_GRACE_S:.0f} s"))
+                _terminate(helpers)
+                collecting.join(STOP_GRACE_S)
+                return
 
 
 class _Dispenser:

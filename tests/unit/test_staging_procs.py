@@ -81,6 +81,19 @@ class HelperKillingStore(FolderStore):
         return super().read_into(obj, sink, offset=offset, length=length)
 
 
+class SlowHelperStore(FolderStore):
+    """Reads in helper processes take 20 ms each: the staging process runs out of batches long before they end."""
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            time.sleep(0.02)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
 class SlowStore(FolderStore):
     """Every read takes ``delay_s`` (a slow link), so a staging lasts long enough to interrupt."""
 
@@ -147,6 +160,18 @@ def test_helpers_download_a_share_and_the_result_equals_one_process(
     assert seen[-1].files_done == seen[-1].files_total == len(files)
     assert seen[-1].bytes_done == seen[-1].bytes_total == stats.bytes
     assert stats.cpu_s > 0
+
+
+def test_helpers_finishing_long_after_the_staging_process_are_waited_for(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scalebus.worker import staging_procs
+
+    monkeypatch.setattr(staging_procs, "STOP_GRACE_S", 0.2)  # applies only once a failure stopped the staging
+    src, files = lake
+    stats = staging.stage_in(FixedResolver(SlowHelperStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert stats.processes == 2 and stats.seconds > 1.0
+    assert tree(tmp_path / "out" / "run") == files
 
 
 def test_a_second_run_skips_what_helpers_staged(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
