@@ -150,6 +150,11 @@ class RetryJob(JobError):
     """Give the job back (abandon): another attempt may succeed."""
 
 
+class StagingCancelled(RetryJob):
+    """Staging stopped before its end because the job is being given back (eviction notice, drain deadline, lost
+    lock): the reads in flight are cut off at their next write, nothing more is fetched."""
+
+
 class RejectJob(JobError):
     """The job can never succeed: dead-letter it with this reason."""
 

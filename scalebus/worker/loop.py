@@ -295,7 +295,12 @@ class Worker:
         shutil.rmtree(job_dir, ignore_errors=True)
         in_dir.mkdir(parents=True)
         secret_env = self._secrets.resolve() if self._secrets is not None else {}
-        staged = staging.stage_in(self._resolve, job.inputs, in_dir, self._staging)
+        try:
+            staged = staging.stage_in(self._resolve, job.inputs, in_dir, self._staging, cancel=self._cancel)
+        except errors.StagingCancelled:
+            _raise_if_lost(keeper)
+            self._raise_if_released()
+            raise
         self.stats.bytes_staged += staged.bytes
         self.stats.staging_seconds += staged.seconds
         log.info(

@@ -117,8 +117,13 @@ def stage_in(
     settings: StagingSettings,
     *,
     on_progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> StageStats:
-    """Download every file under ``sources`` into ``dest`` (layout and path rules: :mod:`scalebus.worker.plan`)."""
+    """Download every file under ``sources`` into ``dest`` (layout and path rules: :mod:`scalebus.worker.plan`).
+
+    Setting ``cancel`` stops the staging soon after (``StagingCancelled``): no new reads start and reads in
+    flight stop at their next write. What was finished stays in the manifest.
+    """
     started, cpu_started = time.monotonic(), time.process_time()
     stores = [resolve(uri) for uri in sources]
     listings = [plan.Listing(uri, list(store.list_files(uri))) for uri, store in zip(sources, stores, strict=True)]
@@ -138,10 +143,17 @@ def stage_in(
         if processes > 1:
             from scalebus.worker import staging_procs
 
-            team = staging_procs.Team(resolve, sources, dest, share_settings(settings, processes))
+            team = staging_procs.Team(resolve, sources, dest, share_settings(settings, processes), cancel=cancel)
             helpers_cpu_s = team.run(stores, batches, processes=processes, manifest=manifest, progress=progress)
         else:
-            run = DownloadRun(stores=stores, dest=dest, settings=settings, manifest=manifest, progress=progress)
+            run = DownloadRun(
+                stores=stores,
+                dest=dest,
+                settings=settings,
+                manifest=manifest,
+                progress=progress,
+                should_stop=cancel.is_set if cancel is not None else None,
+            )
             run.execute(download.fetch, n_units=sum(max(1, len(task.chunks)) for task in download.fetch))
         progress.finish()
     stats = StageStats(
@@ -387,6 +399,23 @@ class _HashingSink:
         return getattr(self._fh, name)
 
 
+class _StoppableSink:
+    """A file sink whose writes raise ``StagingCancelled`` once ``should_stop()`` holds: a cancelled staging does
+    not wait for a large file's read to end (the store lets errors of its sink through unretried)."""
+
+    def __init__(self, fh: BinaryIO, should_stop: Callable[[], bool]) -> None:
+        self._fh = fh
+        self._should_stop = should_stop
+
+    def write(self, data: bytes) -> int:
+        if self._should_stop():
+            raise errors.StagingCancelled("staging cancelled during a read")
+        return self._fh.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
 @dataclass(slots=True)
 class _ChunkedFile:
     """A large file fetched as several ranged reads; the last read to finish verifies and renames it."""
@@ -415,8 +444,10 @@ class DownloadRun:
         settings: StagingSettings,
         manifest: Recorder,
         progress: Counter,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self._stores = stores
+        self._should_stop = should_stop
         self._dest = dest
         self._settings = settings
         self._manifest = manifest
@@ -458,6 +489,9 @@ class DownloadRun:
             with self._lock:
                 if self._failure is not None:
                     return
+                if self._should_stop is not None and self._should_stop():
+                    self._failure = errors.StagingCancelled("staging cancelled before its end")
+                    return
                 try:
                     unit = next(units)
                 except StopIteration:
@@ -481,7 +515,8 @@ class DownloadRun:
             self._throttle.take(task.size)
             with _local_io(part), part.open("wb") as fh:
                 check_md5 = self._settings.verify_md5 and task.obj.content_md5 is not None
-                sink: BinaryIO = _HashingSink(fh) if check_md5 else fh  # type: ignore[assignment]
+                guarded = self._guard(fh)
+                sink: BinaryIO = _HashingSink(guarded) if check_md5 else guarded  # type: ignore[assignment]
                 got = store.read_into(task.obj, sink) if task.size else 0
             _check_size(task, got, task.size, part)
             if isinstance(sink, _HashingSink):
@@ -497,7 +532,7 @@ class DownloadRun:
         self._throttle.take(chunk.length)
         with _local_io(part), part.open("r+b") as fh:
             fh.seek(chunk.offset)
-            got = store.read_into(task.obj, fh, offset=chunk.offset, length=chunk.length)
+            got = store.read_into(task.obj, self._guard(fh), offset=chunk.offset, length=chunk.length)
         _check_size(task, got, chunk.length, part, chunk=chunk)
         with unit.shared.lock:
             unit.shared.remaining -= 1
@@ -506,6 +541,12 @@ class DownloadRun:
             self._verify_whole(task, part)
             self._finish(task, part)
         self._progress.add(files=1 if last else 0, nbytes=chunk.length)
+
+    def _guard(self, fh: BinaryIO) -> BinaryIO:
+        """``fh``, or a sink that stops the read at its next write once ``should_stop`` says so."""
+        if self._should_stop is None:
+            return fh
+        return _StoppableSink(fh, self._should_stop)  # type: ignore[return-value]
 
     def _verify_whole(self, task: plan.FileTask, part: Path) -> None:
         with _local_io(part):

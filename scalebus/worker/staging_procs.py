@@ -14,8 +14,9 @@ does. They only *report* finished files: the staging process alone appends them 
 counts progress, so a crash anywhere loses at most the unreported tail (fetched again on resume) and never
 records a file that is not in place.
 
-Failure: the first error anywhere stops the dispenser; every process finishes the reads it has in flight and
-the staging raises that error, with its type (transient or permanent) intact: errors pickle with their type.
+Failure: the first error anywhere (or ``cancel``) stops the dispenser and every process: reads in flight stop at
+their next write, and the staging raises that error, with its type (transient or permanent) intact: errors
+pickle with their type.
 A helper that dies without reporting (killed, out of memory) is a ``StorageError``. Helpers ignore SIGINT (the
 staging process stops them) and exit if the staging process dies.
 """
@@ -52,8 +53,8 @@ batches stay with whoever is free."""
 REPORT_INTERVAL_S = 0.2
 """Helpers send their finished files at most this often (and once at the end)."""
 STOP_GRACE_S = 60.0
-"""After a failure or at the end, how long helpers get to finish the reads they have in flight before they are
-terminated."""
+"""After a failure or a cancel, how long helpers get to wind down (their reads stop at the next write) before
+they are terminated."""
 _POLL_S = 0.05
 
 Batch = tuple[plan.FileTask, ...]
@@ -76,8 +77,15 @@ class Team:
     """The staging process's side: spawn helpers, feed them, collect their reports, download its own share."""
 
     def __init__(
-        self, resolve: staging.Resolver, sources: Sequence[str], dest: Path, settings: StagingSettings
+        self,
+        resolve: staging.Resolver,
+        sources: Sequence[str],
+        dest: Path,
+        settings: StagingSettings,
+        *,
+        cancel: threading.Event | None = None,
     ) -> None:
+        self._cancel = cancel
         context = structlog.contextvars.get_contextvars()
         self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current(), context)
         self._lock = threading.Lock()
@@ -104,14 +112,21 @@ class Team:
         helpers = self._start_helpers(ctx, n_helpers, tasks, results)
         log.info("staging.helpers.started", helpers=n_helpers, pids=[h.pid for h in helpers], batches=len(batches))
         feeder = threading.Thread(target=_feed, args=(self._dispenser, tasks, n_helpers, self._stop), daemon=True)
-        collector = _Collector(helpers, results, manifest=manifest, progress=progress, fail=self._fail)
+        collector = _Collector(
+            helpers, results, manifest=manifest, progress=progress, fail=self._fail, cancel=self._cancel
+        )
         collecting = threading.Thread(target=collector.run, daemon=True)
         feeder.start()
         collecting.start()
         try:
             spec = self._spec
             own = staging.DownloadRun(
-                stores=stores, dest=spec.dest, settings=spec.settings, manifest=manifest, progress=progress
+                stores=stores,
+                dest=spec.dest,
+                settings=spec.settings,
+                manifest=manifest,
+                progress=progress,
+                should_stop=self._stopped,
             )
             own.execute(self._dispenser.tasks(), n_units=spec.settings.max_concurrency)
         except Exception as exc:
@@ -149,6 +164,9 @@ class Team:
             _terminate(helpers)
             raise errors.StorageError(f"cannot start a staging helper process ({exc})") from exc
         return helpers
+
+    def _stopped(self) -> bool:
+        return self._stop.is_set() or (self._cancel is not None and self._cancel.is_set())
 
     def _fail(self, exc: BaseException) -> None:
         """Remember the first failure and stop handing out work everywhere."""
@@ -226,7 +244,9 @@ class _Collector:
         manifest: staging.Manifest,
         progress: staging.ProgressTracker,
         fail: Callable[[BaseException], None],
+        cancel: threading.Event | None,
     ) -> None:
+        self._cancel = cancel
         self._helpers = {h.pid: h for h in helpers}
         self._results = results
         self._manifest = manifest
@@ -237,6 +257,8 @@ class _Collector:
 
     def run(self) -> None:
         while len(self._exited) < len(self._helpers):
+            if self._cancel is not None and self._cancel.is_set():
+                self._fail(errors.StagingCancelled("staging cancelled before its end"))
             try:
                 message = self._results.get(timeout=_POLL_S)
             except queue.Empty:
@@ -300,7 +322,12 @@ def helper_main(spec: _HelperSpec, tasks: Any, results: Any, stop: Any) -> None:
     try:
         stores = [spec.resolve(uri) for uri in spec.sources]
         run = staging.DownloadRun(
-            stores=stores, dest=spec.dest, settings=spec.settings, manifest=reporter, progress=reporter
+            stores=stores,
+            dest=spec.dest,
+            settings=spec.settings,
+            manifest=reporter,
+            progress=reporter,
+            should_stop=stop.is_set,
         )
         run.execute(_queued_tasks(tasks, stop), n_units=spec.settings.max_concurrency)
     except BaseException as exc:

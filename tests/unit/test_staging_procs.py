@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from structlog.testing import capture_logs
 
 from scalebus import errors, logs
 from scalebus.backends import base
-from scalebus.backends.local.folder import FolderStore, uri_of
+from scalebus.backends.local.folder import FolderStore, path_of, uri_of
 from scalebus.cli import StoreResolver
 from scalebus.settings import Settings, StagingSettings
 from scalebus.worker import plan, staging
@@ -398,3 +399,86 @@ def test_a_corrupt_body_seen_by_a_helper_is_an_integrity_error(
 )
 def test_usable_cores_follow_affinity_and_cgroup_quota(affinity: int, cpu_max: str | None, expected: int) -> None:
     assert staging.usable_cores(affinity, cpu_max) == expected
+
+
+# --------------------------------------------------------------------------------------------- cancel
+
+
+class CancellingStore(FolderStore):
+    """Sets ``cancel`` (in the staging process) once ``after`` reads have started; reads in helpers are slow, so
+    they are still at work when it happens. Counts reads in a log file shared by every process."""
+
+    def __init__(self, log: Path, after: int) -> None:
+        self.log = log
+        self.after = after
+        self.cancel: threading.Event | None = None  # not sent to helpers
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"log": self.log, "after": self.after, "cancel": None}
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        with self.log.open("a") as fh:
+            fh.write(obj.rel_path + "\n")
+        if self.cancel is None:
+            time.sleep(0.05)
+        elif len(self.log.read_text().splitlines()) >= self.after:
+            self.cancel.set()
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cancel_stops_the_staging_and_keeps_what_was_finished(
+    lake: tuple[Path, dict[str, bytes]], tmp_path: Path, processes: int
+) -> None:
+    src, files = lake
+    store = CancellingStore(tmp_path / "reads.log", after=40)
+    store.cancel = threading.Event()
+    settings = SETTINGS.model_copy(update={"processes": processes})
+    with pytest.raises(errors.StagingCancelled) as raised:
+        staging.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings, cancel=store.cancel)
+    assert isinstance(raised.value, errors.RetryJob), "the worker gives the job back"
+    reads = len((tmp_path / "reads.log").read_text().splitlines())
+    assert reads < len(files) // 2, "nothing more is fetched once cancelled"
+    recorded = manifest_paths(tmp_path / "out")
+    assert all((tmp_path / "out" / p).read_bytes() == files[p.removeprefix("run/")] for p in recorded)
+    again = staging.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    assert again.skipped_files == len(recorded) and tree(tmp_path / "out" / "run") == files
+
+
+class TricklingStore(FolderStore):
+    """Delivers a file in 1 KiB writes, setting ``cancel`` after the third: a read in flight must stop there."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self.writes = 0
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        whole = path_of(obj.uri).read_bytes()
+        data = whole[offset : None if length is None else offset + length]
+        for start in range(0, len(data), 1024):
+            sink.write(data[start : start + 1024])
+            self.writes += 1
+            if self.writes == 3:
+                self.cancel.set()
+        return len(data)
+
+
+def test_cancel_cuts_a_read_in_flight_at_its_next_write(tmp_path: Path) -> None:
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "big.bin").write_bytes(os.urandom(100 * 1024))
+    cancel = threading.Event()
+    store = TricklingStore(cancel)
+    with pytest.raises(errors.StagingCancelled):
+        staging.stage_in(
+            lambda _uri: store,
+            [uri_of(tmp_path / "lake" / "big.bin")],
+            tmp_path / "out",
+            SETTINGS.model_copy(update={"processes": 1}),
+            cancel=cancel,
+        )
+    assert store.writes == 3
+    assert not (tmp_path / "out" / "big.bin").exists()

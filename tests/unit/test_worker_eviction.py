@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from structlog.testing import capture_logs
@@ -61,6 +62,7 @@ def make_worker(
     program: str,
     notices: base.NoticeSource,
     on_idle: Callable[[], None],
+    store: base.ObjectStore | None = None,
     **overrides: object,
 ) -> loop.Worker:
     script = tmp_path / "analytics.py"
@@ -72,10 +74,10 @@ def make_worker(
         "eviction_poll_s": 0.1,
         "retire_wait_s": 0.0,
     }
-    store = folder.FolderStore()
+    the_store = store or folder.FolderStore()
     return loop.Worker(
         queue=queue,
-        resolve=lambda _uri: store,
+        resolve=lambda _uri: the_store,
         heartbeats=None,
         instance_id=ME,
         settings=WorkerSettings(
@@ -83,7 +85,7 @@ def make_worker(
             work_dir=str(tmp_path / "work"),
             **(defaults | overrides),
         ),
-        staging_settings=StagingSettings(min_free_bytes=0),
+        staging_settings=StagingSettings(min_free_bytes=0, max_concurrency=1),
         on_idle=on_idle,
         notices=notices,
     )
@@ -130,6 +132,43 @@ def test_preempt_releases_the_running_job_at_once(
     assert (notice_log["instance_id"], notice_log["event_id"], notice_log["kind"]) == (ME, event_id, "Preempt")
     events = [e["event"] for e in logs]
     assert events.index("job_abandoned") < events.index("eviction_acknowledged")
+
+
+class SlowStore(folder.FolderStore):
+    """Each read takes 0.2 s and is counted: a staging of many files lasts long enough for a notice to arrive."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        self.reads += 1
+        time.sleep(0.2)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+def test_preempt_during_staging_releases_the_job_without_waiting_for_the_downloads(
+    queue: sqlite_queue.SqliteJobQueue, tmp_path: Path, notice_platform: NoticePlatform
+) -> None:
+    submitted = job(tmp_path, "j1")
+    for i in range(40):
+        (tmp_path / "lake" / "in" / f"part{i:02d}.fq").write_text(f"read {i}\n")
+    jobs.JobProducer(queue).submit([submitted])
+    store = SlowStore()
+    worker = make_worker(
+        queue, tmp_path, analytics(tmp_path, 0), notice_platform.source(ME), lambda: None, store=store
+    )
+    when(lambda: store.reads >= 3, lambda: notice_platform.post(base.NoticeKind.PREEMPT, [ME], not_before_s=30))
+
+    stats = worker.run()
+
+    again = queue.receive(max_wait_s=1.0)
+    assert again is not None and again.message_id == "j1" and again.delivery_count == 2, "abandoned, not expired"
+    assert (stats.abandoned, stats.completed) == (1, 0)
+    assert store.reads < 41 // 2, "staging stopped on the notice instead of fetching every file"
+    assert not (tmp_path / "started").exists(), "the analytics never started"
+    assert not output(tmp_path, "j1").exists()
 
 
 def test_job_that_ends_before_the_eviction_completes_then_the_worker_exits(
