@@ -7,8 +7,9 @@ sizes; scratch disk holds at most ``max_concurrency`` objects), is checked (size
 has one — the S3 source checks its own ETags while streaming) and handed to ``store.write_file``. Objects up to
 :data:`IN_MEMORY_BYTES` skip the disk and go through ``write_bytes``. Only then is the object recorded.
 
-The manifest is rewritten at the destination every ``checkpoint_interval_s`` while copying, at the end, and when
-the run fails, so a rerun copies only what the last run did not record. Nothing here retries: S3 requests are
+The manifest is rewritten at the destination every ``checkpoint_interval_s`` while copying (less often when a
+rewrite is slow: :func:`checkpoint_interval`), at the end, and when the run fails, so a rerun copies only what
+the last run did not record. Nothing here retries: S3 requests are
 retried by botocore (:mod:`scalebus.backends.aws.s3`), destination writes by the adapters; a failure that
 survives them stops the run (the first error wins) once the manifest is saved, and the next run resumes.
 """
@@ -39,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 IN_MEMORY_BYTES = 1024 * 1024
 """Objects up to this size are held in memory instead of a scratch file (no file to create and delete)."""
+CHECKPOINT_SHARE = 0.05
+"""Most of a run's time spent rewriting the manifest: with a million entries a rewrite takes seconds, so the
+interval between checkpoints grows to keep them within this share (``checkpoint_interval_s`` is the least)."""
 
 OnProgress = Callable[[staging.Progress], None]
 
@@ -212,6 +216,13 @@ class _Copier:
             raise errors.IntegrityError(f"{obj.uri}: MD5 does not match the listed Content-MD5")
 
 
+def checkpoint_interval(interval_s: float, last_save_s: float) -> float:
+    """Seconds until the next checkpoint: ``interval_s``, or longer when the last rewrite took so long that
+    rewriting every ``interval_s`` would spend more than :data:`CHECKPOINT_SHARE` of the run on it. 0 asks for a
+    checkpoint after every object, whatever it costs, and gets it."""
+    return max(interval_s, last_save_s / CHECKPOINT_SHARE) if interval_s > 0 else 0.0
+
+
 def _file_md5(path: Path) -> bytes:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).digest()
@@ -240,12 +251,13 @@ class _Checkpoint:
         self._version = 0
         self._saved_version = 0
         self._saved_at = time.monotonic()
+        self._wait_s = interval_s
 
     def record(self, entry: plan.CopiedEntry) -> None:
         with self._lock:
             self._entries[entry.rel_path] = entry
             self._version += 1
-            due = time.monotonic() - self._saved_at >= self._interval_s
+            due = time.monotonic() - self._saved_at >= self._wait_s
         if due:
             self.save()
 
@@ -255,10 +267,12 @@ class _Checkpoint:
                 if self._version == self._saved_version:
                     return
                 version, entries = self._version, dict(self._entries)
-                self._saved_at = time.monotonic()
+                self._saved_at = started = time.monotonic()
             self._store.write_bytes(plan.render_manifest(entries, source=self._source, now=time.time()), self._uri)
+            took = time.monotonic() - started
             with self._lock:
                 self._saved_version = max(self._saved_version, version)
+                self._wait_s = checkpoint_interval(self._interval_s, took)
 
     def save_after_failure(self) -> None:
         """Keep what finished before the failure; the failure itself is what the caller reports."""

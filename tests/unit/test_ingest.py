@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -411,3 +412,30 @@ def test_any_store_can_be_the_source(tmp_path: Path, dest: tuple[Path, str]) -> 
     assert engine.ingest(store, folder.uri_of(source_dir), store, dest[1], settings).skipped_files == 1
     assert (dest[0] / "d" / "x").read_bytes() == b"x" * (2 * MiB)
     assert list((tmp_path / "scratch").iterdir()) == []  # scratch files are removed
+
+
+class SlowManifestStore(folder.FolderStore):
+    """A destination where rewriting the manifest takes 0.1 s (as a million-line manifest takes seconds)."""
+
+    def __init__(self) -> None:
+        self.manifest_writes = 0
+
+    def write_bytes(self, data: bytes, uri: str) -> None:
+        if uri.endswith(plan.MANIFEST_NAME):
+            self.manifest_writes += 1
+            time.sleep(0.1)
+        super().write_bytes(data, uri)
+
+
+def test_slow_manifest_rewrites_are_spaced_out(tmp_path: Path, dest: tuple[Path, str]) -> None:
+    src = tmp_path / "source"
+    src.mkdir()
+    for i in range(60):
+        (src / f"f{i:02d}").write_bytes(b"x" * 100)
+    store = SlowManifestStore()
+    settings = IngestSettings(max_concurrency=1, checkpoint_interval_s=0.001)
+    stats = engine.ingest(folder.FolderStore(), folder.uri_of(src), store, dest[1], settings)
+    assert stats.copied_files == 60
+    # A rewrite every 0.001 s would be one per object; each taking 0.1 s, the next waits 2 s (5 % of the run).
+    assert store.manifest_writes <= 1 + stats.seconds / 2 + 1
+    assert len(plan.parse_manifest((dest[0] / plan.MANIFEST_NAME).read_bytes())) == 60

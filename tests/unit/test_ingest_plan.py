@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scalebus.backends import base
-from scalebus.ingest import plan
+from scalebus.ingest import engine, plan
 
 
 def obj(rel_path: str, etag: str = "e1", size: int = 10) -> base.RemoteObject:
@@ -117,3 +117,14 @@ def test_every_object_is_decided_once_and_nothing_escapes(
     after = copied | {t.obj.rel_path: entry(t.obj.rel_path, t.obj.etag, t.obj.size) for t in result.copy}
     present_after = present | {t.obj.rel_path: t.obj.size for t in result.copy}
     assert plan.plan_ingest(listing, copied=after, present=present_after).copy == ()
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "last_save_s", "expected"),
+    [(30.0, 0.1, 30.0), (30.0, 1.5, 30.0), (30.0, 3.0, 60.0), (0.0, 0.0, 0.0), (0.0, 0.5, 0.0)],
+    ids=["fast-rewrite", "at-the-share", "slow-rewrite-waits-longer", "every-object", "every-object-even-if-slow"],
+)
+def test_checkpoints_are_spaced_to_bound_their_share_of_the_run(
+    interval_s: float, last_save_s: float, expected: float
+) -> None:
+    assert engine.checkpoint_interval(interval_s, last_save_s) == pytest.approx(expected)
