@@ -124,6 +124,11 @@ class IngestSettings(_Section):
     scratch_dir: str = ""
     """Local folder for objects in transit (at most ``max_concurrency`` objects at a time). Empty: the system
     temporary directory."""
+    scratch_min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Space that must stay free in ``scratch_dir`` with the largest ``max_concurrency`` objects in transit: a run
+    that would not fit is refused before copying anything."""
+    bandwidth_cap_bytes_per_s: int = Field(default=0, ge=0)
+    """Cap on the rate objects are read from the source (0 = none), to leave the link to other traffic."""
     checkpoint_interval_s: float = Field(default=30.0, ge=0)
     """How often the record of copied objects is rewritten at the destination during a run (and always at its
     end, or when it fails): a run killed outright copies again at most what it copied in its last interval.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -162,6 +163,7 @@ class _Copier:
         self._settings = settings
         self._checkpoint = checkpoint
         self._progress = progress
+        self._throttle = staging.Throttle(settings.bandwidth_cap_bytes_per_s)
 
     def run(self, tasks: Sequence[plan.CopyTask]) -> None:
         scratch_root = Path(self._settings.scratch_dir) if self._settings.scratch_dir else None
@@ -176,6 +178,7 @@ class _Copier:
                 "name a writable folder",
             ) from None
         with scratch:
+            _check_scratch(Path(scratch.name), tasks, self._settings)
             staging.run_parallel(
                 lambda task: self._copy(task, Path(scratch.name)),
                 tasks,
@@ -185,6 +188,7 @@ class _Copier:
     def _copy(self, task: plan.CopyTask, scratch: Path) -> None:
         obj = task.obj
         dest = self._dest_prefix + urllib.parse.quote(obj.rel_path)
+        self._throttle.take(obj.size)
         if obj.size <= IN_MEMORY_BYTES:
             buffer = io.BytesIO()
             got = self._source.read_into(obj, buffer)
@@ -214,6 +218,22 @@ class _Copier:
             raise errors.IntegrityError(f"{obj.uri}: read {got} bytes, the listing says {obj.size}")
         if self._settings.verify_md5 and obj.content_md5 is not None and md5() != obj.content_md5:
             raise errors.IntegrityError(f"{obj.uri}: MD5 does not match the listed Content-MD5")
+
+
+def _check_scratch(scratch: Path, tasks: Sequence[plan.CopyTask], settings: IngestSettings) -> None:
+    """Refuse a run whose objects in transit could not fit in the scratch folder (checked once, up front)."""
+    in_transit = plan.scratch_needed(
+        [task.obj.size for task in tasks], concurrency=settings.max_concurrency, in_memory_bytes=IN_MEMORY_BYTES
+    )
+    free = shutil.disk_usage(scratch).free
+    if in_transit + settings.scratch_min_free_bytes > free:
+        raise errors.ConfigError(
+            "ingest.scratch_dir",
+            f"{scratch.parent} has {free:,} bytes free, but the largest {settings.max_concurrency} objects in "
+            f"transit need {in_transit:,} bytes plus {settings.scratch_min_free_bytes:,} kept free "
+            "(ingest.scratch_min_free_bytes)",
+            "point ingest.scratch_dir at a larger disk, or lower ingest.max_concurrency",
+        )
 
 
 def checkpoint_interval(interval_s: float, last_save_s: float) -> float:

@@ -159,6 +159,13 @@ def render_manifest(entries: Mapping[str, CopiedEntry], *, source: str, now: flo
     return ("\n".join(lines) + "\n").encode()
 
 
+def scratch_needed(sizes: Sequence[int], *, concurrency: int, in_memory_bytes: int) -> int:
+    """Scratch space the copy can need at once: the ``concurrency`` largest objects that go through a scratch file
+    (those over ``in_memory_bytes``; smaller ones stay in memory)."""
+    on_disk = sorted((size for size in sizes if size > in_memory_bytes), reverse=True)
+    return sum(on_disk[:concurrency])
+
+
 def _parents(rel_path: str) -> list[str]:
     parts = rel_path.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]

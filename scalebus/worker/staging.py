@@ -350,23 +350,31 @@ class ProgressTracker:
         return Progress(self._files, self._files_total, self._bytes, self._bytes_total, now - self._started)
 
 
-class _Throttle:
-    """A shared bandwidth cap: each read reserves its bytes on a timeline advancing at ``rate`` bytes/s."""
+class Throttle:
+    """A shared bandwidth cap: each read reserves its bytes on a timeline advancing at ``rate`` bytes/s (0: no
+    cap). Shared by staging, publishing and ingest."""
 
     def __init__(self, rate_bytes_per_s: int) -> None:
         self._rate = float(rate_bytes_per_s)
         self._lock = threading.Lock()
-        self._next = time.monotonic()
+        self._next = 0.0  # when the booked bytes end: the past (nothing booked yet)
 
     def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit under the cap."""
         if self._rate <= 0 or nbytes <= 0:
             return
         with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + nbytes / self._rate
-        if start > now:
-            time.sleep(start - now)
+            wait_s = self.reserve(nbytes, now=time.monotonic())
+        if wait_s > 0:
+            time.sleep(wait_s)
+
+    def reserve(self, nbytes: int, *, now: float) -> float:
+        """Book ``nbytes`` on the timeline; the seconds to wait before reading them (callers hold no lock)."""
+        if self._rate <= 0 or nbytes <= 0:
+            return 0.0
+        start = max(now, self._next)
+        self._next = start + nbytes / self._rate
+        return start - now
 
 
 class _HashingSink:
@@ -452,7 +460,7 @@ class DownloadRun:
         self._settings = settings
         self._manifest = manifest
         self._progress = progress
-        self._throttle = _Throttle(settings.bandwidth_cap_bytes_per_s)
+        self._throttle = Throttle(settings.bandwidth_cap_bytes_per_s)
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
 
@@ -622,7 +630,7 @@ def publish(
         )
     total = sum(size for _rel, size in files)
     progress = ProgressTracker(len(files), total, started, on_progress)
-    throttle = _Throttle(settings.bandwidth_cap_bytes_per_s)
+    throttle = Throttle(settings.bandwidth_cap_bytes_per_s)
 
     def upload(item: tuple[str, int]) -> None:
         rel, size = item

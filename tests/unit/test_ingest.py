@@ -439,3 +439,30 @@ def test_slow_manifest_rewrites_are_spaced_out(tmp_path: Path, dest: tuple[Path,
     # A rewrite every 0.001 s would be one per object; each taking 0.1 s, the next waits 2 s (5 % of the run).
     assert store.manifest_writes <= 1 + stats.seconds / 2 + 1
     assert len(plan.parse_manifest((dest[0] / plan.MANIFEST_NAME).read_bytes())) == 60
+
+
+def test_a_run_that_would_not_fit_in_scratch_is_refused_before_copying(
+    tmp_path: Path, dest: tuple[Path, str]
+) -> None:
+    src = tmp_path / "source"
+    src.mkdir()
+    (src / "big.bam").write_bytes(os.urandom(2 * engine.IN_MEMORY_BYTES))
+    (src / "small.idx").write_bytes(b"i")
+    settings = IngestSettings(scratch_dir=str(tmp_path / "scratch"), scratch_min_free_bytes=1 << 62)
+    with pytest.raises(errors.ConfigError, match=r"ingest.scratch_dir: .* need 2,097,152 bytes plus") as raised:
+        engine.ingest(folder.FolderStore(), folder.uri_of(src), folder.FolderStore(), dest[1], settings)
+    message = str(raised.value)
+    assert "ingest.scratch_min_free_bytes" in message and "lower ingest.max_concurrency" in message
+    assert not dest[0].exists() or list(dest[0].iterdir()) == []
+
+
+def test_a_bandwidth_cap_keeps_the_copies_identical(tmp_path: Path, dest: tuple[Path, str]) -> None:
+    src = tmp_path / "source"
+    src.mkdir()
+    files = {f"f{i}": os.urandom(300_000) for i in range(4)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    settings = IngestSettings(bandwidth_cap_bytes_per_s=50_000_000)
+    stats = engine.ingest(folder.FolderStore(), folder.uri_of(src), folder.FolderStore(), dest[1], settings)
+    assert stats.copied_files == 4
+    assert {k: v for k, v in tree(dest[0]).items() if k != plan.MANIFEST_NAME} == files

@@ -128,3 +128,17 @@ def test_checkpoints_are_spaced_to_bound_their_share_of_the_run(
     interval_s: float, last_save_s: float, expected: float
 ) -> None:
     assert engine.checkpoint_interval(interval_s, last_save_s) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "concurrency", "expected"),
+    [
+        ([], 8, 0),
+        ([10, 20, 30], 8, 0),  # all in memory
+        ([10, 200, 300, 150], 2, 500),
+        ([200, 300, 150], 8, 650),
+    ],
+    ids=["nothing", "small-only", "largest-two", "fewer-than-concurrency"],
+)
+def test_scratch_needed_is_the_largest_in_transit(sizes: list[int], concurrency: int, expected: int) -> None:
+    assert plan.scratch_needed(sizes, concurrency=concurrency, in_memory_bytes=100) == expected

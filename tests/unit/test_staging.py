@@ -355,3 +355,19 @@ def test_a_rewound_whole_file_read_is_still_verified(
 def test_chunks_grow_only_as_far_as_the_pool_allows(total: int, threads: int, setting: int, expected: int) -> None:
     settings = StagingSettings(max_concurrency=threads, chunk_size_bytes=setting)
     assert staging.chunk_size(total, settings) == expected
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected_waits"),
+    [
+        ([(100, 0.0)], [0.0]),  # the first read never waits
+        ([(100, 0.0), (100, 0.0)], [0.0, 1.0]),  # 100 bytes at 100 B/s: the second waits a second
+        ([(100, 0.0), (50, 2.0)], [0.0, 0.0]),  # the timeline is behind the clock: no wait, no banked credit
+        ([(100, 0.0), (100, 0.5), (100, 0.5)], [0.0, 0.5, 1.5]),  # readers at once queue up
+    ],
+    ids=["first", "back-to-back", "idle-gap", "concurrent"],
+)
+def test_throttle_books_reads_on_a_timeline(reads: list[tuple[int, float]], expected_waits: list[float]) -> None:
+    throttle = staging.Throttle(100)
+    assert [throttle.reserve(n, now=now) for n, now in reads] == pytest.approx(expected_waits)
+    assert staging.Throttle(0).reserve(10**9, now=0.0) == 0.0
