@@ -1,9 +1,9 @@
 """A Spot eviction on the embedded default, as real processes: the controller, its workers, the pool's notices.
 
-The test plays the platform: once the slow job's analytics has started on instance ``local-1`` it posts a
-``Preempt`` for that instance, and removes the event once approved (as Azure does when the VM is gone). The
-worker must give the job back, approve the eviction and exit without deleting itself; the controller then
-replaces the lost instance and the job runs again, to completion.
+The test makes the platform's decision: once the slow job's analytics has started on instance ``local-1`` it
+posts a ``Preempt`` for that instance. The worker must give the job back, approve the eviction and exit without
+deleting itself; the pool, playing the platform, then deletes the instance and clears the event; the controller
+replaces the instance and the job runs again, to completion.
 """
 
 from __future__ import annotations
@@ -39,11 +39,7 @@ def test_evicted_worker_gives_its_job_back_and_the_fleet_finishes_it(tmp_path: P
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (tmp_path / "slow1.started").exists():
             time.sleep(0.05)
-        event_id = board.post(["local-1"], base.NoticeKind.PREEMPT, not_before=time.time() + 30)
-        posted.append(event_id)
-        while time.monotonic() < deadline and event_id not in board.acknowledged():
-            time.sleep(0.05)
-        board.clear(event_id)  # the VM is gone, the event with it (the pool may reuse the instance id)
+        posted.append(board.post(["local-1"], base.NoticeKind.PREEMPT, not_before=time.time() + 30))
 
     threading.Thread(target=platform, daemon=True).start()
     _, err = finish(system.start_controller(), timeout_s=120)
@@ -56,5 +52,7 @@ def test_evicted_worker_gives_its_job_back_and_the_fleet_finishes_it(tmp_path: P
     report = json.loads((tmp_path / "out" / "slow1" / "_scalebus_job.json").read_text())
     assert report["delivery_count"] == 2
     assert seen.count("worker_evicted") == 1
+    assert seen.count("instance_evicted") == 1, "the pool deleted the evicted instance"
+    assert board.started_evictions(now=time.time() + 3600) == [], "the event went with its instance"
     assert seen.count("worker_idle_retiring") == seen.count("worker_started") - 1, "the evicted one did not retire"
     board.close()

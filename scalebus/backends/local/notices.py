@@ -1,10 +1,11 @@
 """The embedded pool's scheduled events: the local stand-in for IMDS Scheduled Events (``base.NoticeSource``).
 
-Notices live in the pool's SQLite file (``scale_set.state_path``), posted by whoever plays the platform — a test,
-the demo, an operator simulating a Spot eviction with :meth:`LocalNoticeBoard.post` — and read by each worker for
-its own instance. As on Azure an event names one or more instances, is ``Scheduled`` until acknowledged (or until
-its time comes, which the reader sees as ``not_before`` in the past) and ``Started`` after; removing it is the
-platform's business (:meth:`LocalNoticeBoard.clear`).
+Notices live in the pool's SQLite file (``scale_set.state_path``), posted by whoever simulates the platform's
+decision — a test, the demo, an operator simulating a Spot eviction with :meth:`LocalNoticeBoard.post` — and read
+by each worker for its own instance. As on Azure an event names one or more instances, is ``Scheduled`` until
+acknowledged (or until its time comes, which the reader sees as ``not_before`` in the past) and ``Started`` after.
+The pool then plays the platform's part (``LocalScaleSet``): a started ``Preempt`` or ``Terminate`` stops its
+instances abruptly and deletes them, and the event goes with them (:meth:`LocalNoticeBoard.clear`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ class LocalNoticeBoard:
                 "SELECT event_id FROM scheduled_events WHERE acknowledged_at IS NOT NULL ORDER BY seq"
             ).fetchall()
         return [row[0] for row in rows]
+
+    def started_evictions(self, *, now: float) -> list[tuple[str, list[str]]]:
+        """``(event_id, instance ids)`` of each ``Preempt`` or ``Terminate`` that has started: approved by a
+        worker, or its ``not_before`` passed. The pool acts on these as the platform would."""
+        ending = (base.NoticeKind.PREEMPT.value, base.NoticeKind.TERMINATE.value)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT event_id, resources FROM scheduled_events "
+                "WHERE kind IN (?, ?) AND (acknowledged_at IS NOT NULL OR not_before <= ?) ORDER BY seq",
+                (*ending, now),
+            ).fetchall()
+        return [(event_id, list(json.loads(resources))) for event_id, resources in rows]
 
     def clear(self, event_id: str) -> None:
         """The event is over (or cancelled): it is no longer reported."""

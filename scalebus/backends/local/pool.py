@@ -23,7 +23,7 @@ import structlog
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.backends.local import _sqlite
+from scalebus.backends.local import _sqlite, notices
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +67,7 @@ class LocalScaleSet:
         self._argv = list(worker_argv)
         self._env = dict(worker_env)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._board = notices.LocalNoticeBoard(state_path)
         self.url = pool_url(state_path)
 
     def get_capacity(self) -> int:
@@ -150,8 +151,32 @@ class LocalScaleSet:
             )
         log.info("instance_started", instance_id=instance_id, pid=proc.pid)
 
+    def _evict_started(self) -> None:
+        """The platform's part in a Spot eviction: once an event for pool instances has started (approved, or its
+        time came), they stop at once (SIGKILL: a VM does not wait for its processes) and are deleted; the event is
+        cleared when none of them is left."""
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT instance_id, pid, pid_started, deleting_since FROM instances").fetchall()
+        instances = {row[0]: row[1:] for row in rows}
+        for event_id, names in self._board.started_evictions(now=time.time()):
+            targets = [name for name in names if name in instances and instances[name][2] is None]
+            if targets:
+                now = time.time()
+                with self._db.write() as conn:
+                    conn.executemany(
+                        "UPDATE instances SET deleting_since = ? WHERE instance_id = ?",
+                        [(now, target) for target in targets],
+                    )
+                for target in targets:
+                    log.warning("instance_evicted", instance_id=target, event_id=event_id)
+                    _signal(instances[target][0], instances[target][1], signal.SIGKILL)
+            if not any(name in instances for name in names):
+                self._board.clear(event_id)
+
     def _reap(self) -> None:
-        """Collect exited children; forget deleted instances whose process is gone; kill stragglers."""
+        """Act on started evictions; collect exited children; forget deleted instances whose process is gone; kill
+        stragglers."""
+        self._evict_started()
         for pid, proc in list(self._children.items()):
             if proc.poll() is not None:
                 del self._children[pid]
@@ -175,6 +200,7 @@ class LocalScaleSet:
         for proc in self._children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self._board.close()
         self._db.close()
 
 
