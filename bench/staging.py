@@ -15,8 +15,8 @@ large file (2 GiB by default, ``--big-mib``), 8 Ã— 100 MiB and 1,000 files of 1â
 B's files in a local folder (``file://`` for scalebus, a local path for rclone): no server in the way, so the
 client's own CPU per file sets the pace, which is where helper processes (``staging.processes``) matter.
 
-``scalebus`` runs with the default settings (``staging.processes = 0``: helper processes once there are 4,000
-files per process); ``scalebus N proc`` sets ``staging.processes = N``. Peak RSS of a client is the larger of
+``scalebus`` runs with the default settings (``staging.processes = 0``: helper processes join when one process
+is CPU-bound); ``scalebus N proc`` sets ``staging.processes = N``. Peak RSS of a client is the larger of
 ``wait4``'s (one process) and the highest sum over its process tree sampled every 50 ms (helpers included).
 """
 

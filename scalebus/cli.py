@@ -568,8 +568,8 @@ def stage_cmd(
 ) -> None:
     """Stage files from the data lake to local disk, as a worker does: parallel, verified, resumable.
 
-    Shows a progress bar on a terminal. Running it again skips files already staged intact. Many small files
-    are spread over one process per core (staging.processes; SCALEBUS_STAGING__PROCESSES=1 turns that off).
+    Shows a progress bar on a terminal. Running it again skips files already staged intact. When one process
+    is bound by its own CPU (many small files) helper processes join, up to one per core (staging.processes).
     """
     cfg = load_settings(config, log_format)
     if not src:

@@ -98,8 +98,9 @@ class StagingSettings(_Section):
     """Disk space that must remain free after staging (the preflight refuses otherwise)."""
     processes: int = Field(default=0, ge=0, le=64)
     """Processes that download at once (the staging's own plus helpers; concurrency, memory budget and bandwidth
-    cap are shared between them). 0 = auto: one per available core once there are 4,000 files to fetch per
-    process, since one process tops out near 750 small files/s. 1 = never spawn helpers."""
+    cap are shared between them). 0 = auto: start with one and add helpers, up to one per available core, while
+    it is bound by its own CPU (many small files: one process tops out near the GIL's limit) and at least 2,000
+    files are left. N = exactly N from the start. 1 = never spawn helpers."""
 
 
 class IngestSettings(_Section):

@@ -39,9 +39,15 @@ MANIFEST_NAME = ".scalebus-stage.jsonl"
 PART_SUFFIX = ".part"
 """Files are written as ``<name>.part`` and renamed into place once verified."""
 
-AUTO_FILES_PER_PROCESS = 4000
-"""``staging.processes = 0`` adds a process per this many files to fetch (up to one per core). At ~1.3 ms of client
-CPU per small file that is ~5 s of work per process, against ~0.5 s of CPU to start a helper."""
+AUTO_MIN_FILES = 2000
+"""``staging.processes = 0`` adds a helper only while at least this many files are still to be handed out: a helper
+costs ~0.5 s of CPU to start, about what one process spends on 1,000 small files."""
+CPU_BOUND_CORES = 0.85
+"""A staging process busy this many cores' worth (CPU seconds per second) is bound by its own CPU, most likely
+the GIL: one more process would fetch more. A process waiting on the network uses a small fraction."""
+CPU_BOUND_SAMPLES = 2
+"""Consecutive CPU samples (of ``CPU_SAMPLE_S``) over the bound before a helper is added, and between helpers."""
+CPU_SAMPLE_S = 1.0
 BATCH_MAX_FILES = 64
 BATCH_MAX_BYTES = 64 * 1024 * 1024
 """Processes take work in batches of up to this many files or bytes: few enough messages between processes,
@@ -175,11 +181,36 @@ def batch_tasks(
     return tuple(batches)
 
 
-def process_count(requested: int, *, cores: int, files: int, batches: int) -> int:
-    """How many processes download: ``requested`` when set (> 0), else one per :data:`AUTO_FILES_PER_PROCESS`
-    files up to ``cores``; never more than there are batches to share, never fewer than one."""
-    wanted = requested if requested > 0 else min(cores, files // AUTO_FILES_PER_PROCESS)
-    return max(1, min(wanted, batches))
+@dataclass(frozen=True, slots=True)
+class ProcessPlan:
+    """How many processes download: ``start`` at once, up to ``most`` as the staging turns out CPU-bound."""
+
+    start: int
+    most: int
+
+
+def process_plan(requested: int, *, cores: int, files: int, batches: int) -> ProcessPlan:
+    """``requested`` (> 0) processes from the start; for 0 (auto) one, growing up to one per core when it is
+    CPU-bound (:func:`should_add_helper`) and there are at least :data:`AUTO_MIN_FILES` files; never more
+    processes than batches to share, never fewer than one."""
+    if requested > 0:
+        fixed = max(1, min(requested, batches))
+        return ProcessPlan(fixed, fixed)
+    most = min(cores, batches) if files >= AUTO_MIN_FILES else 1
+    return ProcessPlan(1, max(1, most))
+
+
+def should_add_helper(cpu_cores: Sequence[float], *, processes: int, most: int, files_left: int) -> bool:
+    """Add a helper process when the last :data:`CPU_BOUND_SAMPLES` samples of the staging process's CPU use
+    (cores' worth) all reach :data:`CPU_BOUND_CORES`, there is room for one, and at least
+    :data:`AUTO_MIN_FILES` files are still to be handed out."""
+    recent = cpu_cores[-CPU_BOUND_SAMPLES:]
+    return (
+        processes < most
+        and files_left >= AUTO_MIN_FILES
+        and len(recent) == CPU_BOUND_SAMPLES
+        and all(sample >= CPU_BOUND_CORES for sample in recent)
+    )
 
 
 def check_rel_path(rel_path: str) -> None:

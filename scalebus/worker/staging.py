@@ -6,8 +6,8 @@ concurrency is bounded across files and within them. Each file is streamed to ``
 and Content-MD5 (when the store has one) are checked, and it is renamed into place; only then is it appended to
 the resume manifest, so a crashed staging restarts without fetching finished files again.
 
-A staging with many files to fetch spreads over helper processes (``StagingSettings.processes``, one per core
-by default once there are enough files): one process tops out near 750 small files/s on the GIL.
+A staging bound by its own CPU (many small files: one process tops out on the GIL) adds helper processes
+(``StagingSettings.processes``, by default up to one per core while enough files are left).
 :mod:`scalebus.worker.staging_procs` runs them; the plan, the manifest and the progress stay in this process.
 
 Memory stays within ``StagingSettings.memory_budget_bytes``: the stores stream to the file sink and buffer at
@@ -136,15 +136,15 @@ def stage_in(
     _preflight(dest, download.fetch_bytes, settings.min_free_bytes)
     _make_dirs(dest, download.directories)
     batches = plan.batch_tasks(download.fetch)
-    processes = _process_count(resolve, settings, files=len(download.fetch), batches=len(batches))
-    helpers_cpu_s = 0.0
+    processes = _process_plan(resolve, settings, files=len(download.fetch), batches=len(batches))
+    helpers_cpu_s, used = 0.0, 1
     with Manifest(manifest_path) as manifest:
         progress = ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress)
-        if processes > 1:
+        if processes.most > 1:
             from scalebus.worker import staging_procs
 
-            team = staging_procs.Team(resolve, sources, dest, share_settings(settings, processes), cancel=cancel)
-            helpers_cpu_s = team.run(stores, batches, processes=processes, manifest=manifest, progress=progress)
+            team = staging_procs.Team(resolve, sources, dest, settings, cancel=cancel)
+            helpers_cpu_s, used = team.run(stores, batches, processes, manifest=manifest, progress=progress)
         else:
             run = DownloadRun(
                 stores=stores,
@@ -163,23 +163,23 @@ def stage_in(
         skipped_bytes=download.skip_bytes,
         seconds=time.monotonic() - started,
         cpu_s=round(time.process_time() - cpu_started + helpers_cpu_s, 3),
-        processes=processes,
+        processes=used,
     )
     log.info("staging.stage_in.done", dest=str(dest), sources=len(sources), **stats.as_dict())
     return stats
 
 
-def _process_count(resolve: Resolver, settings: StagingSettings, *, files: int, batches: int) -> int:
-    """``plan.process_count`` on this machine's usable cores; one process if the resolver cannot be sent to a
+def _process_plan(resolve: Resolver, settings: StagingSettings, *, files: int, batches: int) -> plan.ProcessPlan:
+    """``plan.process_plan`` on this machine's usable cores; one process if the resolver cannot be sent to a
     helper (the CLI's can; a caller's closure cannot)."""
-    count = plan.process_count(settings.processes, cores=machine_cores(), files=files, batches=batches)
-    if count > 1:
+    processes = plan.process_plan(settings.processes, cores=machine_cores(), files=files, batches=batches)
+    if processes.most > 1:
         try:
             pickle.dumps(resolve)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             log.warning("staging.single_process", reason=f"the store resolver cannot be pickled ({exc})")
-            return 1
-    return count
+            return plan.ProcessPlan(1, 1)
+    return processes
 
 
 def machine_cores() -> int:
@@ -359,6 +359,10 @@ class Throttle:
         self._lock = threading.Lock()
         self._next = 0.0  # when the booked bytes end: the past (nothing booked yet)
 
+    def set_rate(self, rate_bytes_per_s: int) -> None:
+        with self._lock:
+            self._rate = float(rate_bytes_per_s)
+
     def take(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit under the cap."""
         if self._rate <= 0 or nbytes <= 0:
@@ -463,6 +467,13 @@ class DownloadRun:
         self._throttle = Throttle(settings.bandwidth_cap_bytes_per_s)
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
+        self._threads_allowed = settings.max_concurrency
+
+    def reshare(self, *, threads: int, rate_bytes_per_s: int) -> None:
+        """Run on fewer threads (those over the limit end after their current unit) and a lower bandwidth cap:
+        helper processes have taken their share of the budgets."""
+        self._threads_allowed = max(1, threads)
+        self._throttle.set_rate(rate_bytes_per_s)
 
     def execute(self, tasks: Iterable[plan.FileTask], *, n_units: int) -> None:
         """Fetch ``tasks`` (read lazily, under a lock, as threads free up) on at most ``n_units`` threads."""
@@ -471,10 +482,10 @@ class DownloadRun:
         n_threads = max(1, min(self._settings.max_concurrency, by_memory, n_units))
         if n_units == 0:
             return
-        threads = [_thread_in_context(self._work, units, name=f"stage-{i}") for i in range(n_threads - 1)]
+        threads = [_thread_in_context(self._work, units, i, name=f"stage-{i}") for i in range(1, n_threads)]
         for thread in threads:
             thread.start()
-        self._work(units)
+        self._work(units, 0)
         for thread in threads:
             thread.join()
         if self._failure is not None:
@@ -492,10 +503,10 @@ class DownloadRun:
             for chunk in task.chunks:
                 yield _Unit(task, chunk, shared)
 
-    def _work(self, units: Iterator[_Unit]) -> None:
+    def _work(self, units: Iterator[_Unit], index: int) -> None:
         while True:
             with self._lock:
-                if self._failure is not None:
+                if self._failure is not None or index >= self._threads_allowed:
                     return
                 if self._should_stop is not None and self._should_stop():
                     self._failure = errors.StagingCancelled("staging cancelled before its end")

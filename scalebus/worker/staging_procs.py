@@ -1,29 +1,32 @@
 """Staging on more than one core: the staging process and helper processes share one download plan.
 
 Why: per small file the client spends about a millisecond of CPU, most of it Python holding the GIL (the HTTP
-exchange, headers, bookkeeping), so one process tops out near 750 small files/s however many threads it runs; a
-million index files would keep one core busy for over 20 minutes on a VM with 16. Large files do not need this:
-socket reads, MD5 and disk writes release the GIL, and the threads of one process already use more than a core.
+exchange, headers, bookkeeping) and handing it between threads at every system call, so one process tops out at
+a few thousand small files/s however many threads it runs. Large files rarely need this: socket reads, MD5 and
+disk writes release the GIL, and the threads of one process already use more than a core.
 
 How: :func:`scalebus.worker.staging.stage_in` plans as always and cuts the fetch list into batches
-(:func:`scalebus.worker.plan.batch_tasks`). Its own threads and the helper processes take batches from one
-:class:`_Dispenser`: the staging process directly, helpers through a short queue that a feeder thread keeps
-topped up, so whoever is faster takes more. Helpers are *spawned* (no locks or threads inherited mid-state),
-rebuild their stores from the pickled resolver, and stream and verify each file exactly as the staging process
-does. They only *report* finished files: the staging process alone appends them to the resume manifest and
-counts progress, so a crash anywhere loses at most the unreported tail (fetched again on resume) and never
-records a file that is not in place.
+(:func:`scalebus.worker.plan.batch_tasks`). The staging process's threads take batches from one
+:class:`_Dispenser`; with ``staging.processes = 0`` a :class:`_Monitor` samples its CPU and adds a helper when it
+is CPU-bound (:func:`scalebus.worker.plan.should_add_helper`), a staging waiting on the network never does; with
+N it starts N - 1 helpers at once. Helpers take batches through a short queue that a feeder thread keeps topped
+up, so whoever is faster takes more; the staging process gives up threads and bandwidth as they join. Helpers
+are *spawned* (no locks or threads inherited mid-state), rebuild their stores from the pickled resolver, and
+stream and verify each file exactly as the staging process does. They only *report* finished files: the staging
+process alone appends them to the resume manifest and counts progress, so a crash anywhere loses at most the
+unreported tail (fetched again on resume) and never records a file that is not in place; it also checks that
+every file handed out was reported.
 
 Failure: the first error anywhere (or ``cancel``) stops the dispenser and every process: reads in flight stop at
 their next write, and the staging raises that error, with its type (transient or permanent) intact: errors
-pickle with their type.
-A helper that dies without reporting (killed, out of memory) is a ``StorageError``. Helpers ignore SIGINT (the
-staging process stops them) and exit if the staging process dies.
+pickle with their type. A helper that dies without reporting (killed, out of memory) is a ``StorageError``.
+Helpers ignore SIGINT (the staging process stops them) and exit if the staging process dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.process
@@ -48,8 +51,8 @@ from scalebus.worker import plan, staging
 log = structlog.get_logger(__name__)
 
 BATCHES_QUEUED_PER_HELPER = 2
-"""Batches waiting for each helper: enough that a helper never waits for the feeder, few enough that the last
-batches stay with whoever is free."""
+"""Batches waiting for each helper that can start: enough that a helper never waits for the feeder, few enough
+that the last batches stay with whoever is free."""
 REPORT_INTERVAL_S = 0.2
 """Helpers send their finished files at most this often (and once at the end)."""
 STOP_GRACE_S = 60.0
@@ -74,7 +77,8 @@ class _HelperSpec:
 
 
 class Team:
-    """The staging process's side: spawn helpers, feed them, collect their reports, download its own share."""
+    """The staging process's side: download its share, add helpers (at once, or as the staging turns out
+    CPU-bound), feed them, collect their reports."""
 
     def __init__(
         self,
@@ -85,85 +89,122 @@ class Team:
         *,
         cancel: threading.Event | None = None,
     ) -> None:
+        self._resolve = resolve
+        self._sources = tuple(sources)
+        self._dest = dest
+        self._settings = settings
         self._cancel = cancel
-        context = structlog.contextvars.get_contextvars()
-        self._spec = _HelperSpec(resolve, tuple(sources), dest, settings, logs.current(), context)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the failure and the count of files done
+        self._membership = threading.Lock()  # the helpers, and whether more may start
+        self._stop = threading.Event()  # this process's view of the link's stop event (cheap to read)
         self._failure: BaseException | None = None
         self._dispenser = _Dispenser(())
-        self._stop: Any = threading.Event()
+        self._most = 1
+        self._helpers: list[multiprocessing.process.BaseProcess] = []
+        self._share = settings
+        self._feeding_done = False
+        self._link: _Link | None = None
+        self._own: staging.DownloadRun | None = None
+        self._files_done = 0
+        self._log_context = structlog.contextvars.get_contextvars()  # helpers started from any thread log with it
 
     def run(
         self,
         stores: Sequence[base.ObjectStore],
         batches: Sequence[Batch],
+        processes: plan.ProcessPlan,
         *,
-        processes: int,
         manifest: staging.Manifest,
         progress: staging.ProgressTracker,
-    ) -> float:
-        """Download ``batches`` here and in ``processes - 1`` helpers; return the helpers' CPU seconds."""
-        ctx = multiprocessing.get_context("spawn")
-        n_helpers = processes - 1
+    ) -> tuple[float, int]:
+        """Download ``batches`` here and in helpers; return the helpers' CPU seconds and the most processes that
+        downloaded at once."""
         self._dispenser = _Dispenser(batches)
-        tasks: Any = ctx.Queue(maxsize=BATCHES_QUEUED_PER_HELPER * n_helpers)
-        results: Any = ctx.Queue()
-        self._stop = ctx.Event()
-        helpers = self._start_helpers(ctx, n_helpers, tasks, results)
-        log.info("staging.helpers.started", helpers=n_helpers, pids=[h.pid for h in helpers], batches=len(batches))
-        feeder = threading.Thread(target=_feed, args=(self._dispenser, tasks, n_helpers, self._stop), daemon=True)
-        collector = _Collector(
-            helpers, results, manifest=manifest, progress=progress, fail=self._fail, cancel=self._cancel
+        self._most = processes.most
+        self._share = staging.share_settings(self._settings, processes.most)
+        self._own = staging.DownloadRun(
+            stores=stores,
+            dest=self._dest,
+            settings=self._settings,
+            manifest=_Counting(manifest, self._count),
+            progress=progress,
+            should_stop=self._stopped,
         )
-        collecting = threading.Thread(target=collector.run, daemon=True)
-        feeder.start()
-        collecting.start()
+        for _ in range(processes.start - 1):
+            self.add_helper_if(manifest, progress)
+        monitor = _Monitor(self, manifest, progress, processes) if processes.most > processes.start else None
         try:
-            spec = self._spec
-            own = staging.DownloadRun(
-                stores=stores,
-                dest=spec.dest,
-                settings=spec.settings,
-                manifest=manifest,
-                progress=progress,
-                should_stop=self._stopped,
-            )
-            own.execute(self._dispenser.tasks(), n_units=spec.settings.max_concurrency)
+            self._own.execute(self._dispenser.tasks(), n_units=self._settings.max_concurrency)
         except Exception as exc:
             self._fail(exc)
         except BaseException:
             self._fail(errors.StorageError("staging interrupted"))
-            _terminate(helpers)
+            _terminate(self._helpers)
             raise
         finally:
-            self._wait(collecting, helpers)
-            feeder.join(STOP_GRACE_S)
-            for q in (tasks, results):
-                q.close()
-                q.cancel_join_thread()
+            if monitor is not None:
+                monitor.stop()
+            self._finish_feeding()
+            if self._link is not None:
+                self._link.close(self._wait, self._helpers)
         if self._failure is not None:
             raise self._failure
-        return collector.helpers_cpu_s
+        self._check_complete(sum(len(batch) for batch in batches))
+        return (self._link.helpers_cpu_s if self._link else 0.0), 1 + len(self._helpers)
 
-    def _start_helpers(
-        self, ctx: multiprocessing.context.SpawnContext, n_helpers: int, tasks: Any, results: Any
-    ) -> list[multiprocessing.process.BaseProcess]:
-        helpers: list[multiprocessing.process.BaseProcess] = []
+    def add_helper_if(self, manifest: staging.Manifest, progress: staging.ProgressTracker) -> int:
+        """Start one more helper unless the work is all handed out or stopped; the processes downloading now."""
+        with self._membership:
+            if not (self._feeding_done or self._stopped()):
+                self._add_helper(manifest, progress)
+            return 1 + len(self._helpers)
+
+    def files_left(self) -> int:
+        return self._dispenser.files_left
+
+    def _add_helper(self, manifest: staging.Manifest, progress: staging.ProgressTracker) -> None:
+        if self._link is None:
+            queued = BATCHES_QUEUED_PER_HELPER * (self._most - 1)
+            self._link = _Link(self._dispenser, manifest, progress, self._fail, self._count, self._cancel, queued)
+            self._link.start_feeding(self._finish_feeding)
+        spec = _HelperSpec(
+            self._resolve,
+            self._sources,
+            self._dest,
+            self._share,
+            logs.current(),
+            self._log_context,
+        )
         try:
-            for i in range(n_helpers):
-                helper = ctx.Process(
-                    target=helper_main,
-                    args=(self._spec, tasks, results, self._stop),
-                    name=f"scalebus-stage-{i + 1}",
-                    daemon=True,
-                )
-                helper.start()
-                helpers.append(helper)
+            helper = self._link.spawn(spec, name=f"scalebus-stage-{len(self._helpers) + 1}")
         except Exception as exc:
-            self._stop.set()
-            _terminate(helpers)
-            raise errors.StorageError(f"cannot start a staging helper process ({exc})") from exc
-        return helpers
+            self._fail(errors.StorageError(f"cannot start a staging helper process ({exc})"))
+            return
+        self._helpers.append(helper)
+        helpers = len(self._helpers)
+        assert self._own is not None
+        rate = self._settings.bandwidth_cap_bytes_per_s - helpers * self._share.bandwidth_cap_bytes_per_s
+        self._own.reshare(
+            threads=self._settings.max_concurrency - helpers * self._share.max_concurrency,
+            rate_bytes_per_s=max(1, rate) if self._settings.bandwidth_cap_bytes_per_s else 0,
+        )
+        log.info("staging.helper.started", pid=helper.pid, processes=1 + helpers, files_left=self.files_left())
+
+    def _finish_feeding(self) -> int:
+        """No more helpers from now on; how many there are (the feeder ends each one's queue)."""
+        with self._membership:
+            self._feeding_done = True
+            return len(self._helpers)
+
+    def _count(self, files: int) -> None:
+        with self._lock:
+            self._files_done += files
+
+    def _check_complete(self, expected: int) -> None:
+        """A safety net: every file handed out was reported staged, or the staging fails (a rerun resumes)."""
+        if self._files_done != expected:
+            missing = expected - self._files_done
+            raise errors.StorageError(f"staging lost track of {missing} of {expected} files; run it again")
 
     def _stopped(self) -> bool:
         return self._stop.is_set() or (self._cancel is not None and self._cancel.is_set())
@@ -175,21 +216,133 @@ class Team:
                 self._failure = exc
         self._dispenser.stop()
         self._stop.set()
+        link = self._link
+        if link is not None:
+            link.stop.set()
 
     def _wait(self, collecting: threading.Thread, helpers: Sequence[multiprocessing.process.BaseProcess]) -> None:
         """Until every helper has reported its end. Helpers still working on their last batches (a large file can
-        take long) are waited for; once stopped by a failure they get :data:`STOP_GRACE_S` to finish the reads
-        in flight, then are terminated."""
+        take long) are waited for; once stopped by a failure they get :data:`STOP_GRACE_S` to wind down, then
+        are terminated."""
         stopped_at: float | None = None
         while collecting.is_alive():
             collecting.join(_POLL_S * 4)
-            if stopped_at is None and self._stop.is_set():
+            if stopped_at is None and self._stopped():
                 stopped_at = time.monotonic()
             if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
                 self._fail(errors.StorageError(f"staging helpers did not stop within {STOP_GRACE_S:.0f} s"))
                 _terminate(helpers)
                 collecting.join(STOP_GRACE_S)
                 return
+
+
+class _Monitor:
+    """Samples the staging process's CPU use every ``plan.CPU_SAMPLE_S``; adds a helper when
+    :func:`plan.should_add_helper` says the process is bound by its own CPU."""
+
+    def __init__(
+        self,
+        team: Team,
+        manifest: staging.Manifest,
+        progress: staging.ProgressTracker,
+        processes: plan.ProcessPlan,
+    ) -> None:
+        self._team = team
+        self._manifest = manifest
+        self._progress = progress
+        self._processes = processes
+        self._done = threading.Event()
+        context = contextvars.copy_context()  # its log lines carry the job's bound context
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="stage-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        samples: list[float] = []
+        running = self._processes.start
+        wall, cpu = time.monotonic(), time.process_time()
+        while not self._done.wait(plan.CPU_SAMPLE_S):
+            now_wall, now_cpu = time.monotonic(), time.process_time()
+            samples.append((now_cpu - cpu) / max(now_wall - wall, 1e-6))
+            wall, cpu = now_wall, now_cpu
+            left = self._team.files_left()
+            if plan.should_add_helper(samples, processes=running, most=self._processes.most, files_left=left):
+                log.info("staging.cpu_bound", cpu_cores=round(samples[-1], 2), files_left=left)
+                running = self._team.add_helper_if(self._manifest, self._progress)
+                samples.clear()
+
+
+class _Counting:
+    """The staging process's manifest, counting the files its own threads finish."""
+
+    def __init__(self, manifest: staging.Manifest, count: Callable[[int], None]) -> None:
+        self._manifest = manifest
+        self._count = count
+
+    def record(self, task: plan.FileTask) -> None:
+        self._manifest.record(task)
+        self._count(1)
+
+
+class _Link:
+    """What the staging process shares with its helpers, made when the first helper starts: the batch queue and
+    its feeder, the report queue and its collector, the stop event."""
+
+    def __init__(
+        self,
+        dispenser: _Dispenser,
+        manifest: staging.Manifest,
+        progress: staging.ProgressTracker,
+        fail: Callable[[BaseException], None],
+        count: Callable[[int], None],
+        cancel: threading.Event | None,
+        queued: int,
+    ) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._dispenser = dispenser
+        self.tasks: Any = self._ctx.Queue(maxsize=max(1, queued))
+        self.results: Any = self._ctx.Queue()
+        self.stop: Any = self._ctx.Event()
+        self._collector = _Collector(
+            self.results, manifest=manifest, progress=progress, fail=fail, count=count, cancel=cancel
+        )
+        self._collecting = threading.Thread(target=self._collector.run, name="stage-collect", daemon=True)
+        self._feeder: threading.Thread | None = None
+
+    @property
+    def helpers_cpu_s(self) -> float:
+        return self._collector.helpers_cpu_s
+
+    def start_feeding(self, finish: Callable[[], int]) -> None:
+        self._feeder = threading.Thread(
+            target=_feed, args=(self._dispenser, self.tasks, finish, self.stop), name="stage-feed", daemon=True
+        )
+        self._feeder.start()
+        self._collecting.start()
+
+    def spawn(self, spec: _HelperSpec, *, name: str) -> multiprocessing.process.BaseProcess:
+        helper = self._ctx.Process(
+            target=helper_main, args=(spec, self.tasks, self.results, self.stop), name=name, daemon=True
+        )
+        helper.start()
+        self._collector.watch(helper)
+        return helper
+
+    def close(
+        self,
+        wait: Callable[[threading.Thread, Sequence[multiprocessing.process.BaseProcess]], None],
+        helpers: Sequence[multiprocessing.process.BaseProcess],
+    ) -> None:
+        self._collector.expect(len(helpers))
+        wait(self._collecting, helpers)
+        if self._feeder is not None:
+            self._feeder.join(STOP_GRACE_S)
+        for q in (self.tasks, self.results):
+            q.close()
+            q.cancel_join_thread()
 
 
 class _Dispenser:
@@ -199,12 +352,16 @@ class _Dispenser:
         self._batches = iter(batches)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self.files_left = sum(len(batch) for batch in batches)
 
     def take(self) -> Batch | None:
         with self._lock:
             if self._stopped.is_set():
                 return None
-            return next(self._batches, None)
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.files_left -= len(batch)
+            return batch
 
     def tasks(self) -> Iterator[plan.FileTask]:
         while (batch := self.take()) is not None:
@@ -214,12 +371,14 @@ class _Dispenser:
         self._stopped.set()
 
 
-def _feed(dispenser: _Dispenser, tasks: Any, n_helpers: int, stop: Any) -> None:
-    """Keep the helpers' queue topped up from the dispenser; one end-of-work marker per helper at the end."""
+def _feed(dispenser: _Dispenser, tasks: Any, finish: Callable[[], int], stop: Any) -> None:
+    """Keep the helpers' queue topped up from the dispenser; then one end-of-work marker per helper (``finish``
+    closes the team to new helpers and says how many there are)."""
     while (batch := dispenser.take()) is not None:
         if not _put(tasks, batch, stop):
+            finish()
             return
-    for _ in range(n_helpers):
+    for _ in range(finish()):
         if not _put(tasks, None, stop):
             return
 
@@ -234,29 +393,40 @@ def _put(tasks: Any, item: Batch | None, stop: Any) -> bool:
 
 class _Collector:
     """Reads the helpers' reports: finished files into the manifest and the progress, failures and deaths to
-    ``fail``; returns once every helper has exited."""
+    ``fail``; returns once every helper has exited and no more can start."""
 
     def __init__(
         self,
-        helpers: Sequence[multiprocessing.process.BaseProcess],
         results: Any,
         *,
         manifest: staging.Manifest,
         progress: staging.ProgressTracker,
         fail: Callable[[BaseException], None],
+        count: Callable[[int], None],
         cancel: threading.Event | None,
     ) -> None:
-        self._cancel = cancel
-        self._helpers = {h.pid: h for h in helpers}
         self._results = results
         self._manifest = manifest
         self._progress = progress
         self._fail = fail
+        self._count = count
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._helpers: dict[int | None, multiprocessing.process.BaseProcess] = {}
+        self._expected: int | None = None  # set once no more helpers can start
         self._exited: set[int | None] = set()
         self.helpers_cpu_s = 0.0
 
+    def watch(self, helper: multiprocessing.process.BaseProcess) -> None:
+        with self._lock:
+            self._helpers[helper.pid] = helper
+
+    def expect(self, helpers: int) -> None:
+        with self._lock:
+            self._expected = helpers
+
     def run(self) -> None:
-        while len(self._exited) < len(self._helpers):
+        while not self._all_exited():
             if self._cancel is not None and self._cancel.is_set():
                 self._fail(errors.StagingCancelled("staging cancelled before its end"))
             try:
@@ -266,30 +436,39 @@ class _Collector:
                 continue
             self._handle(message)
 
+    def _all_exited(self) -> bool:
+        with self._lock:
+            return self._expected is not None and len(self._exited) >= self._expected
+
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "done":
             _, entries, files, nbytes = message
             for rel_path, etag, size in entries:
                 self._manifest.record_entry(plan.ManifestEntry(rel_path, etag, size))
+            self._count(len(entries))
             self._progress.add(files=files, nbytes=nbytes)
         elif kind == "exit":
             _, pid, error, cpu_s = message
-            self._exited.add(pid)
+            with self._lock:
+                self._exited.add(pid)
             self.helpers_cpu_s += cpu_s
             if error is not None:
                 self._fail(error)
 
     def _check_deaths(self) -> None:
-        for pid, helper in self._helpers.items():
-            if pid in self._exited or helper.exitcode is None:
+        with self._lock:
+            watched = [(pid, h) for pid, h in self._helpers.items() if pid not in self._exited]
+        for pid, helper in watched:
+            if helper.exitcode is None:
                 continue
             # Its last report may still be in the pipe: read what is there before calling it dead.
             with contextlib.suppress(queue.Empty):
                 while pid not in self._exited:
                     self._handle(self._results.get(timeout=0.5))
             if pid not in self._exited:
-                self._exited.add(pid)
+                with self._lock:
+                    self._exited.add(pid)
                 self._fail(
                     errors.StorageError(
                         f"staging helper process {pid} ended without reporting (exit code {helper.exitcode}); "

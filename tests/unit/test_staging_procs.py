@@ -254,19 +254,48 @@ def test_helpers_log_with_the_job_context(
 @pytest.mark.parametrize(
     ("requested", "cores", "files", "batches", "expected"),
     [
-        (0, 16, 3_999, 63, 1),
-        (0, 16, 8_000, 125, 2),
-        (0, 2, 1_000_000, 15_625, 2),
-        (0, 1, 1_000_000, 15_625, 1),
-        (1, 16, 1_000_000, 15_625, 1),
-        (4, 2, 10, 1, 1),
-        (4, 2, 300, 5, 4),
-        (3, 16, 0, 0, 1),
+        (0, 16, 1_999, 32, plan.ProcessPlan(1, 1)),
+        (0, 16, 8_000, 125, plan.ProcessPlan(1, 16)),
+        (0, 2, 1_000_000, 15_625, plan.ProcessPlan(1, 2)),
+        (0, 1, 1_000_000, 15_625, plan.ProcessPlan(1, 1)),
+        (0, 16, 2_000, 4, plan.ProcessPlan(1, 4)),
+        (1, 16, 1_000_000, 15_625, plan.ProcessPlan(1, 1)),
+        (4, 2, 10, 1, plan.ProcessPlan(1, 1)),
+        (4, 2, 300, 5, plan.ProcessPlan(4, 4)),
+        (3, 16, 0, 0, plan.ProcessPlan(1, 1)),
     ],
-    ids=["auto-few", "auto-two", "auto-capped-by-cores", "auto-one-core", "one", "one-batch", "asked", "nothing"],
+    ids=[
+        "auto-few-files",
+        "auto-up-to-cores",
+        "auto-two-cores",
+        "auto-one-core",
+        "auto-up-to-batches",
+        "one",
+        "asked-one-batch",
+        "asked",
+        "nothing",
+    ],
 )
-def test_process_count(requested: int, cores: int, files: int, batches: int, expected: int) -> None:
-    assert plan.process_count(requested, cores=cores, files=files, batches=batches) == expected
+def test_process_plan(requested: int, cores: int, files: int, batches: int, expected: plan.ProcessPlan) -> None:
+    assert plan.process_plan(requested, cores=cores, files=files, batches=batches) == expected
+
+
+@pytest.mark.parametrize(
+    ("samples", "processes", "most", "files_left", "expected"),
+    [
+        ([1.2, 1.1], 1, 2, 10_000, True),
+        ([0.9, 0.86], 2, 4, 10_000, True),
+        ([1.2], 1, 2, 10_000, False),
+        ([0.3, 1.2, 0.84], 1, 2, 10_000, False),
+        ([0.07, 0.06], 1, 2, 10_000, False),
+        ([1.2, 1.1], 2, 2, 10_000, False),
+        ([1.2, 1.1], 1, 2, 1_999, False),
+    ],
+    ids=["cpu-bound", "cpu-bound-again", "one-sample", "not-every-sample", "on-the-network", "no-room", "few"],
+)
+def test_add_helper(samples: list[float], processes: int, most: int, files_left: int, expected: bool) -> None:
+    decided = plan.should_add_helper(samples, processes=processes, most=most, files_left=files_left)
+    assert decided is expected
 
 
 def test_budgets_are_shared_between_processes() -> None:
@@ -323,8 +352,8 @@ def started_helper_pids(proc: subprocess.Popen[str]) -> list[int]:
     assert proc.stderr is not None
     for line in proc.stderr:
         event = json.loads(line)
-        if event["event"] == "staging.helpers.started":
-            return list(event["pids"])
+        if event["event"] == "staging.helper.started":
+            return [event["pid"]]
     raise AssertionError(f"no helpers started (exit code {proc.wait()})")
 
 
@@ -482,3 +511,72 @@ def test_cancel_cuts_a_read_in_flight_at_its_next_write(tmp_path: Path) -> None:
         )
     assert store.writes == 3
     assert not (tmp_path / "out" / "big.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------- auto
+
+
+class BusyStore(FolderStore):
+    """Each read also burns ``cpu_ms`` of CPU holding the GIL (as parsing and bookkeeping do per small file)."""
+
+    def __init__(self, log: Path, cpu_ms: float) -> None:
+        self.log = log
+        self.cpu_ms = cpu_ms
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        with self.log.open("a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        until = time.thread_time() + self.cpu_ms / 1000
+        while time.thread_time() < until:
+            pass
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+class WaitingStore(FolderStore):
+    """Each read waits 50 ms for the "network" and uses no CPU meanwhile."""
+
+    def read_into(
+        self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
+    ) -> int:
+        time.sleep(0.05)
+        return super().read_into(obj, sink, offset=offset, length=length)
+
+
+@pytest.fixture
+def many_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, bytes]]:
+    """700 files, the auto rule scaled to match: a sample every 0.2 s, helpers while 200 files are left."""
+    monkeypatch.setattr(plan, "CPU_SAMPLE_S", 0.2)
+    monkeypatch.setattr(plan, "AUTO_MIN_FILES", 200)
+    src = tmp_path / "lake" / "many"
+    files = {f"d{i % 10}/f{i:04d}.idx": i.to_bytes(4, "big") for i in range(700)}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    return src, files
+
+
+def test_auto_adds_a_helper_when_the_staging_is_cpu_bound(
+    many_files: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, files = many_files
+    reads = tmp_path / "reads.log"
+    settings = SETTINGS.model_copy(update={"processes": 0})
+    store = BusyStore(reads, cpu_ms=3.0)
+    with capture_logs() as logs:
+        stats = staging.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings)
+    assert stats.processes == 2
+    assert any(entry["event"] == "staging.cpu_bound" for entry in logs)
+    assert len(set(reads.read_text().split())) == 2, "the helper fetched files too"
+    assert tree(tmp_path / "out" / "many") == files
+
+
+def test_auto_stays_in_one_process_while_waiting_on_the_network(
+    many_files: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, files = many_files
+    settings = SETTINGS.model_copy(update={"processes": 0, "max_concurrency": 16})
+    stats = staging.stage_in(FixedResolver(WaitingStore()), [uri_of(src)], tmp_path / "out", settings)
+    assert stats.processes == 1 and stats.seconds > 4 * plan.CPU_SAMPLE_S
+    assert tree(tmp_path / "out" / "many") == files
