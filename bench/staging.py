@@ -257,6 +257,23 @@ def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_t
         list(pool.map(make, ds.files.items()))
 
 
+def rotated(tools: list[str], rep: int) -> list[str]:
+    """The tools in another order each repetition, so that no tool always runs first after generation or right
+    after the same other tool (Azurite's speed drifts between runs)."""
+    shift = rep % len(tools) if tools else 0
+    return tools[shift:] + tools[:shift]
+
+
+def warm_up(container_client: object, ds: DataSet) -> None:
+    """List the set once before timing anything: the first listing after a large upload is slow for everyone."""
+    from azure.storage.blob import ContainerClient
+
+    assert isinstance(container_client, ContainerClient)
+    started = time.monotonic()
+    count = sum(1 for _ in container_client.list_blobs(name_starts_with=ds.name + "/"))
+    print(f"# warm-up: listed {count:,} blobs in {time.monotonic() - started:.1f} s", flush=True)
+
+
 def require_tools(tools: list[str]) -> None:
     """The comparison needs Debian's ``rclone`` and GNU ``time``; say how to get them instead of failing later."""
     needed = {"/usr/bin/time": "time"}
@@ -290,7 +307,7 @@ def run_once(tool: str, ds: DataSet, argv: list[str], env: dict[str, str], *, de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--sets", default="A,B,mixed")
+    parser.add_argument("--sets", default="A,B,mixed,C")
     parser.add_argument("--tools", default="scalebus,rclone 16,rclone 64,sdk-sequential,cp -r")
     parser.add_argument("--big-mib", type=int, default=2048, help="size of the mixed set's large file")
     parser.add_argument("--small-files", type=int, default=20_000, help="files in set B")
@@ -338,8 +355,10 @@ def main() -> None:
             generate(ds, local_src=local_src, container_client=service.get_container_client(container))
             print(f"# generated set {ds.name}: {len(ds.files):,} files, {ds.bytes / MiB:,.0f} MiB "
                   f"in {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+            if not ds.local:
+                warm_up(service.get_container_client(container), ds)
             for rep in range(args.reps):
-                for tool in (tool for tool in tools if applies(tool, ds)):
+                for tool in rotated([tool for tool in tools if applies(tool, ds)], rep):
                     argv = tool_argv(
                         tool, ds, account_url=server.blob_url, container=container, local_src=local_src,
                         dest=workdir / "dest",
