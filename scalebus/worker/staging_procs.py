@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import multiprocessing
-import multiprocessing.context
 import multiprocessing.process
 import os
 import pickle
@@ -146,7 +145,9 @@ class Team:
                 monitor.stop()
             self._finish_feeding()
             if self._link is not None:
-                self._link.close(self._wait, self._helpers)
+                self._link.expect(len(self._helpers))
+                self._wait(self._link.collecting)
+                self._link.close()
         if self._failure is not None:
             raise self._failure
         self._check_complete(sum(len(batch) for batch in batches))
@@ -165,8 +166,7 @@ class Team:
     def _add_helper(self, manifest: staging.Manifest, progress: staging.ProgressTracker) -> None:
         if self._link is None:
             queued = BATCHES_QUEUED_PER_HELPER * (self._most - 1)
-            self._link = _Link(self._dispenser, manifest, progress, self._fail, self._count, self._cancel, queued)
-            self._link.start_feeding(self._finish_feeding)
+            self._link = _Link(self._dispenser, manifest, progress, self, queued)
         spec = _HelperSpec(
             self._resolve,
             self._sources,
@@ -220,7 +220,7 @@ class Team:
         if link is not None:
             link.stop.set()
 
-    def _wait(self, collecting: threading.Thread, helpers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    def _wait(self, collecting: threading.Thread) -> None:
         """Until every helper has reported its end. Helpers still working on their last batches (a large file can
         take long) are waited for; once stopped by a failure they get :data:`STOP_GRACE_S` to wind down, then
         are terminated."""
@@ -231,7 +231,7 @@ class Team:
                 stopped_at = time.monotonic()
             if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
                 self._fail(errors.StorageError(f"staging helpers did not stop within {STOP_GRACE_S:.0f} s"))
-                _terminate(helpers)
+                _terminate(self._helpers)
                 collecting.join(STOP_GRACE_S)
                 return
 
@@ -296,32 +296,30 @@ class _Link:
         dispenser: _Dispenser,
         manifest: staging.Manifest,
         progress: staging.ProgressTracker,
-        fail: Callable[[BaseException], None],
-        count: Callable[[int], None],
-        cancel: threading.Event | None,
+        team: Team,
         queued: int,
     ) -> None:
         self._ctx = multiprocessing.get_context("spawn")
-        self._dispenser = dispenser
         self.tasks: Any = self._ctx.Queue(maxsize=max(1, queued))
         self.results: Any = self._ctx.Queue()
         self.stop: Any = self._ctx.Event()
         self._collector = _Collector(
-            self.results, manifest=manifest, progress=progress, fail=fail, count=count, cancel=cancel
+            self.results,
+            manifest=manifest,
+            progress=progress,
+            fail=team._fail,
+            count=team._count,
+            cancel=team._cancel,
         )
-        self._collecting = threading.Thread(target=self._collector.run, name="stage-collect", daemon=True)
-        self._feeder: threading.Thread | None = None
+        self.collecting = threading.Thread(target=self._collector.run, name="stage-collect", daemon=True)
+        feed_args = (dispenser, self.tasks, team._finish_feeding, self.stop)
+        self._feeder = threading.Thread(target=_feed, args=feed_args, name="stage-feed", daemon=True)
+        self._feeder.start()
+        self.collecting.start()
 
     @property
     def helpers_cpu_s(self) -> float:
         return self._collector.helpers_cpu_s
-
-    def start_feeding(self, finish: Callable[[], int]) -> None:
-        self._feeder = threading.Thread(
-            target=_feed, args=(self._dispenser, self.tasks, finish, self.stop), name="stage-feed", daemon=True
-        )
-        self._feeder.start()
-        self._collecting.start()
 
     def spawn(self, spec: _HelperSpec, *, name: str) -> multiprocessing.process.BaseProcess:
         helper = self._ctx.Process(
@@ -331,15 +329,13 @@ class _Link:
         self._collector.watch(helper)
         return helper
 
-    def close(
-        self,
-        wait: Callable[[threading.Thread, Sequence[multiprocessing.process.BaseProcess]], None],
-        helpers: Sequence[multiprocessing.process.BaseProcess],
-    ) -> None:
-        self._collector.expect(len(helpers))
-        wait(self._collecting, helpers)
-        if self._feeder is not None:
-            self._feeder.join(STOP_GRACE_S)
+    def expect(self, helpers: int) -> None:
+        """No more helpers will start: the collector ends once these have exited."""
+        self._collector.expect(helpers)
+
+    def close(self) -> None:
+        """After the collector ended: stop the feeder, release the queues."""
+        self._feeder.join(STOP_GRACE_S)
         for q in (self.tasks, self.results):
             q.close()
             q.cancel_join_thread()

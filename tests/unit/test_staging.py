@@ -29,6 +29,11 @@ def make_tree(root: Path) -> dict[str, bytes]:
         "sub/deeper/c.bin": os.urandom(70_000),
         "large.bin": os.urandom(5 * 64 * 1024 + 123),
     }
+    return write_tree(root, files)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Write ``files`` (relative path → bytes) under ``root``; returns them."""
     for rel, data in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from scalebus.settings import Settings, StagingSettings
 from scalebus.worker import plan, staging
 from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
 from tests.fakes.fault_proxy import Fault, FaultProxy
+from tests.unit.test_staging import write_tree
 
 SETTINGS = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0, processes=2)
 N_SMALL = 300  # five batches of small files, so the helper surely gets some
@@ -122,11 +123,7 @@ def make_lake(root: Path, *, n_small: int = N_SMALL) -> dict[str, bytes]:
     files = {f"d{i % 7}/f{i:04d}.idx": os.urandom(100 + i) for i in range(n_small)}
     files["big.bam"] = os.urandom(5 * 64 * 1024 + 7)  # chunked: a batch of its own
     files["empty"] = b""
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return files
+    return write_tree(root, files)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -550,11 +547,7 @@ def many_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, d
     monkeypatch.setattr(plan, "CPU_SAMPLE_S", 0.2)
     monkeypatch.setattr(plan, "AUTO_MIN_FILES", 200)
     src = tmp_path / "lake" / "many"
-    files = {f"d{i % 10}/f{i:04d}.idx": i.to_bytes(4, "big") for i in range(700)}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    return src, files
+    return src, write_tree(src, {f"d{i % 10}/f{i:04d}.idx": i.to_bytes(4, "big") for i in range(700)})
 
 
 def test_auto_adds_a_helper_when_the_staging_is_cpu_bound(
