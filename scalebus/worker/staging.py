@@ -359,6 +359,10 @@ class Throttle:
         self._lock = threading.Lock()
         self._next = 0.0  # when the booked bytes end: the past (nothing booked yet)
 
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self._rate
+
     def set_rate(self, rate_bytes_per_s: int) -> None:
         with self._lock:
             self._rate = float(rate_bytes_per_s)

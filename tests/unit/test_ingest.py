@@ -23,6 +23,7 @@ from scalebus.backends.aws import s3
 from scalebus.backends.local import folder
 from scalebus.ingest import engine, plan
 from scalebus.settings import IngestSettings
+from scalebus.worker import staging
 from tests.fakes.fault_proxy import Fault, FaultProxy
 from tests.fakes.moto_plugin import S3Server
 
@@ -456,13 +457,24 @@ def test_a_run_that_would_not_fit_in_scratch_is_refused_before_copying(
     assert not dest[0].exists() or list(dest[0].iterdir()) == []
 
 
-def test_a_bandwidth_cap_keeps_the_copies_identical(tmp_path: Path, dest: tuple[Path, str]) -> None:
+def test_a_bandwidth_cap_books_every_object_and_keeps_the_copies_identical(
+    tmp_path: Path, dest: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "source"
     src.mkdir()
-    files = {f"f{i}": os.urandom(300_000) for i in range(4)}
+    files = {f"f{i}": os.urandom(300_000 + i) for i in range(4)}
     for name, data in files.items():
         (src / name).write_bytes(data)
+    booked: list[tuple[float, int]] = []
+    take = staging.Throttle.take
+
+    def recording_take(self: staging.Throttle, nbytes: int) -> None:  # our own seam, not an SDK
+        booked.append((self.rate_bytes_per_s, nbytes))
+        take(self, nbytes)
+
+    monkeypatch.setattr(staging.Throttle, "take", recording_take)
     settings = IngestSettings(bandwidth_cap_bytes_per_s=50_000_000)
     stats = engine.ingest(folder.FolderStore(), folder.uri_of(src), folder.FolderStore(), dest[1], settings)
     assert stats.copied_files == 4
+    assert sorted(booked) == [(50_000_000, len(data)) for data in files.values()]
     assert {k: v for k, v in tree(dest[0]).items() if k != plan.MANIFEST_NAME} == files
