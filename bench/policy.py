@@ -15,7 +15,8 @@ from pathlib import Path
 
 import _readme  # bench/ is on sys.path when a benchmark runs as a script
 
-from scalebus.controller import simulate, traces
+from scalebus.simulator import model as simulate
+from scalebus.simulator import traces
 
 HEADING = "## Scaling policy"
 CAP_TRACE = "burst500"

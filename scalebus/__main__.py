@@ -1,5 +1,5 @@
 """``python -m scalebus`` — the same CLI as the ``scalebus`` script (the local pool starts workers this way)."""
 
-from scalebus.cli import main
+from scalebus.cli.app import main
 
 main()

@@ -188,7 +188,7 @@ class ControllerSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    command: list[str] = Field(default_factory=lambda: ["python", "-m", "scalebus.analytics.fastq_qc"])
+    command: list[str] = Field(default_factory=lambda: ["python", "-m", "scalebus.demo.fastq_qc"])
     """The analytics, as an argv list (never a shell). It runs with cwd = the job's work directory and gets
     SCALEBUS_INPUT_DIR, SCALEBUS_OUTPUT_DIR, SCALEBUS_JOB_ID and each param as SCALEBUS_PARAM_<NAME>."""
     work_dir: str = ".scalebus/work"

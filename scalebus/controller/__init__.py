@@ -1,1 +1,1 @@
-"""The controller: observe the queue and the fleet, decide (pure policy), apply; and the simulator."""
+"""The controller: observe the queue and the fleet, decide (pure policy), apply, one round at a time."""

@@ -35,7 +35,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.ingest import plan
 from scalebus.settings import IngestSettings
-from scalebus.worker import staging
+from scalebus.transfer import staging
 
 log = structlog.get_logger(__name__)
 

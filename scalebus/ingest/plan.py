@@ -6,7 +6,7 @@ Pure: the source listing, the destination's record (the manifest) and what the d
 An object is **skipped** when the manifest records the same relative path with the same ETag and size, and the
 destination still holds a file of that size there; otherwise it is **copied** (``new``, ``changed``: another
 ETag or size, ``missing``: recorded but gone or altered at the destination). An object whose name could not
-land safely is **refused** with a reason and never copied; the rules are staging's (:func:`scalebus.worker.plan.
+land safely is **refused** with a reason and never copied; the rules are staging's (:func:`scalebus.transfer.plan.
 check_rel_path`: no ``..``, no absolute or empty segments, no control or format characters, NFC only), plus:
 the manifest's own name is reserved, and a name that is a file at the source but also a folder of other objects
 is refused, since a file system (or ADLS Gen2) cannot hold both. Objects recorded in the manifest but no longer
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.worker import plan as stage_plan
+from scalebus.transfer import plan as stage_plan
 
 MANIFEST_NAME = "_scalebus_ingest.jsonl"
 """The record of copied objects, at the top of the destination."""

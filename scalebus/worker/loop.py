@@ -38,7 +38,8 @@ import structlog
 from scalebus import errors, jobs
 from scalebus.backends import base
 from scalebus.settings import StagingSettings, WorkerSettings
-from scalebus.worker import eviction, runner, staging
+from scalebus.transfer import staging
+from scalebus.worker import eviction, runner
 from scalebus.worker.secrets import SecretEnv
 
 log = structlog.get_logger(__name__)

@@ -12,7 +12,7 @@ import pytest
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
-from scalebus.worker import staging
+from scalebus.transfer import staging
 
 StoreFactory = Callable[[], tuple[base.ObjectStore, str]]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "scalebus"
-PURE = ("controller/policy.py", "worker/plan.py", "ingest/plan.py", "jobs.py", "errors.py")
+PURE = ("controller/policy.py", "transfer/plan.py", "ingest/plan.py", "jobs.py", "errors.py")
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,8 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scalebus import demo
-from scalebus.analytics import fastq_qc
+from scalebus.demo import demo, fastq_qc
 
 
 def test_counts_on_known_records() -> None:
@@ -33,7 +32,7 @@ def test_program_writes_qc_json_and_rejects_malformed(tmp_path: Path) -> None:
     (inp / "s_R1.fastq.gz").write_bytes(gzip.compress(demo.fastq_bytes(random.Random(1), reads=500, name="s")))
     env = {**os.environ, "SCALEBUS_INPUT_DIR": str(inp), "SCALEBUS_OUTPUT_DIR": str(out), "SCALEBUS_JOB_ID": "s"}
     run = subprocess.run(
-        [sys.executable, "-m", "scalebus.analytics.fastq_qc"],
+        [sys.executable, "-m", "scalebus.demo.fastq_qc"],
         env=env,
         capture_output=True,
         timeout=60,
@@ -45,7 +44,7 @@ def test_program_writes_qc_json_and_rejects_malformed(tmp_path: Path) -> None:
     assert 45 < report["sample"]["gc_percent"] < 55  # uniform random bases
     (inp / "broken.fastq").write_text("@r1\nACGT\n+\nII\n")
     bad = subprocess.run(
-        [sys.executable, "-m", "scalebus.analytics.fastq_qc"],
+        [sys.executable, "-m", "scalebus.demo.fastq_qc"],
         env=env,
         capture_output=True,
         timeout=60,

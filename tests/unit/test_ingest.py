@@ -23,7 +23,7 @@ from scalebus.backends.aws import s3
 from scalebus.backends.local import folder
 from scalebus.ingest import engine, plan
 from scalebus.settings import IngestSettings
-from scalebus.worker import staging
+from scalebus.transfer import staging
 from tests.fakes.fault_proxy import Fault, FaultProxy
 from tests.fakes.moto_plugin import S3Server
 

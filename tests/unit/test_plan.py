@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.worker import plan
+from scalebus.transfer import plan
 
 CHUNK = 4
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from azure.core.credentials import TokenCredential
 
-from scalebus import cli, errors, settings
+from scalebus import errors, settings
 from scalebus.backends import base
 from scalebus.backends.azure import compute, heartbeats, imds
 from scalebus.backends.local import pool
+from scalebus.cli import app as cli
 from scalebus.selfdestroy import routine
 from tests.fakes.arm_compute import DEFAULT_SUBSCRIPTION, ArmComputeFake
 from tests.fakes.azurite_plugin import CONNECTION_ENV, AzuriteServer

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from scalebus import errors
-from scalebus.controller import simulate, traces
+from scalebus.simulator import model as simulate
+from scalebus.simulator import traces
 
 
 def small_burst(count: int = 20, *, at: float = 100.0, run_s: float = 600.0) -> traces.Trace:

@@ -15,7 +15,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, uri_of
 from scalebus.settings import StagingSettings
-from scalebus.worker import plan, staging
+from scalebus.transfer import plan, staging
 
 SETTINGS = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0)
 

@@ -12,7 +12,7 @@ import pytest
 from scalebus import errors
 from scalebus.backends.azure import _retry, datalake
 from scalebus.settings import StagingSettings
-from scalebus.worker import plan, staging
+from scalebus.transfer import plan, staging
 from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
 from tests.fakes.fault_proxy import Fault, FaultProxy
 

@@ -21,9 +21,9 @@ from structlog.testing import capture_logs
 from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, path_of, uri_of
-from scalebus.cli import StoreResolver
+from scalebus.cli.app import StoreResolver
 from scalebus.settings import Settings, StagingSettings
-from scalebus.worker import plan, staging
+from scalebus.transfer import plan, staging
 from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
 from tests.fakes.fault_proxy import Fault, FaultProxy
 from tests.unit.test_staging import write_tree
@@ -163,7 +163,7 @@ def test_helpers_download_a_share_and_the_result_equals_one_process(
 def test_helpers_finishing_long_after_the_staging_process_are_waited_for(
     lake: tuple[Path, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scalebus.worker import staging_procs
+    from scalebus.transfer import helpers as staging_procs
 
     monkeypatch.setattr(staging_procs, "STOP_GRACE_S", 0.2)  # applies only once a failure stopped the staging
     src, files = lake
@@ -309,7 +309,7 @@ import sys
 from pathlib import Path
 from scalebus import logs
 from scalebus.settings import StagingSettings
-from scalebus.worker import staging
+from scalebus.transfer import staging
 from tests.unit.test_staging_procs import FixedResolver, SlowStore
 logs.configure(fmt="json")
 settings = StagingSettings(max_concurrency=2, min_free_bytes=0, processes=2)

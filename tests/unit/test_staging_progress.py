@@ -6,8 +6,8 @@ import io
 
 from structlog.testing import capture_logs
 
-from scalebus.worker import progress
-from scalebus.worker.staging import Progress
+from scalebus.cli import progress
+from scalebus.transfer.staging import Progress
 
 
 def test_log_progress_is_throttled_but_always_reports_the_end() -> None:

@@ -249,9 +249,10 @@ def test_shared_eviction_is_acted_on_but_not_acknowledged(
 
 
 def test_cli_opens_the_notice_source_the_scale_set_implies(tmp_path: Path) -> None:
-    from scalebus import cli, settings
+    from scalebus import settings
     from scalebus.backends.azure import scheduled_events
     from scalebus.backends.local import notices
+    from scalebus.cli import app as cli
 
     local = settings.Settings(scale_set=settings.ScaleSetSettings(state_path=str(tmp_path / "pool.db")))
     me = base.InstanceInfo("local-1", "local://x", name="local-1")

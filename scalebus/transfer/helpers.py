@@ -5,10 +5,10 @@ exchange, headers, bookkeeping) and handing it between threads at every system c
 a few thousand small files/s however many threads it runs. Large files rarely need this: socket reads, MD5 and
 disk writes release the GIL, and the threads of one process already use more than a core.
 
-How: :func:`scalebus.worker.staging.stage_in` plans as always and cuts the fetch list into batches
-(:func:`scalebus.worker.plan.batch_tasks`). The staging process's threads take batches from one
+How: :func:`scalebus.transfer.staging.stage_in` plans as always and cuts the fetch list into batches
+(:func:`scalebus.transfer.plan.batch_tasks`). The staging process's threads take batches from one
 :class:`_Dispenser`; with ``staging.processes = 0`` a :class:`_Monitor` samples its CPU and adds a helper when it
-is CPU-bound (:func:`scalebus.worker.plan.should_add_helper`), a staging waiting on the network never does; with
+is CPU-bound (:func:`scalebus.transfer.plan.should_add_helper`), a staging waiting on the network never does; with
 N it starts N - 1 helpers at once. Helpers take batches through a short queue that a feeder thread keeps topped
 up, so whoever is faster takes more; the staging process gives up threads and bandwidth as they join. Helpers
 are *spawned* (no locks or threads inherited mid-state), rebuild their stores from the pickled resolver, and
@@ -45,7 +45,7 @@ import structlog
 from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
-from scalebus.worker import plan, staging
+from scalebus.transfer import plan, staging
 
 log = structlog.get_logger(__name__)
 

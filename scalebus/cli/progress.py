@@ -1,7 +1,7 @@
 """Showing staging progress: a rich bar on a terminal, throttled structlog events otherwise.
 
-Both are ``on_progress`` callbacks for :func:`scalebus.worker.staging.stage_in` / ``publish``. The engine already
-calls them at most every :data:`~scalebus.worker.staging.PROGRESS_INTERVAL_S`; the log reporter thins that
+Both are ``on_progress`` callbacks for :func:`scalebus.transfer.staging.stage_in` / ``publish``. The engine already
+calls them at most every :data:`~scalebus.transfer.staging.PROGRESS_INTERVAL_S`; the log reporter thins that
 further so a long staging writes an event every ``interval_s``, not a flood.
 """
 
@@ -26,7 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from scalebus.worker import staging
+from scalebus.transfer import staging
 
 log = structlog.get_logger(__name__)
 

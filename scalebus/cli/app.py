@@ -34,8 +34,8 @@ import typer
 from scalebus import errors, jobs, logs, settings
 from scalebus.backends import base
 from scalebus.backends.local import folder, pool, sqlite_queue
+from scalebus.transfer import staging
 from scalebus.worker import secrets as worker_secrets
-from scalebus.worker import staging
 
 if TYPE_CHECKING:
     from scalebus.controller import loop as controller_loop
@@ -586,7 +586,7 @@ def stage_cmd(
 
 @contextmanager
 def staging_progress() -> Iterator[Callable[[staging.Progress], None] | None]:
-    from scalebus.worker import progress
+    from scalebus.cli import progress
 
     with progress.progress_reporter() as reporter:
         yield reporter
@@ -614,8 +614,8 @@ def ingest_cmd(
     whose names could not land safely are refused with the reason (exit 1, after the rest are copied). Shows a
     progress bar on a terminal.
     """
+    from scalebus.cli import progress
     from scalebus.ingest import engine
-    from scalebus.worker import progress
 
     cfg = load_settings(config, log_format)
     source, close = open_source(src, cfg, endpoint_url=endpoint_url or "")
@@ -677,7 +677,7 @@ def demo_cmd(
     controller until every job is settled and every worker has retired, then prints a summary. Settings from
     --config (your worker.command, say) are kept, except where the demo must place its queue, pool and data.
     """
-    from scalebus import demo
+    from scalebus.demo import demo
 
     user = load_settings(config, log_format)
     console = rich.console.Console(stderr=True)
@@ -745,7 +745,7 @@ def simulate_cmd(
     The scalebus policy runs with the [controller] settings of --config (max_instances comes from the trace,
     or from --max-instances).
     """
-    from scalebus.controller import simulate
+    from scalebus.simulator import model as simulate
 
     cfg = load_settings(config, log_format or "console")
     world = simulate.World(controller=cfg.controller)

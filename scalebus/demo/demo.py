@@ -2,7 +2,7 @@
 
 ``scalebus demo`` (and ``make demo``) calls :func:`prepare` to write a data lake folder of gzipped FASTQ files
 and a config, then runs the real controller, which starts real worker processes that stage, run
-:mod:`scalebus.analytics.fastq_qc`, publish, settle and self-destroy. :func:`summarize` reads the outcome back
+:mod:`scalebus.demo.fastq_qc`, publish, settle and self-destroy. :func:`summarize` reads the outcome back
 from the queue and the published outputs, not from anything the processes claim.
 """
 

@@ -1,6 +1,6 @@
 """FASTQ quality control per sample: reads, bases, GC %, mean Phred quality, read-length distribution.
 
-Run by the worker as ``python -m scalebus.analytics.fastq_qc`` with ``SCALEBUS_INPUT_DIR`` and
+Run by the worker as ``python -m scalebus.demo.fastq_qc`` with ``SCALEBUS_INPUT_DIR`` and
 ``SCALEBUS_OUTPUT_DIR`` set; writes ``qc.json`` to the output folder. Param ``phred_offset`` (default 33).
 Exits 3 (the worker dead-letters the job) when the input holds no FASTQ or a file is malformed: running the
 same job again cannot help. Bytes are counted with ``bytes.count`` on batches, not per character in Python.

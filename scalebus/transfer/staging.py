@@ -1,6 +1,6 @@
 """The staging engine: inputs from the data lake to local disk, outputs back, verified and resumable.
 
-``stage_in`` lists the sources, asks :mod:`scalebus.worker.plan` what to fetch, checks free disk space, then runs
+``stage_in`` lists the sources, asks :mod:`scalebus.transfer.plan` what to fetch, checks free disk space, then runs
 a fixed pool of threads over *units* of work — a whole small file, or one ranged chunk of a large one — so
 concurrency is bounded across files and within them. Each file is streamed to ``<name>.part``, its size (always)
 and Content-MD5 (when the store has one) are checked, and it is renamed into place; only then is it appended to
@@ -8,7 +8,7 @@ the resume manifest, so a crashed staging restarts without fetching finished fil
 
 A staging bound by its own CPU (many small files: one process tops out on the GIL) adds helper processes
 (``StagingSettings.processes``, by default up to one per core while enough files are left).
-:mod:`scalebus.worker.staging_procs` runs them; the plan, the manifest and the progress stay in this process.
+:mod:`scalebus.transfer.helpers` runs them; the plan, the manifest and the progress stay in this process.
 
 Memory stays within ``StagingSettings.memory_budget_bytes``: the stores stream to the file sink and buffer at
 most :data:`READ_BUFFER_BYTES` per read in flight, and the pool never has more reads in flight than the budget
@@ -41,7 +41,7 @@ import structlog
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
-from scalebus.worker import plan
+from scalebus.transfer import plan
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,7 @@ def stage_in(
     on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> StageStats:
-    """Download every file under ``sources`` into ``dest`` (layout and path rules: :mod:`scalebus.worker.plan`).
+    """Download every file under ``sources`` into ``dest`` (layout and path rules: :mod:`scalebus.transfer.plan`).
 
     Setting ``cancel`` stops the staging soon after (``StagingCancelled``): no new reads start and reads in
     flight stop at their next write. What was finished stays in the manifest.
@@ -141,7 +141,7 @@ def stage_in(
     with Manifest(manifest_path) as manifest:
         progress = ProgressTracker(len(download.fetch), download.fetch_bytes, started, on_progress)
         if processes.most > 1:
-            from scalebus.worker import staging_procs
+            from scalebus.transfer import helpers as staging_procs
 
             team = staging_procs.Team(resolve, sources, dest, settings, cancel=cancel)
             helpers_cpu_s, used = team.run(stores, batches, processes, manifest=manifest, progress=progress)

@@ -24,8 +24,9 @@ import statistics
 from collections import deque
 
 from scalebus.backends import base
-from scalebus.controller import policy, traces
-from scalebus.controller.simulate import BOOTING, IDLE, RUNNING, STAGING, Simulation, Vm, World
+from scalebus.controller import policy
+from scalebus.simulator import traces
+from scalebus.simulator.model import BOOTING, IDLE, RUNNING, STAGING, Simulation, Vm, World
 
 
 def _in_system(sim: Simulation) -> int:

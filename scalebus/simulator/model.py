@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scalebus import errors
-from scalebus.controller import traces
 from scalebus.settings import ControllerSettings
+from scalebus.simulator import traces
 
 HOUR = 3600.0
 
@@ -648,7 +648,7 @@ POLICIES = ("scalebus", "scalebus-monitor", "keda", "azure-autoscale", "batch", 
 
 
 def make_autoscaler(name: str, trace: traces.Trace, world: World) -> Autoscaler:
-    from scalebus.controller import baselines  # baselines import this module's types
+    from scalebus.simulator import baselines  # baselines import this module's types
 
     factories: dict[str, Callable[[], Autoscaler]] = {
         "scalebus": lambda: baselines.ScalebusAutoscaler(trace, world, monitor=False),

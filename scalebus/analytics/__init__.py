@@ -1,1 +1,0 @@
-"""Example analytics shipped with scalebus (the demo runs ``fastq_qc``)."""

@@ -1,0 +1,1 @@
+"""The command line: typer commands (app), their output (tables, JSON, progress), the composition root."""
