@@ -6,8 +6,14 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 AZURITE_DIR := .tools/azurite
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
+# checkov in a venv of its own: in the project's it would downgrade packaging and urllib3 and hold boto3
+# below the s3 extra's range.
+CHECKOV_DIR := .tools/checkov
+CHECKOV := $(CHECKOV_DIR)/bin/checkov
+IMAGE ?= localhost/scalebus:dev
+IMAGE_BASE ?= localhost/debian:12-slim
 
-.PHONY: demo test lint bench bench-staging bench-policy bench-settle clean
+.PHONY: demo test lint bench bench-staging bench-policy bench-settle clean wheel checkov image image-base test-deploy
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +32,12 @@ $(AZURITE):
 	mkdir -p $(AZURITE_DIR)
 	npm install --silent --no-audit --no-fund --prefix $(AZURITE_DIR) azurite@3.35.0
 
+$(CHECKOV):
+	$(PYTHON) -m venv $(CHECKOV_DIR)
+	$(CHECKOV_DIR)/bin/pip install --quiet 'checkov==3.3.30'
+
+checkov: $(CHECKOV)
+
 demo: $(RUN_STAMP)
 	$(VENV)/bin/scalebus demo
 
@@ -33,8 +45,9 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check scalebus tests bench
 	$(VENV)/bin/ruff format --check scalebus tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
-test: $(DEV_STAMP) $(AZURITE) lint
+test: $(DEV_STAMP) $(AZURITE) $(CHECKOV) lint
 	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) -m pytest -q
 
 bench: bench-staging bench-policy bench-reaction bench-settle
@@ -53,3 +66,21 @@ bench-settle: $(DEV_STAMP)
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache
+
+# Deployment artefacts: the wheel the node image bakes, their validators alone, the container image.
+wheel: $(DEV_STAMP)
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+test-deploy: $(DEV_STAMP) $(CHECKOV)
+	$(PY) -m pytest -q tests/deploy
+
+# Docker Hub is not reachable everywhere: image-base makes IMAGE_BASE from Debian's own archive (debootstrap),
+# and image builds docker/Dockerfile on it with buildah (VFS storage, chroot isolation: no daemon, no root
+# privileges beyond the build). Override IMAGE_BASE=docker.io/library/debian:12-slim where the hub is reachable.
+image-base:
+	buildah --storage-driver vfs inspect $(IMAGE_BASE) >/dev/null 2>&1 || docker/build-base-image.sh $(IMAGE_BASE)
+
+PIP_CA ?= /etc/ssl/certs/ca-certificates.crt
+image: image-base
+	buildah --storage-driver vfs bud --isolation chroot --layers --format docker -f docker/Dockerfile \
+		--secret id=pip-ca,src=$(PIP_CA) --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .

@@ -1,4 +1,4 @@
-"""Live reaction benchmark (issue 6): enqueue → scale request on the embedded default, with default settings.
+"""Live reaction benchmark: enqueue → scale request on the embedded default, with default settings.
 
 Each trial starts the real ``scalebus controller run`` (default ``[controller]`` settings: a 2 s poll, the local
 pool) against an empty, scaled-to-zero pool, waits a random offset (so the job lands at a random phase of the
@@ -197,7 +197,7 @@ itself, and the controller is stopped. A fresh controller per trial keeps trials
 learn the arrival rate and keep a worker waiting, so there would be nothing to measure). {elapsed_s:.0f} s in all
 on {os.cpu_count()} cores, Python {platform.python_version()}.
 
-| enqueue → scale request | p50 | p95 | max | target (issue 6) |
+| enqueue → scale request | p50 | p95 | max | target |
 |---|---|---|---|---|
 | seconds | {p50:.2f} | {p95:.2f} | {worst:.2f} | p95 ≤ {TARGET_P95_S:g} s {mark} |
 

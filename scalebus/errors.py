@@ -48,6 +48,11 @@ class BackendError(ScalebusError):
     transient: bool = False
 
 
+TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP statuses that may pass on their own (timeout, throttling, server errors): an adapter maps them to a
+:class:`TransientBackendError`. Services with more transient answers document them as a union with this set."""
+
+
 class TransientBackendError(BackendError):
     """Timeouts, throttling, 5xx, dropped connections: back off and try again."""
 
@@ -76,6 +81,15 @@ class LockLostError(QueueError):
 
 class QueueNotFoundError(QueueError, PermanentBackendError):
     """The configured queue does not exist."""
+
+
+class AccessDeniedError(PermanentBackendError):
+    """The identity signed in but lacks a right the call needs (a missing role or claim); the message names it.
+    Callers that can do without that one call catch this type and carry on with less."""
+
+
+class QueueAccessDenied(QueueError, AccessDeniedError):
+    """A queue call needs a right the identity lacks, such as Manage for the admin API's runtime counts."""
 
 
 class ScaleSetError(BackendError):

@@ -1,29 +1,46 @@
 """Configure structlog once per process: console lines for people, JSON lines for machines.
 
 Modules get their logger with ``structlog.get_logger(__name__)`` and bind ``job_id`` / ``message_id`` /
-``instance_id`` once per job. Secrets are never passed to a logger; :func:`redact` exists for the few
-places that print a URL which might carry a SAS token.
+``instance_id`` once per job. Secrets should never be passed to a logger, and every line goes through
+:mod:`scalebus.redact` anyway: the event and every value (nested ones and rendered exceptions included) before
+rendering, and the rendered line after it, so a SAS token in a URL, a connection string in an SDK message or a
+registered secret value in an exception text is masked whatever module logs it. Messages printed outside
+structlog use :func:`redact`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
 
+from scalebus import redact as _redact
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_SECRET_PATTERNS = (re.compile(r"(?i)(sig|SharedAccessKey|AccountKey|SharedAccessSignature|token)=([^;&\s]+)"),)
 
 
 def redact(text: str) -> str:
-    """Mask SAS signatures, account keys and tokens in a string that may carry them."""
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: f"{m.group(1)}=***", text)
-    return text
+    """Mask credentials and registered secret values in a message printed outside structlog."""
+    return _redact.redact(text)
+
+
+def redact_event(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """structlog processor: every value of the event (the event text, kwargs, nested containers, the rendered
+    exception) redacted. Runs after ``format_exc_info`` so tracebacks are text by then."""
+    return {key: _redact.default.redact_value(value) for key, value in event_dict.items()}
+
+
+def _redacting(renderer: structlog.types.Processor) -> structlog.types.Processor:
+    """The renderer, with its line redacted once more (keys, and values a renderer escapes its own way)."""
+
+    def render(logger: object, name: str, event_dict: structlog.types.EventDict) -> str:
+        line = renderer(logger, name, event_dict)
+        return _redact.redact(line) if isinstance(line, str) else _redact.redact(str(line))
+
+    return render
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +76,9 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso" if use_json else "%H:%M:%S", utc=use_json),
     ]
-    if use_json:
-        processors.append(structlog.processors.format_exc_info)
-    processors.append(renderer)
+    # Exceptions are rendered to text here for both formats (the console's pretty tracebacks would bypass
+    # redaction, and can show local variables), so redact_event sees every traceback as a string.
+    processors += [structlog.processors.format_exc_info, redact_event, _redacting(renderer)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
@@ -73,6 +90,20 @@ def configure(
     # The Azure SDKs log through stdlib logging and can be chatty (and quote URLs): warnings only.
     logging.basicConfig(level=logging.WARNING, stream=out)  # type: ignore[arg-type]
     logging.getLogger("azure").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "stream", None) is out and not isinstance(handler.formatter, _RedactingFormatter):
+            handler.setFormatter(_RedactingFormatter(handler.formatter))
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Stdlib log records (the SDKs quote request URLs and headers) redacted like structlog's lines."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter(logging.BASIC_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _redact.redact(self._inner.format(record))
 
 
 def _isatty(stream: object) -> bool:

@@ -20,9 +20,13 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from scalebus import errors
-from scalebus.backends.base import SECRET_NAME_PATTERN
 
 ENV_PREFIX = "SCALEBUS_"
+
+SECRET_NAME_PATTERN = r"^[0-9A-Za-z-]{1,127}$"
+"""Key Vault's rule for secret names: 1-127 letters, digits and dashes (Azure docs, "About keys, secrets and
+certificates", object identifiers). Checked here for ``worker.secret_env`` and applied by every ``SecretSource``,
+so a name is never a path."""
 
 
 class _Section(BaseModel):
@@ -80,6 +84,10 @@ class StorageSettings(_Section):
     DefaultAzureCredential."""
     connection_verify: str = ""
     """CA bundle path for HTTPS to the storage endpoint. Empty: system CAs."""
+    local_roots: list[str] = Field(default_factory=lambda: [".demo/lake", ".demo/results"])
+    """Local folders a job's ``file://`` inputs and output must lie in (relative paths: from the working
+    directory). The default is where ``scalebus demo`` writes its lake and results; empty refuses ``file://`` in
+    jobs altogether (a fleet on Azure reads only ``abfss://``)."""
 
 
 class StagingSettings(_Section):
@@ -138,6 +146,28 @@ class IngestSettings(_Section):
     verify_md5: bool = True
     """Check each object against its MD5: the S3 ETag of a single-part, not KMS-encrypted upload, or the
     Content-MD5 another store lists. The size is always checked."""
+
+
+class JobsSettings(_Section):
+    """Bounds on one job message, applied by ``submit`` and by every worker on receipt: a body outside them is
+    refused at submit time and dead-lettered by a worker, with the reason."""
+
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=100 * 1024 * 1024)
+    """Largest body, checked before it is parsed (Service Bus Standard's message limit; Premium takes up to
+    100 MiB)."""
+    max_depth: int = Field(default=16, ge=3, le=256)
+    """Deepest nesting of JSON objects and arrays in a body (a job needs 2), checked before it is parsed."""
+    max_inputs: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Most input URIs in one job (list a folder instead of its files)."""
+    max_params: int = Field(default=64, ge=0, le=4096)
+    """Most params in one job."""
+    max_param_value_bytes: int = Field(default=32 * 1024, ge=1, le=128 * 1024 - 256)
+    """Largest param value (UTF-8). Linux refuses to launch a program with a single environment string over
+    128 KiB (``MAX_ARG_STRLEN``, execve(2))."""
+    max_params_bytes: int = Field(default=64 * 1024, ge=1, le=1024 * 1024)
+    """Largest total of param names and values (UTF-8): they reach the analytics as environment variables, and
+    Linux bounds the whole environment with the arguments (``ARG_MAX``, a quarter of the stack limit: 2 MiB by
+    default, execve(2))."""
 
 
 class ControllerSettings(_Section):
@@ -202,8 +232,8 @@ class WorkerSettings(_Section):
     budget) before deleting itself."""
     receive_wait_s: float = Field(default=5.0, gt=0, le=60)
     """Longest single wait for a message."""
-    job_timeout_s: float = Field(default=3600.0, gt=0)
-    """Analytics timeout when the job does not set its own."""
+    job_timeout_s: float = Field(default=172_800.0, gt=0)
+    """Analytics timeout when the job does not set its own (48 h: multi-hour genomics jobs are normal)."""
     drain_timeout_s: float = Field(default=20.0, ge=0)
     """On SIGTERM, how long the running job may continue before it is stopped and abandoned."""
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
@@ -220,6 +250,23 @@ class WorkerSettings(_Section):
     secret_env: dict[str, str] = Field(default_factory=dict)
     """Environment variable → secret name (``{API_TOKEN = "genomics-api-token"}``): each job's analytics gets
     these variables, read from ``[secrets]`` by the worker. Values never reach logs or errors."""
+
+    pass_env: list[str] = Field(default_factory=list)
+    """Names of the worker's environment variables the analytics also gets (``["TMPDIR", "OMP_NUM_THREADS"]``).
+    Nothing else of the worker's environment reaches it: only the job's ``SCALEBUS_*`` variables, ``secret_env``,
+    these, and a minimal ``PATH``, ``HOME`` and ``LANG``."""
+    env_backoff_max_s: float = Field(default=60.0, ge=0)
+    """After a job fails for a reason of the environment (storage or the scratch disk unavailable, the analytics
+    killed by a signal), the worker holds its message, lock renewed, for 1 s, then 2, 4 … up to this, before
+    giving it back, so an outage does not spend the queue's delivery counts. 0 gives it back at once."""
+
+    @pydantic.field_validator("pass_env")
+    @classmethod
+    def _pass_env_names(cls, value: list[str]) -> list[str]:
+        for var in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var) or var.upper().startswith("SCALEBUS_"):
+                raise ValueError(f"{var!r} is not a usable variable name (letters, digits, _; not SCALEBUS_*)")
+        return value
 
     @pydantic.field_validator("secret_env")
     @classmethod
@@ -267,6 +314,7 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     staging: StagingSettings = StagingSettings()
     ingest: IngestSettings = IngestSettings()
+    jobs: JobsSettings = JobsSettings()
     controller: ControllerSettings = ControllerSettings()
     worker: WorkerSettings = WorkerSettings()
     log: LogSettings = LogSettings()

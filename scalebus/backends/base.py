@@ -3,7 +3,8 @@
 Each port is a ``typing.Protocol``. ``backends/local`` (SQLite, process pool, folder) and ``backends/azure``
 (Service Bus, VMSS, ADLS Gen2) implement them and pass the same contract tests in ``tests/contract``. Values
 crossing a port are plain frozen dataclasses, never SDK objects, and times are epoch seconds (``time.time()``).
-Adapters raise only :mod:`scalebus.errors` types.
+Adapters raise only :mod:`scalebus.errors` types. Every port whose adapters may hold a client, a connection or a
+file has ``close()``, and closing twice is harmless: the CLI closes what it opens on every exit path.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ class DepthSample:
     scheduled: int = 0
     transfer: int = 0
     source: str = ""
+    active_includes_locked: bool = False
+    """Whether ``active`` also counts messages a receiver holds under peek-lock. Service Bus's
+    ``ActiveMessageCount`` and Monitor's ActiveMessages metric do (a locked message stays active until settled:
+    https://learn.microsoft.com/azure/service-bus-messaging/message-counters); the SQLite queue reports locked
+    messages apart, in ``in_flight``. The policy subtracts the work it knows is running, never counting a job
+    twice."""
 
 
 class LockKeeper(Protocol):
@@ -150,13 +157,17 @@ class JobQueue(Protocol):
         it); backends that move them in one transaction ignore it. Returns what was moved, in no set order.
         """
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release links and clients; safe to call twice."""
 
 
 class QueueDepth(Protocol):
     """Where the controller learns the queue depth (the queue itself, an admin API, or a metric)."""
 
     def read_depth(self) -> DepthSample: ...
+
+    def close(self) -> None:
+        """Release clients; safe to call twice. A queue that is its own depth source closes once for both."""
 
 
 # --------------------------------------------------------------------------------------------- scale set
@@ -200,6 +211,9 @@ class ScaleSet(Protocol):
     def set_protection(self, instance_id: str, *, protected: bool) -> None:
         """Protect a busy instance from scale-in by anything else (a no-op where nothing else scales in)."""
 
+    def close(self) -> None:
+        """Release clients (the instances keep running); safe to call twice."""
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:
@@ -213,6 +227,9 @@ class InstanceInfo:
 class InstanceIdentity(Protocol):
     def whoami(self) -> InstanceInfo:
         """Raises ``IdentityError`` when this process is not an instance of a scale set."""
+
+    def close(self) -> None:
+        """Release clients; safe to call twice."""
 
 
 class NoticeKind(enum.StrEnum):
@@ -258,7 +275,8 @@ class NoticeSource(Protocol):
         """Let the event start now instead of at its ``not_before`` (IMDS ``StartRequests``). Acknowledging twice
         is fine; an event that is gone (finished, cancelled, never existed) raises ``NoticeError``."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release clients; safe to call twice."""
 
 
 class WorkerState(enum.StrEnum):
@@ -309,6 +327,9 @@ class HeartbeatStore(Protocol):
     def read_hint(self) -> FleetHint | None:
         """The fleet's latest hint, or ``None`` if none was ever published (or it is unreadable)."""
 
+    def close(self) -> None:
+        """Release clients; safe to call twice."""
+
 
 # --------------------------------------------------------------------------------------------- storage
 
@@ -345,7 +366,7 @@ class ObjectStore(Protocol):
     def exists(self, uri: str) -> bool: ...
 
     def close(self) -> None:
-        """Release connections (the store is not used afterwards)."""
+        """Release connections (the store is not used afterwards); safe to call twice."""
 
 
 class ObjectSource(Protocol):
@@ -357,11 +378,12 @@ class ObjectSource(Protocol):
     def read_into(self, obj: RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None) -> int:
         """Stream bytes of ``obj`` into ``sink``, as ``ObjectStore.read_into``."""
 
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+
 
 # --------------------------------------------------------------------------------------------- secrets
 
-SECRET_NAME_PATTERN = r"^[0-9A-Za-z-]{1,127}$"
-"""Key Vault's rule for secret names, applied by every ``SecretSource`` (so a name is never a path)."""
 
 
 class SecretSource(Protocol):
@@ -373,7 +395,8 @@ class SecretSource(Protocol):
 
     def get(self, name: str) -> str:
         """The current value of secret ``name``. Raises ``SecretNotFoundError`` when there is no such secret (or
-        it is disabled, or the name breaks ``SECRET_NAME_PATTERN``), ``TransientSecretError`` when asking again
-        later may help, ``SecretError`` otherwise (access denied, unreadable)."""
+        it is disabled, or the name breaks ``settings.SECRET_NAME_PATTERN``), ``TransientSecretError`` when asking
+        again later may help, ``SecretError`` otherwise (access denied, unreadable)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release clients; safe to call twice."""

@@ -1,7 +1,7 @@
 """Showing staging progress: a rich bar on a terminal, throttled structlog events otherwise.
 
-Both are ``on_progress`` callbacks for :func:`scalebus.transfer.staging.stage_in` / ``publish``. The engine already
-calls them at most every :data:`~scalebus.transfer.staging.PROGRESS_INTERVAL_S`; the log reporter thins that
+Both are ``on_progress`` callbacks for :func:`scalebus.transfer.stage.stage_in` / ``publish``. The engine already
+calls them at most every :data:`~scalebus.transfer.kit.PROGRESS_INTERVAL_S`; the log reporter thins that
 further so a long staging writes an event every ``interval_s``, not a flood.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TextIO
 
 import structlog
@@ -26,11 +26,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from scalebus.transfer import staging
+from scalebus.transfer import kit
 
 log = structlog.get_logger(__name__)
-
-OnProgress = Callable[[staging.Progress], None]
 
 
 class LogProgress:
@@ -41,7 +39,7 @@ class LogProgress:
         self._what = what
         self._logged_at: float | None = None
 
-    def __call__(self, progress: staging.Progress) -> None:
+    def __call__(self, progress: kit.Progress) -> None:
         now = time.monotonic()
         done = progress.files_done == progress.files_total and progress.bytes_done == progress.bytes_total
         if not done and self._logged_at is not None and now - self._logged_at < self._interval_s:
@@ -86,7 +84,7 @@ class BarProgress:
     def __exit__(self, *_exc: object) -> None:
         self._bar.stop()
 
-    def __call__(self, progress: staging.Progress) -> None:
+    def __call__(self, progress: kit.Progress) -> None:
         files = f"{progress.files_done:,}/{progress.files_total:,} files"
         if self._task is None:
             self._task = self._bar.add_task(self._description, total=progress.bytes_total, files=files)
@@ -96,7 +94,7 @@ class BarProgress:
 @contextlib.contextmanager
 def progress_reporter(
     *, stream: TextIO | None = None, log_interval_s: float = 10.0, description: str = "staging"
-) -> Iterator[OnProgress]:
+) -> Iterator[kit.OnProgress]:
     """A bar when ``stream`` (default stderr) is a terminal, progress log events otherwise."""
     stream = stream if stream is not None else sys.stderr
     if stream.isatty():

@@ -140,6 +140,9 @@ def demo_settings(user: settings.Settings, root: Path, *, max_workers: int) -> s
                 heartbeat_interval_s=1.0,
             ),
             "staging": section("staging", max_concurrency=8),
+            "storage": section(
+                "storage", local_roots=[str((root / "lake").resolve()), str((root / "results").resolve())]
+            ),
         }
     )
 

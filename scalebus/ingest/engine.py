@@ -9,14 +9,14 @@ has one — the S3 source checks its own ETags while streaming) and handed to ``
 
 The manifest is rewritten at the destination every ``checkpoint_interval_s`` while copying (less often when a
 rewrite is slow: :func:`checkpoint_interval`), at the end, and when the run fails, so a rerun copies only what
-the last run did not record. Nothing here retries: S3 requests are
-retried by botocore (:mod:`scalebus.backends.aws.s3`), destination writes by the adapters; a failure that
-survives them stops the run (the first error wins) once the manifest is saved, and the next run resumes.
+the last run did not record. Nothing here retries: S3 requests are retried by botocore
+(:mod:`scalebus.backends.aws.s3`), destination writes by the adapters; a failure that survives them stops the run
+(the first error wins) once the manifest is saved, and the next run resumes. The thread pool, the bandwidth cap
+and the progress counting are staging's (:mod:`scalebus.transfer.kit`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -31,11 +31,11 @@ from typing import Any
 
 import structlog
 
-from scalebus import errors
+from scalebus import checksums, errors
 from scalebus.backends import base
 from scalebus.ingest import plan
 from scalebus.settings import IngestSettings
-from scalebus.transfer import staging
+from scalebus.transfer import kit
 
 log = structlog.get_logger(__name__)
 
@@ -44,8 +44,6 @@ IN_MEMORY_BYTES = 1024 * 1024
 CHECKPOINT_SHARE = 0.05
 """Most of a run's time spent rewriting the manifest: with a million entries a rewrite takes seconds, so the
 interval between checkpoints grows to keep them within this share (``checkpoint_interval_s`` is the least)."""
-
-OnProgress = Callable[[staging.Progress], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +83,7 @@ def ingest(
     settings: IngestSettings,
     *,
     dry_run: bool = False,
-    on_progress: OnProgress | None = None,
+    on_progress: kit.OnProgress | None = None,
 ) -> IngestStats:
     """Copy every object under ``src_uri`` that is new or changed since the last run into ``dest_uri``."""
     started = time.monotonic()
@@ -111,7 +109,7 @@ def ingest(
     )
     if todo.copy and not dry_run:
         checkpoint = _Checkpoint(store, manifest_uri, src_uri, copied, interval_s=settings.checkpoint_interval_s)
-        progress = staging.ProgressTracker(len(todo.copy), todo.copy_bytes, started, on_progress)
+        progress = kit.ProgressTracker(len(todo.copy), todo.copy_bytes, started, on_progress)
         copier = _Copier(source, store, dest_prefix, settings, checkpoint, progress)
         try:
             copier.run(todo.copy)
@@ -155,7 +153,7 @@ class _Copier:
         dest_prefix: str,
         settings: IngestSettings,
         checkpoint: _Checkpoint,
-        progress: staging.ProgressTracker,
+        progress: kit.ProgressTracker,
     ) -> None:
         self._source = source
         self._store = store
@@ -163,7 +161,7 @@ class _Copier:
         self._settings = settings
         self._checkpoint = checkpoint
         self._progress = progress
-        self._throttle = staging.Throttle(settings.bandwidth_cap_bytes_per_s)
+        self._throttle = kit.Throttle(settings.bandwidth_cap_bytes_per_s)
 
     def run(self, tasks: Sequence[plan.CopyTask]) -> None:
         scratch_root = Path(self._settings.scratch_dir) if self._settings.scratch_dir else None
@@ -179,7 +177,7 @@ class _Copier:
             ) from None
         with scratch:
             _check_scratch(Path(scratch.name), tasks, self._settings)
-            staging.run_parallel(
+            kit.run_parallel(
                 lambda task: self._copy(task, Path(scratch.name)),
                 tasks,
                 max_workers=self._settings.max_concurrency,
@@ -192,7 +190,7 @@ class _Copier:
         if obj.size <= IN_MEMORY_BYTES:
             buffer = io.BytesIO()
             got = self._source.read_into(obj, buffer)
-            self._verify(obj, got, lambda: hashlib.md5(buffer.getvalue(), usedforsecurity=False).digest())
+            self._verify(obj, got, lambda: checksums.bytes_md5(buffer.getvalue()))
             self._store.write_bytes(buffer.getvalue(), dest)
         else:
             fd, name = tempfile.mkstemp(dir=scratch, suffix=".part")
@@ -203,7 +201,7 @@ class _Copier:
                         got = self._source.read_into(obj, fh)
                 except OSError as exc:
                     raise errors.StorageError(f"scratch file for {obj.rel_path!r}: {exc.strerror}") from exc
-                self._verify(obj, got, lambda: _file_md5(path))
+                self._verify(obj, got, lambda: checksums.file_md5(path))
                 self._store.write_file(path, dest)
             finally:
                 path.unlink(missing_ok=True)
@@ -241,11 +239,6 @@ def checkpoint_interval(interval_s: float, last_save_s: float) -> float:
     rewriting every ``interval_s`` would spend more than :data:`CHECKPOINT_SHARE` of the run on it. 0 asks for a
     checkpoint after every object, whatever it costs, and gets it."""
     return max(interval_s, last_save_s / CHECKPOINT_SHARE) if interval_s > 0 else 0.0
-
-
-def _file_md5(path: Path) -> bytes:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).digest()
 
 
 class _Checkpoint:

@@ -6,10 +6,10 @@ Pure: the source listing, the destination's record (the manifest) and what the d
 An object is **skipped** when the manifest records the same relative path with the same ETag and size, and the
 destination still holds a file of that size there; otherwise it is **copied** (``new``, ``changed``: another
 ETag or size, ``missing``: recorded but gone or altered at the destination). An object whose name could not
-land safely is **refused** with a reason and never copied; the rules are staging's (:func:`scalebus.transfer.plan.
-check_rel_path`: no ``..``, no absolute or empty segments, no control or format characters, NFC only), plus:
-the manifest's own name is reserved, and a name that is a file at the source but also a folder of other objects
-is refused, since a file system (or ADLS Gen2) cannot hold both. Objects recorded in the manifest but no longer
+land safely is **refused** with a reason and never copied; the rules are staging's (:mod:`scalebus.transfer.paths`:
+no ``..``, no absolute or empty segments, no control or format characters, NFC only), plus: the manifest's own
+name is reserved, and a name that is a file at the source but also a folder of other objects is refused, since a
+file system (or ADLS Gen2) cannot hold both. Objects recorded in the manifest but no longer
 listed are reported as **deleted at source**; nothing is ever deleted at the destination.
 
 The manifest (``<dest>/_scalebus_ingest.jsonl``) is JSON lines: a header (schema, source, when written), then
@@ -23,9 +23,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scalebus import errors
 from scalebus.backends import base
-from scalebus.transfer import plan as stage_plan
+from scalebus.transfer import paths
 
 MANIFEST_NAME = "_scalebus_ingest.jsonl"
 """The record of copied objects, at the top of the destination."""
@@ -114,10 +113,9 @@ def plan_ingest(
 
 def refusal_reason(rel_path: str, *, folders: set[str], seen: set[str]) -> str | None:
     """Why ``rel_path`` cannot be copied, or ``None`` when it can."""
-    try:
-        stage_plan.check_rel_path(rel_path)
-    except errors.UnsafePathError as exc:
-        return str(exc).removeprefix(f"{rel_path!r}: ")
+    unsafe = paths.unsafe_reason(rel_path)
+    if unsafe is not None:
+        return unsafe
     if rel_path == MANIFEST_NAME:
         return "reserved for the ingest manifest"
     if rel_path in folders:

@@ -1,13 +1,19 @@
-"""The policies the simulator compares: scalebus itself (the real ``policy.decide``) and models of the peers.
+"""Models of the autoscalers scalebus is compared with (scalebus itself runs its own step: ``ports.py``).
 
-Each model reproduces documented defaults (issue 6), not a caricature:
+Each model reproduces documented defaults, not a caricature:
 
-* **KEDA + HPA** (azure-servicebus scaler on AKS): KEDA polls the queue every 30 s; HPA syncs every 15 s toward
-  ``ceil(active / 5)`` replicas, scales up by at most max(+4, +100 %) per 60 s, scales down to the highest
-  recommendation of the last 300 s; KEDA deactivates to zero 300 s after the queue was last active. The pod
-  removed on scale-in is arbitrary (busy or not: KEDA issues #2900, #3674, #6719). The cluster autoscaler scans
-  every 10 s for pending pods, adds one node per pod, and removes a node unneeded for 10 minutes.
-* **Azure Monitor autoscale** on the VMSS: ActiveMessages at 1-minute grain arriving 1–3 minutes late, rules
+* **KEDA + HPA** (azure-servicebus scaler on AKS): KEDA polls the queue every 30 s and reads the admin API's
+  ``ActiveMessageCount``, which counts locked messages too (the same field scalebus's admin depth source reads);
+  HPA syncs every 15 s toward ``ceil(count / messageCount)`` replicas (``messageCount`` 5 by default; ``keda-mc1``
+  is the one-job-per-worker setting ``messageCount: 1``), scales up by at most max(+4, +100 %) per 60 s, scales
+  down to the highest recommendation of the last 300 s; KEDA deactivates to zero 300 s after the queue was last
+  active. The pod removed on scale-in is arbitrary (busy or not: KEDA issues #2900, #3674, #6719). The cluster
+  autoscaler scans every 10 s for pending pods, adds one node per pod, and removes a node unneeded for 10 minutes.
+* **KEDA ScaledJob** (``keda-scaledjob``): every 30 s KEDA starts ``min(maxReplicaCount, count) - running jobs``
+  new Jobs (the default scaling strategy); each Job's pod takes one message, runs it and exits, so no busy pod is
+  ever removed. Nodes come and go as above.
+* **Azure Monitor autoscale** on the VMSS: ActiveMessages (locked messages included) at 1-minute grain
+  arriving 1–3 minutes late, rules
   evaluated every 60 s over a 5-minute window: average > 0 → +5 VMs, average 0 → −5 VMs (the newest, busy or
   not), 5-minute cooldown after any action. (Generous: the portal's examples scale by 1 on a threshold.)
 * **Azure Batch autoscale** (Nextflow's default formula) evaluated every 5 minutes: target = pending tasks
@@ -23,13 +29,12 @@ import math
 import statistics
 from collections import deque
 
-from scalebus.backends import base
-from scalebus.controller import policy
 from scalebus.simulator import traces
-from scalebus.simulator.model import BOOTING, IDLE, RUNNING, STAGING, Simulation, Vm, World
+from scalebus.simulator.model import Simulation, Vm, VmState, World
 
 
-def _in_system(sim: Simulation) -> int:
+def in_system(sim: Simulation) -> int:
+    """Messages waiting or locked by a worker."""
     return sim.waiting + sim.locked
 
 
@@ -37,7 +42,7 @@ class _Autoscaler:
     """Defaults for the hooks most models ignore: quiet once nothing is queued or running."""
 
     def quiet(self, sim: Simulation) -> bool:
-        return not sim.vms and _in_system(sim) == 0
+        return not sim.vms and in_system(sim) == 0
 
     def on_ready(self, sim: Simulation, vm: Vm) -> None:
         """A VM finished booting."""
@@ -45,67 +50,8 @@ class _Autoscaler:
     def on_idle(self, sim: Simulation, vm: Vm) -> None:
         """A VM finished its job and found none waiting."""
 
-
-class ScalebusAutoscaler(_Autoscaler):
-    """The controller loop in miniature: observe, ``policy.decide``, apply deletes, then the capacity write."""
-
-    def __init__(self, trace: traces.Trace, world: World, *, monitor: bool) -> None:
-        self.name = "scalebus-monitor" if monitor else "scalebus"
-        self.settings = world.controller.model_copy(update={"max_instances": trace.max_instances})
-        self.period_s = self.settings.poll_interval_s
-        self.state = policy.initial_state()
-        self.grace = world.worker_idle_timeout_s
-        self.monitor = monitor
-        self.decisions = 0
-        self._deferred = False
-
-    def _depth(self, sim: Simulation) -> base.DepthSample:
-        if not self.monitor:
-            return base.DepthSample(sim.waiting, sim.locked, 0, sampled_at=sim.now, source="admin")
-        samples = sim.visible_samples()
-        if not samples:
-            return base.DepthSample(0, None, 0, sampled_at=0.0, source="monitor")
-        sampled_at, active, _ = samples[-1]
-        return base.DepthSample(active, None, 0, sampled_at=sampled_at, source="monitor")
-
-    def tick(self, sim: Simulation) -> None:
-        views = tuple(_view(vm, sim.now) for vm in sim.vms.values())
-        obs = policy.Observation(now=sim.now, depth=self._depth(sim), capacity=len(sim.vms), instances=views)
-        decision, self.state = policy.decide(obs, self.state, self.settings)
-        self.decisions += 1
-        if decision.delete:
-            sim.delete([sim.vms[int(iid)] for iid in decision.delete if int(iid) in sim.vms])
-        if decision.capacity is not None:
-            sim.set_capacity(decision.capacity)
-        if decision.idle_grace_s is not None:
-            self.grace = decision.idle_grace_s
-        self._deferred = decision.deferred
-
-    def quiet(self, sim: Simulation) -> bool:
-        if self.monitor:
-            return not sim.vms and _in_system(sim) == 0 and not self._deferred and not sim.changed
-        return (
-            not sim.changed
-            and not self._deferred
-            and not any(vm.state == BOOTING or vm.retiring for vm in sim.vms.values())
-        )
-
-    def on_idle(self, sim: Simulation, vm: Vm) -> None:
-        sim.schedule_retire(vm, self.grace)
-
-
-def _view(vm: Vm, now: float) -> policy.InstanceView:
-    iid = str(vm.vid)
-    if vm.state == BOOTING:
-        return policy.InstanceView(iid, base.InstanceState.STARTING, vm.created_at)
-    if vm.state in (STAGING, RUNNING):
-        worker = base.WorkerState.BUSY
-    elif vm.retiring or vm.draining:
-        worker = base.WorkerState.DRAINING
-    else:
-        worker = base.WorkerState.IDLE
-    job = str(vm.job) if vm.job is not None else None
-    return policy.InstanceView(iid, base.InstanceState.RUNNING, vm.created_at, worker, now, job)
+    def on_done(self, sim: Simulation, vm: Vm) -> None:
+        """A VM finished a job."""
 
 
 class KedaAutoscaler(_Autoscaler):
@@ -120,8 +66,9 @@ class KedaAutoscaler(_Autoscaler):
     cooldown_s = 300.0
     unneeded_node_s = 600.0
 
-    def __init__(self, trace: traces.Trace) -> None:
-        self.name = "keda"
+    def __init__(self, trace: traces.Trace, *, message_count: int = 5) -> None:
+        self.name = "keda" if message_count == 5 else f"keda-mc{message_count}"
+        self.target_per_replica = message_count
         self.max_replicas = trace.max_instances
         self.replicas = 0
         self.metric = 0
@@ -137,7 +84,7 @@ class KedaAutoscaler(_Autoscaler):
     def tick(self, sim: Simulation) -> None:
         now = sim.now
         if self._due(now, self.poll_s):
-            self.metric = sim.waiting
+            self.metric = in_system(sim)  # ActiveMessageCount: waiting and locked
             if self.metric > 0:
                 self.last_active_at = now
                 if self.replicas == 0:  # KEDA itself activates 0 -> 1
@@ -174,21 +121,23 @@ class KedaAutoscaler(_Autoscaler):
         with_pod = [vm for vm in sim.vms.values() if vm.accepting]
         if len(with_pod) > self.replicas:
             for _ in range(len(with_pod) - self.replicas):  # the ReplicaSet removes an arbitrary pod
-                sim.withhold(with_pod.pop(sim.rng.randrange(len(with_pod))))
+                sim.withhold(with_pod.pop(sim.random.policy.randrange(len(with_pod))))
         elif len(with_pod) < self.replicas:
-            free = [vm for vm in sim.vms.values() if not vm.accepting and vm.state == IDLE and not vm.draining]
+            free = [
+                vm for vm in sim.vms.values() if not vm.accepting and vm.state is VmState.IDLE and not vm.draining
+            ]
             for vm in free[: self.replicas - len(with_pod)]:
                 sim.release(vm)
 
     def _cluster_autoscaler(self, sim: Simulation, now: float) -> None:
         with_pod = sum(1 for vm in sim.vms.values() if vm.accepting)
-        booting = sum(1 for vm in sim.vms.values() if vm.state == BOOTING)
+        booting = sum(1 for vm in sim.vms.values() if vm.state is VmState.BOOTING)
         pending = self.replicas - with_pod - booting
         if pending > 0 and sim.arm_write():
             sim.grow(pending, accepting=False)
         unneeded = []
         for vm in list(sim.vms.values()):
-            if vm.accepting or vm.state != IDLE:
+            if vm.accepting or vm.state is not VmState.IDLE:
                 self.unneeded_since.pop(vm.vid, None)
                 continue
             since = self.unneeded_since.setdefault(vm.vid, now)
@@ -199,11 +148,55 @@ class KedaAutoscaler(_Autoscaler):
                 self.unneeded_since.pop(vm.vid, None)
 
     def quiet(self, sim: Simulation) -> bool:
-        return not sim.vms and _in_system(sim) == 0 and self.replicas == 0
+        return not sim.vms and in_system(sim) == 0 and self.replicas == 0
 
     def on_ready(self, sim: Simulation, vm: Vm) -> None:
         if sum(1 for other in sim.vms.values() if other.accepting) < self.replicas:
             sim.release(vm)
+
+
+class KedaScaledJobAutoscaler(KedaAutoscaler):
+    """KEDA ScaledJob: one Kubernetes Job per message, each pod runs one job and exits; nodes as for KEDA."""
+
+    def __init__(self, trace: traces.Trace) -> None:
+        super().__init__(trace, message_count=1)
+        self.name = "keda-scaledjob"
+        self.pending_pods = 0
+
+    def tick(self, sim: Simulation) -> None:
+        now = sim.now
+        if self._due(now, self.poll_s):
+            running = sum(1 for vm in sim.vms.values() if vm.accepting) + self.pending_pods
+            new = max(0, min(self.max_replicas, in_system(sim)) - running)
+            if new:
+                sim.note_scale_request()
+                self.pending_pods += new
+        for vm in [vm for vm in sim.vms.values() if self._free(vm)][: self.pending_pods]:
+            self.pending_pods -= 1
+            sim.release(vm)
+        self.replicas = sum(1 for vm in sim.vms.values() if vm.accepting) + self.pending_pods
+        if self._due(now, self.ca_scan_s):
+            self._cluster_autoscaler(sim, now)
+
+    @staticmethod
+    def _free(vm: Vm) -> bool:
+        return not vm.accepting and vm.state is VmState.IDLE and not vm.draining
+
+    def quiet(self, sim: Simulation) -> bool:
+        return not sim.vms and in_system(sim) == 0 and self.pending_pods == 0
+
+    def on_ready(self, sim: Simulation, vm: Vm) -> None:
+        if self.pending_pods > 0:
+            self.pending_pods -= 1
+            sim.release(vm)
+
+    def on_done(self, sim: Simulation, vm: Vm) -> None:
+        """The Job's pod exits with its job: the node keeps running, podless."""
+        vm.accepting = False
+
+    def on_idle(self, sim: Simulation, vm: Vm) -> None:
+        """A pod that found no message (another pod took it) exits too."""
+        vm.accepting = False
 
 
 class AzureAutoscaler(_Autoscaler):
@@ -224,7 +217,7 @@ class AzureAutoscaler(_Autoscaler):
 
     def tick(self, sim: Simulation) -> None:
         now = sim.now
-        window = [active for at, active, _ in sim.visible_samples() if at >= now - self.window_s]
+        window = [pending for at, _, pending in sim.metric.visible(sim.now) if at >= now - self.window_s]
         if not window or now - self.last_action < self.cooldown_s:
             return
         average = statistics.fmean(window)
@@ -254,7 +247,9 @@ class BatchAutoscaler(_Autoscaler):
 
     def tick(self, sim: Simulation) -> None:
         samples = [
-            pending for at, _, pending in sim.visible_samples(lag_s=self.metric_lag_s) if at >= sim.now - 300
+            pending
+            for at, _, pending in sim.metric.visible(sim.now, lag_s=self.metric_lag_s)
+            if at >= sim.now - 300
         ]
         latest = samples[-1] if samples else 0
         tasks = max(latest, math.ceil(statistics.fmean(samples))) if samples else latest
@@ -273,7 +268,7 @@ class BatchAutoscaler(_Autoscaler):
             sim.grow(target - len(serving))
             return
         # taskcompletion: idle and booting nodes go first, busy ones after their task
-        order = sorted(serving, key=lambda vm: (vm.state in (STAGING, RUNNING), -vm.vid))
+        order = sorted(serving, key=lambda vm: (vm.state.busy, -vm.vid))
         for vm in order[: len(serving) - target]:
             sim.drain(vm)
 
@@ -294,12 +289,12 @@ class OracleAutoscaler(_Autoscaler):
             self._scheduled = True
             for arrival in sim.arrivals:
                 sim.wake_at(max(0.0, arrival - self.lead_s))
-        need = min(self.max_instances, _in_system(sim) + sim.arrivals_between(sim.now, sim.now + self.lead_s))
+        need = min(self.max_instances, in_system(sim) + sim.arrivals_between(sim.now, sim.now + self.lead_s))
         serving = [vm for vm in sim.vms.values() if vm.accepting]
         if need > len(serving):
             sim.grow(need - len(serving))
         elif need < len(serving):
-            idle = [vm for vm in serving if vm.state == IDLE]
+            idle = [vm for vm in serving if vm.state is VmState.IDLE]
             for vm in idle[: len(serving) - need]:
                 sim.remove(vm)
 

@@ -5,7 +5,7 @@ exchange, headers, bookkeeping) and handing it between threads at every system c
 a few thousand small files/s however many threads it runs. Large files rarely need this: socket reads, MD5 and
 disk writes release the GIL, and the threads of one process already use more than a core.
 
-How: :func:`scalebus.transfer.staging.stage_in` plans as always and cuts the fetch list into batches
+How: :func:`scalebus.transfer.stage.stage_in` plans as always and cuts the fetch list into batches
 (:func:`scalebus.transfer.plan.batch_tasks`). The staging process's threads take batches from one
 :class:`_Dispenser`; with ``staging.processes = 0`` a :class:`_Monitor` samples its CPU and adds a helper when it
 is CPU-bound (:func:`scalebus.transfer.plan.should_add_helper`), a staging waiting on the network never does; with
@@ -26,7 +26,6 @@ Helpers ignore SIGINT (the staging process stops them) and exit if the staging p
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import multiprocessing
 import multiprocessing.process
 import os
@@ -45,7 +44,8 @@ import structlog
 from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
-from scalebus.transfer import plan, staging
+from scalebus.transfer import download, kit, plan
+from scalebus.transfer.manifest import Manifest
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +66,7 @@ Batch = tuple[plan.FileTask, ...]
 class _HelperSpec:
     """Everything a helper needs, sent once when it is spawned."""
 
-    resolve: staging.Resolver
+    resolve: kit.Resolver
     sources: tuple[str, ...]
     dest: Path
     settings: StagingSettings
@@ -75,13 +75,25 @@ class _HelperSpec:
     """What the staging process bound (job_id, message_id, instance_id): helpers log with the same."""
 
 
+def share_settings(settings: StagingSettings, processes: int) -> StagingSettings:
+    """One process's share of the staging budgets: threads, memory and bandwidth are per VM, not per process."""
+    cap = settings.bandwidth_cap_bytes_per_s
+    return settings.model_copy(
+        update={
+            "max_concurrency": -(-settings.max_concurrency // processes),
+            "memory_budget_bytes": max(download.READ_BUFFER_BYTES, settings.memory_budget_bytes // processes),
+            "bandwidth_cap_bytes_per_s": max(1, cap // processes) if cap else 0,
+        }
+    )
+
+
 class Team:
     """The staging process's side: download its share, add helpers (at once, or as the staging turns out
     CPU-bound), feed them, collect their reports."""
 
     def __init__(
         self,
-        resolve: staging.Resolver,
+        resolve: kit.Resolver,
         sources: Sequence[str],
         dest: Path,
         settings: StagingSettings,
@@ -103,7 +115,7 @@ class Team:
         self._share = settings
         self._feeding_done = False
         self._link: _Link | None = None
-        self._own: staging.DownloadRun | None = None
+        self._own: download.DownloadRun | None = None
         self._files_done = 0
         self._log_context = structlog.contextvars.get_contextvars()  # helpers started from any thread log with it
 
@@ -113,15 +125,15 @@ class Team:
         batches: Sequence[Batch],
         processes: plan.ProcessPlan,
         *,
-        manifest: staging.Manifest,
-        progress: staging.ProgressTracker,
+        manifest: Manifest,
+        progress: kit.ProgressTracker,
     ) -> tuple[float, int]:
         """Download ``batches`` here and in helpers; return the helpers' CPU seconds and the most processes that
         downloaded at once."""
         self._dispenser = _Dispenser(batches)
         self._most = processes.most
-        self._share = staging.share_settings(self._settings, processes.most)
-        self._own = staging.DownloadRun(
+        self._share = share_settings(self._settings, processes.most)
+        self._own = download.DownloadRun(
             stores=stores,
             dest=self._dest,
             settings=self._settings,
@@ -153,7 +165,7 @@ class Team:
         self._check_complete(sum(len(batch) for batch in batches))
         return (self._link.helpers_cpu_s if self._link else 0.0), 1 + len(self._helpers)
 
-    def add_helper_if(self, manifest: staging.Manifest, progress: staging.ProgressTracker) -> int:
+    def add_helper_if(self, manifest: Manifest, progress: kit.ProgressTracker) -> int:
         """Start one more helper unless the work is all handed out or stopped; the processes downloading now."""
         with self._membership:
             if not (self._feeding_done or self._stopped()):
@@ -163,7 +175,7 @@ class Team:
     def files_left(self) -> int:
         return self._dispenser.files_left
 
-    def _add_helper(self, manifest: staging.Manifest, progress: staging.ProgressTracker) -> None:
+    def _add_helper(self, manifest: Manifest, progress: kit.ProgressTracker) -> None:
         if self._link is None:
             queued = BATCHES_QUEUED_PER_HELPER * (self._most - 1)
             self._link = _Link(self._dispenser, manifest, progress, self, queued)
@@ -243,8 +255,8 @@ class _Monitor:
     def __init__(
         self,
         team: Team,
-        manifest: staging.Manifest,
-        progress: staging.ProgressTracker,
+        manifest: Manifest,
+        progress: kit.ProgressTracker,
         processes: plan.ProcessPlan,
     ) -> None:
         self._team = team
@@ -252,8 +264,7 @@ class _Monitor:
         self._progress = progress
         self._processes = processes
         self._done = threading.Event()
-        context = contextvars.copy_context()  # its log lines carry the job's bound context
-        self._thread = threading.Thread(target=context.run, args=(self._run,), name="stage-monitor", daemon=True)
+        self._thread = kit.thread_in_context(self._run, name="stage-monitor")
         self._thread.start()
 
     def stop(self) -> None:
@@ -278,7 +289,7 @@ class _Monitor:
 class _Counting:
     """The staging process's manifest, counting the files its own threads finish."""
 
-    def __init__(self, manifest: staging.Manifest, count: Callable[[int], None]) -> None:
+    def __init__(self, manifest: Manifest, count: Callable[[int], None]) -> None:
         self._manifest = manifest
         self._count = count
 
@@ -294,8 +305,8 @@ class _Link:
     def __init__(
         self,
         dispenser: _Dispenser,
-        manifest: staging.Manifest,
-        progress: staging.ProgressTracker,
+        manifest: Manifest,
+        progress: kit.ProgressTracker,
         team: Team,
         queued: int,
     ) -> None:
@@ -395,8 +406,8 @@ class _Collector:
         self,
         results: Any,
         *,
-        manifest: staging.Manifest,
-        progress: staging.ProgressTracker,
+        manifest: Manifest,
+        progress: kit.ProgressTracker,
         fail: Callable[[BaseException], None],
         count: Callable[[int], None],
         cancel: threading.Event | None,
@@ -496,7 +507,7 @@ def helper_main(spec: _HelperSpec, tasks: Any, results: Any, stop: Any) -> None:
     stores: list[base.ObjectStore] = []
     try:
         stores = [spec.resolve(uri) for uri in spec.sources]
-        run = staging.DownloadRun(
+        run = download.DownloadRun(
             stores=stores,
             dest=spec.dest,
             settings=spec.settings,

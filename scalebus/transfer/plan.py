@@ -7,32 +7,19 @@ Layout: a folder source's files land under ``<dest>/<folder base name>/<rel_path
 ``<dest>/<file name>``. Two remote files mapping to one local path, or one path being both a file and a
 directory, is an :class:`~scalebus.errors.UnsafePathError`.
 
-Path safety. A remote name is rejected (``UnsafePathError`` naming the path and the reason), never rewritten,
-when it:
-
-- is empty, absolute (leading ``/``), or has an empty, ``.`` or ``..`` segment;
-- contains a backslash (a separator on other systems, an escape risk when data moves on);
-- contains NUL, control characters (Unicode Cc), format characters (Cf: bidi overrides, zero-width joiners that
-  make two names look alike), line/paragraph separators or lone surrogates;
-- is not in Unicode NFC. Normalising silently could merge two remote names into one local file; rejecting keeps
-  the mapping one-to-one and the data lake remains the place to fix the name;
-- has a segment longer than 255 UTF-8 bytes or a total length above 4,095 bytes (Linux ``NAME_MAX``/``PATH_MAX``).
-
-Names that differ only in case are *allowed*: ADLS Gen2 and the staging disk (ext4/xfs) are both case-sensitive,
-so ``A.txt`` and ``a.txt`` stay two files. Staging onto a case-insensitive file system is not supported.
-The top-level manifest name is reserved, and a file may not take the temporary (``.part``) name of another.
+Path safety (what a remote name may be) is :mod:`scalebus.transfer.paths`; on top of it the top-level manifest name
+is reserved, and a file may not take the temporary (``.part``) name of another.
 """
 
 from __future__ import annotations
 
 import posixpath
-import unicodedata
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from scalebus import errors
 from scalebus.backends import base
+from scalebus.transfer import paths
 
 MANIFEST_NAME = ".scalebus-stage.jsonl"
 """Resume manifest in the stage dir: one JSON line (path, etag, size) per finished file."""
@@ -52,11 +39,6 @@ BATCH_MAX_FILES = 64
 BATCH_MAX_BYTES = 64 * 1024 * 1024
 """Processes take work in batches of up to this many files or bytes: few enough messages between processes,
 small enough that the last batches spread over every process."""
-
-_NAME_MAX_BYTES = 255
-_PATH_MAX_BYTES = 4095
-_REJECTED_CATEGORIES = {"Cc": "a control character", "Cf": "a format character", "Cs": "a lone surrogate"}
-_REJECTED_CATEGORIES |= {"Zl": "a line separator", "Zp": "a paragraph separator"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +111,10 @@ def plan_download(
     for index, listing in enumerate(listings):
         prefix = _layout_prefix(listing)
         for obj in listing.objects:
-            check_rel_path(obj.rel_path)
+            paths.check_rel_path(obj.rel_path)
             rel_dest = obj.rel_path if prefix is None else f"{prefix}/{obj.rel_path}"
-            if len(rel_dest.encode("utf-8", "surrogatepass")) > _PATH_MAX_BYTES:
-                raise errors.UnsafePathError(f"{rel_dest!r}: longer than {_PATH_MAX_BYTES} bytes")
+            if len(rel_dest.encode("utf-8", "surrogatepass")) > paths.PATH_MAX_BYTES:
+                raise errors.UnsafePathError(f"{rel_dest!r}: longer than {paths.PATH_MAX_BYTES} bytes")
             if rel_dest in owners:
                 raise errors.UnsafePathError(f"{rel_dest!r}: both {owners[rel_dest]} and {obj.uri} map to it")
             owners[rel_dest] = obj.uri
@@ -213,25 +195,6 @@ def should_add_helper(cpu_cores: Sequence[float], *, processes: int, most: int, 
     )
 
 
-def check_rel_path(rel_path: str) -> None:
-    """Raise ``UnsafePathError`` unless ``rel_path`` is a safe, '/'-separated relative path (module docstring)."""
-    reason = _unsafe_reason(rel_path)
-    if reason is not None:
-        raise errors.UnsafePathError(f"{rel_path!r}: {reason}")
-
-
-def source_base_name(uri: str) -> str:
-    """The last segment of a source URI (the folder name a folder source lands under)."""
-    parts = urllib.parse.urlsplit(uri)
-    name = posixpath.basename(urllib.parse.unquote(parts.path).rstrip("/"))
-    if not name and parts.scheme == "abfss" and "@" in parts.netloc:
-        name = parts.netloc.split("@", 1)[0]  # the root of a file system lands under the file system's name
-    if not name:
-        raise errors.UnsafePathError(f"{uri!r}: has no folder name to stage under; name a folder below the root")
-    check_rel_path(name)
-    return name
-
-
 def _layout_prefix(listing: Listing) -> str | None:
     """``None`` for a file source (it lands at the top), else the folder's base name."""
     objects = listing.objects
@@ -239,30 +202,7 @@ def _layout_prefix(listing: Listing) -> str | None:
         if objects[0].rel_path == MANIFEST_NAME:
             raise errors.UnsafePathError(f"{MANIFEST_NAME!r}: reserved for the staging manifest")
         return None
-    return source_base_name(listing.uri)
-
-
-def _unsafe_reason(rel_path: str) -> str | None:
-    if not rel_path:
-        return "empty path"
-    if rel_path.startswith("/"):
-        return "absolute path"
-    if "\\" in rel_path:
-        return "contains a backslash"
-    for char in rel_path:
-        if char == "\x00":
-            return "contains NUL"
-        category = unicodedata.category(char)
-        if category in _REJECTED_CATEGORIES:
-            return f"contains {_REJECTED_CATEGORIES[category]} (U+{ord(char):04X})"
-    if unicodedata.normalize("NFC", rel_path) != rel_path:
-        return "not in Unicode NFC (normalising could merge it with another name)"
-    for segment in rel_path.split("/"):
-        if segment in ("", ".", ".."):
-            return f"has a {segment!r} segment" if segment else "has an empty segment"
-        if len(segment.encode("utf-8")) > _NAME_MAX_BYTES:
-            return f"a segment is longer than {_NAME_MAX_BYTES} bytes"
-    return None
+    return paths.source_base_name(listing.uri)
 
 
 def _add_parents(rel_path: str, directories: dict[str, None]) -> None:

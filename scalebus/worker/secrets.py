@@ -6,9 +6,10 @@ variables only, so the analytics never touch Key Vault or its SDK. A value read 
 limits). Values are never logged: logs and errors carry variable and secret names, and :meth:`SecretEnv.mask`
 scrubs values out of any text that came from the analytics (its stderr, quoted in a dead-letter reason).
 
-A missing secret raises ``SecretNotFoundError``, which names the variable and the secret; the worker dead-letters
-the job with reason ``SecretNotFound`` (see ``worker/loop.py`` for why not abandon). :meth:`SecretEnv.check`
-runs the same resolution once when the worker starts, so a fleet with a wrong mapping takes no job at all.
+A missing secret raises ``SecretNotFoundError``, which names the variable and the secret; the worker
+dead-letters the job with reason ``SecretNotFound`` (:mod:`scalebus.worker.job` says why it does not abandon
+it). :meth:`SecretEnv.check` runs the same resolution once when the worker starts, so a fleet with a wrong
+mapping takes no job at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from scalebus import errors
+from scalebus import errors, redact
 from scalebus.backends import base
 
 log = structlog.get_logger(__name__)
@@ -86,6 +87,7 @@ class SecretEnv:
             value = self._source.get(name)
         except errors.SecretNotFoundError as exc:
             raise errors.SecretNotFoundError(f"${var}: {exc}") from exc
+        redact.register(value)  # every log line and error of this process masks it from now on
         with self._lock:
             self._cache[name] = (now, value)
             if value:

@@ -47,17 +47,21 @@ def sqlite_queue_factory(tmp_path: Path) -> Iterator[QueueFactory]:
 
 @pytest.fixture
 def local_scale_set_factory(tmp_path: Path) -> Iterator[Callable[[], base.ScaleSet]]:
-    opened: list[pool.LocalScaleSet] = []
+    opened: list[tuple[Path, pool.LocalScaleSet]] = []
 
     def factory() -> base.ScaleSet:
-        scale_set = pool.LocalScaleSet(tmp_path / f"pool{next(_names)}.db", worker_argv=SLEEPER, worker_env={})
-        opened.append(scale_set)
+        state_path = tmp_path / f"pool{next(_names)}.db"
+        scale_set = pool.LocalScaleSet(state_path, worker_argv=SLEEPER, worker_env={})
+        opened.append((state_path, scale_set))
         return scale_set
 
     yield factory
-    for scale_set in opened:
-        scale_set.set_capacity(0)
-        scale_set.close()
+    for state_path, scale_set in opened:
+        # A second handle on the same pool stops its workers, even if the test closed its own handle already.
+        reaper = pool.LocalScaleSet(state_path, worker_argv=SLEEPER, worker_env={})
+        reaper.set_capacity(0)
+        reaper.close()
+        scale_set.close()  # waits a little for the workers it started
 
 
 @pytest.fixture

@@ -67,3 +67,11 @@ def test_hint_can_be_published_before_any_worker_beats(heartbeats_factory: Store
     store.publish_hint(base.FleetHint(idle_grace_s=0.0, at=1.0))
     assert store.read_hint() == base.FleetHint(idle_grace_s=0.0, at=1.0)
     assert store.read_all() == []
+
+
+def test_close_twice_is_harmless(heartbeats_factory: StoreFactory) -> None:
+    store = heartbeats_factory()
+    store.beat(base.Heartbeat("vm-1", W.IDLE, at=1.0))
+    assert [hb.instance_id for hb in store.read_all()] == ["vm-1"]
+    store.close()
+    store.close()

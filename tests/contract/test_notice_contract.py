@@ -74,3 +74,10 @@ def test_a_cleared_event_disappears_and_cannot_be_acknowledged(notice_platform: 
     assert source.pending() == []
     with pytest.raises(errors.NoticeError):
         source.acknowledge(event_id)
+
+
+def test_close_twice_is_harmless(notice_platform: NoticePlatform) -> None:
+    source = notice_platform.source(ME)
+    assert source.pending() == []
+    source.close()
+    source.close()

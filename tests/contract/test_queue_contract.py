@@ -227,3 +227,14 @@ def test_a_requeued_job_dead_lettered_again_can_be_requeued_again(queue_factory)
     again = queue.receive(max_wait_s=WAIT_S)
     assert again is not None and again.message_id == twice.new_message_id and again.body == _msg(0).body
     queue.complete(again)
+
+
+def test_close_twice_is_harmless(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    """Commands close the queue and its depth source on every exit path, and both may be one object."""
+    queue, depth = queue_factory()
+    queue.send([_msg("closing")])
+    depth.read_depth()
+    queue.close()
+    depth.close()
+    queue.close()
+    depth.close()

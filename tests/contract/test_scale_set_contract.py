@@ -69,3 +69,10 @@ def test_scale_out_keeps_existing_instances(scale_set_factory) -> None:  # type:
     scale_set.set_capacity(3)
     after = {i.instance_id for i in scale_set.list_instances()}
     assert before < after and len(after) == 3
+
+
+def test_close_twice_is_harmless(scale_set_factory) -> None:  # type: ignore[no-untyped-def]
+    scale_set = scale_set_factory()
+    assert scale_set.list_instances() == []
+    scale_set.close()
+    scale_set.close()

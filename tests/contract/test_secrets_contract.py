@@ -53,3 +53,11 @@ def test_longest_valid_name_works(secrets_factory) -> None:  # type: ignore[no-u
     name = "A-1" + "z" * 124
     put(name, "v")
     assert source.get(name) == "v"
+
+
+def test_close_twice_is_harmless(secrets_factory) -> None:  # type: ignore[no-untyped-def]
+    source, put = secrets_factory()
+    put("present", VALUE)
+    assert source.get("present") == VALUE
+    source.close()
+    source.close()

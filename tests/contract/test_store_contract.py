@@ -12,7 +12,7 @@ import pytest
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
-from scalebus.transfer import staging
+from scalebus.transfer import publish, stage
 
 StoreFactory = Callable[[], tuple[base.ObjectStore, str]]
 
@@ -125,17 +125,25 @@ def test_stage_in_and_publish_round_trip(store_and_root: tuple[base.ObjectStore,
     for rel, data in files.items():
         store.write_bytes(data, root + "sample/" + rel)
     settings = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0)
-    stats = staging.stage_in(lambda _u: store, [root + "sample"], tmp_path / "stage", settings)
+    stats = stage.stage_in(lambda _u: store, [root + "sample"], tmp_path / "stage", settings)
     assert stats.files == len(files)
     for rel, data in files.items():
         assert (tmp_path / "stage" / "sample" / rel).read_bytes() == data
-    again = staging.stage_in(lambda _u: store, [root + "sample"], tmp_path / "stage", settings)
+    again = stage.stage_in(lambda _u: store, [root + "sample"], tmp_path / "stage", settings)
     assert (again.files, again.skipped_files) == (0, len(files))
     outputs_dir = tmp_path / "stage" / "sample"
-    published = staging.publish(lambda _u: store, outputs_dir, root + "out/", settings)
+    published = publish.publish(lambda _u: store, outputs_dir, root + "out/", settings)
     assert published.files == len(files)
-    assert store.exists(root + "out/" + staging.MARKER_NAME)
+    assert store.exists(root + "out/" + publish.MARKER_NAME)
     outputs = listing(store, root + "out")
-    assert outputs.pop(staging.MARKER_NAME) > 0
+    assert outputs.pop(publish.MARKER_NAME) > 0
     assert outputs == {rel: len(data) for rel, data in files.items()}
-    assert staging.publish(lambda _u: store, outputs_dir, root + "out/", settings).already_published
+    assert publish.publish(lambda _u: store, outputs_dir, root + "out/", settings).already_published
+
+
+def test_close_twice_is_harmless(store_and_root: tuple[base.ObjectStore, str]) -> None:
+    store, root = store_and_root
+    store.write_bytes(b"x", root + "closing.bin")
+    assert store.exists(root + "closing.bin")
+    store.close()
+    store.close()

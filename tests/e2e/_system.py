@@ -47,6 +47,7 @@ heartbeat_timeout_s = 10
 exit_when_drained = true
 [worker]
 command = ["{sys.executable}", "{root}/analytics.py"]
+pass_env = ["E2E_ROOT"]
 work_dir = "{root}/work"
 idle_timeout_s = 2
 retire_wait_s = 1
@@ -54,6 +55,8 @@ receive_wait_s = 0.5
 heartbeat_interval_s = 0.5
 [staging]
 min_free_bytes = 0
+[storage]
+local_roots = ["{root}"]
 """)
         self.env = {**os.environ, **(environ or {}), "E2E_ROOT": str(root), "SCALEBUS_LOG__FORMAT": "json"}
 

@@ -26,10 +26,45 @@ examples/2026-04-01/``: ``virtualMachineScaleSetExamples/VirtualMachineScaleSetV
 200/202 with ``Azure-AsyncOperation`` and ``Location``; status body ``{"status": "InProgress"|"Succeeded"|
 "Failed", "startTime", "endTime", "name"}``).
 
-Simplifications: one token is accepted (any non-empty bearer unless ``expected_token`` is set); deleting an
-unknown instance id answers 404 ``NotFound`` for the whole batch; scale-in by capacity removes the newest
-unprotected instances. Faults are injected per request kind (``inject``) and every request is counted per kind
-(``count``), so tests can assert "one write per decision".
+Access: with ``access`` set (a :class:`tests.fakes.rbac.AccessPolicy`), the bearer token names the caller and
+each request needs its Azure RBAC action at the request's scope (the resource it addresses; for the Flexible VM
+listing that is the resource group, because those VMs are siblings of the scale set, not children): the actions
+are the ``Microsoft.Compute`` operations listed in "Azure permissions for Compute"
+(https://learn.microsoft.com/en-us/azure/role-based-access-control/permissions/compute). A missing grant answers
+403 ``AuthorizationFailed`` (:func:`tests.fakes.rbac.arm_denial`). The asynchronous-operation status URL sits at
+subscription scope, yet callers holding roles at resource-group scope poll it every day, so its action
+(``Microsoft.Compute/locations/operations/read``) is recorded but not checked.
+
+Faults, each from Azure's documented behaviour:
+
+- :meth:`inject` answers the next requests of a kind with a status, an error code and message; 409 uses
+  Compute's two conflict answers (``Conflict`` "Operation ... is not allowed since ... conflict with a concurrent
+  request" and ``OperationNotAllowed`` "... is marked for deletion"), as listed in "Troubleshoot common Azure
+  deployment errors" (https://learn.microsoft.com/en-us/azure/azure-resource-manager/troubleshooting/
+  common-deployment-errors) and seen in the VMSS error examples of the specs above.
+- :meth:`end_next_operation` makes the next write's long-running operation end ``Canceled`` or ``Failed`` (for
+  example ``OperationPreempted``, "preempted by a more recent operation") without applying it: the terminal states
+  of the ARM async pattern (https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/
+  async-api-reference.md, "Azure-AsyncOperation resource format": ``Succeeded``, ``Failed``, ``Canceled``).
+- ``page_size`` splits instance lists into pages linked by ``nextLink`` (the ``VirtualMachineScaleSetVMListResult``
+  and ``VirtualMachineListResult`` definitions of the specs carry ``value`` and ``nextLink``).
+- ``ratelimit_remaining`` adds ``x-ms-ratelimit-remaining-resource`` (``Microsoft.Compute/HighCostGet3Min;<n>``)
+  and ``x-ms-ratelimit-remaining-subscription-reads|writes`` to every answer, counting down per request, as in
+  "Understand how Azure Resource Manager throttles requests" (https://learn.microsoft.com/en-us/azure/
+  azure-resource-manager/management/request-limits-and-throttling) and "Troubleshooting API throttling errors"
+  (https://learn.microsoft.com/en-us/troubleshoot/azure/virtual-machines/windows/troubleshooting-throttling-errors).
+- :meth:`set_instance_state` forces a state (a ``Failed`` VM that still runs, a ``deallocated`` one);
+  :meth:`forget_time_created` drops the optional ``timeCreated`` (absent before api-version 2021-11-01 and on
+  older VMs: the specs mark it read-only and optional).
+- ``create_scale_set(overprovision=True)`` reports ``properties.overprovision`` true on a Uniform scale set
+  (``VirtualMachineScaleSetProperties.overprovision``; "Design considerations for scale sets",
+  https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/virtual-machine-scale-sets-design-overview,
+  says Azure then boots more VMs than asked and deletes the extras). The fake does not boot the extras.
+
+Simplifications: without ``access`` any non-empty bearer is accepted (``expected_token`` narrows it to one);
+deleting an unknown instance id answers 404 ``NotFound`` for the whole batch; scale-in by capacity removes the
+newest unprotected instances. Every request is counted per kind (``count``), so tests can assert "one write per
+decision".
 """
 
 from __future__ import annotations
@@ -53,6 +88,7 @@ from typing import Any
 
 import trustme
 
+from tests.fakes import rbac
 from tests.fakes._http import BackgroundServer, ServedFake
 
 API_VERSION_FLEX_PROTECTION = "2023-09-01"
@@ -97,6 +133,7 @@ class FakeInstance:
     power_state: str = "starting"
     protected: bool = False
     gone_at: float | None = None
+    time_created_known: bool = True
 
 
 @dataclasses.dataclass
@@ -107,6 +144,7 @@ class FakeScaleSet:
     mode: str
     location: str
     capacity: int = 0
+    overprovision: bool = False
     provisioning_delay_s: float = 0.0
     next_index: int = 0
     unique_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
@@ -128,6 +166,7 @@ class _Operation:
     started_at: float
     done_at: float
     error: dict[str, str] | None = None
+    status: str = "Succeeded"
 
 
 @dataclasses.dataclass
@@ -135,6 +174,46 @@ class _Fault:
     status: int
     retry_after_s: float | None
     code: str
+    message: str
+
+
+@dataclasses.dataclass
+class _Outcome:
+    status: str
+    code: str
+    message: str
+
+
+CONFLICT_CONCURRENT = (
+    "Conflict",
+    "Operation 'PATCH' is not allowed since the Virtual Machine Scale Set is in a conflict with a concurrent "
+    "request; retry the operation later.",
+)
+CONFLICT_MARKED_FOR_DELETION = (
+    "OperationNotAllowed",
+    "Operation is not allowed since the virtual machine scale set instance is marked for deletion.",
+)
+PREEMPTED = ("OperationPreempted", "Operation execution has been preempted by a more recent operation.")
+
+_DEFAULT_CODES = {
+    409: CONFLICT_CONCURRENT[0],
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    503: "ServiceUnavailable",
+}
+
+# (route, method) -> (RBAC action, which scope: "resource" = the scale set, "group", "subscription").
+_ACTIONS: dict[tuple[str, str], tuple[str, str]] = {
+    ("scaleset", "GET"): ("Microsoft.Compute/virtualMachineScaleSets/read", "resource"),
+    ("scaleset", "PATCH"): ("Microsoft.Compute/virtualMachineScaleSets/write", "resource"),
+    ("scaleset", "PUT"): ("Microsoft.Compute/virtualMachineScaleSets/write", "resource"),
+    ("instances", "GET"): ("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read", "resource"),
+    ("instance", "GET"): ("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read", "instance"),
+    ("instance", "PUT"): ("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write", "instance"),
+    ("delete", "POST"): ("Microsoft.Compute/virtualMachineScaleSets/delete/action", "resource"),
+    ("vms", "GET"): ("Microsoft.Compute/virtualMachines/read", "group"),
+    ("operation", "GET"): ("Microsoft.Compute/locations/operations/read", "subscription"),
+}
 
 
 class ArmComputeFake(ServedFake):
@@ -156,6 +235,13 @@ class ArmComputeFake(ServedFake):
         self.delete_delay_s = 0.0
         """How long deleted instances stay in ``Deleting`` (and their delete operation in progress)."""
         self.scale_in_delay_s = 0.0
+        self.access: rbac.AccessPolicy | None = None
+        """Role assignments to enforce; ``None`` accepts any bearer token."""
+        self.page_size: int | None = None
+        """Instance lists come in pages of this many, linked by ``nextLink``; ``None``: one page."""
+        self.ratelimit_remaining: int | None = None
+        """Set to start the ``x-ms-ratelimit-remaining-*`` countdown from this many requests."""
+        self._outcomes: dict[str, collections.deque[_Outcome]] = collections.defaultdict(collections.deque)
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -177,11 +263,12 @@ class ArmComputeFake(ServedFake):
         resource_group: str = DEFAULT_RESOURCE_GROUP,
         location: str = "westus",
         provisioning_delay_s: float = 0.0,
+        overprovision: bool = False,
     ) -> str:
         """Add a scale set (instances already running if ``capacity`` > 0); returns its ARM resource id."""
         assert mode in ("Uniform", "Flexible")
         name = name or f"vmss-{secrets.token_hex(4)}"
-        vmss = FakeScaleSet(subscription, resource_group, name, mode, location)
+        vmss = FakeScaleSet(subscription, resource_group, name, mode, location, overprovision=overprovision)
         vmss.provisioning_delay_s = provisioning_delay_s
         now = time.time()
         with self._lock:
@@ -238,12 +325,42 @@ class ArmComputeFake(ServedFake):
             self._advance(vmss, time.time())
             return list(vmss.instances)
 
-    def inject(self, kind: str, status: int, *, retry_after_s: float | None = None, times: int = 1) -> None:
-        """Answer the next ``times`` requests of ``kind`` (e.g. ``"PATCH scaleset"``) with ``status``."""
-        code = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}.get(status, "Fault")
+    def inject(
+        self,
+        kind: str,
+        status: int,
+        *,
+        retry_after_s: float | None = None,
+        times: int = 1,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        """Answer the next ``times`` requests of ``kind`` (e.g. ``"PATCH scaleset"``) with ``status`` and
+        ``error`` = (code, message), e.g. :data:`CONFLICT_MARKED_FOR_DELETION`."""
+        code, message = error or (_DEFAULT_CODES.get(status, "Fault"), f"Injected fault {status}.")
         with self._lock:
             for _ in range(times):
-                self._faults[kind].append(_Fault(status, retry_after_s, code))
+                self._faults[kind].append(_Fault(status, retry_after_s, code, message))
+
+    def end_next_operation(
+        self, kind: str, status: str = "Canceled", *, error: tuple[str, str] = PREEMPTED, times: int = 1
+    ) -> None:
+        """The next ``times`` writes of ``kind`` are accepted but their operation ends ``status`` (``Canceled``
+        or ``Failed``) with ``error`` and changes nothing."""
+        assert status in ("Canceled", "Failed")
+        with self._lock:
+            for _ in range(times):
+                self._outcomes[kind].append(_Outcome(status, *error))
+
+    def clear_faults(self) -> None:
+        """Drop injected faults and operation outcomes not yet used (a clean fake for the next test)."""
+        with self._lock:
+            self._faults.clear()
+            self._outcomes.clear()
+
+    def forget_time_created(self, resource_id: str, instance_id: str) -> None:
+        """Answer this instance without ``timeCreated`` from now on."""
+        with self._lock:
+            self._scale_set_locked(resource_id).instances[instance_id].time_created_known = False
 
     def count(self, kind: str | None = None) -> int:
         """Requests seen of one kind (``"GET scaleset"``, ``"POST delete"``, ...), or all of them."""
@@ -284,9 +401,12 @@ class ArmComputeFake(ServedFake):
             return _error(401, "AuthenticationFailed", "Authentication failed: no bearer token.")
         if self.expected_token is not None and auth != f"Bearer {self.expected_token}":
             return _error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        denial = self._authorize(auth[len("Bearer ") :], method, route, match)
+        if denial is not None:
+            return denial
         if fault is not None:
             extra = {"Retry-After": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else {}
-            status, hdrs, payload = _error(fault.status, fault.code, f"Injected fault {fault.status}.")
+            status, hdrs, payload = _error(fault.status, fault.code, fault.message)
             return status, {**hdrs, **extra}, payload
         if "api-version" not in query:
             return _error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
@@ -300,8 +420,84 @@ class ArmComputeFake(ServedFake):
         if handler is None:
             return _error(405, "MethodNotAllowed", f"{method} is not supported on {route}.")
         with self._lock:
-            result: tuple[int, dict[str, str], Any] = handler(match.groupdict(), query, payload_in, now)
+            outcome = self._outcomes[kind].popleft() if self._outcomes.get(kind) else None
+            if outcome is not None:
+                result = self._ended_operation(route or "", match.groupdict(), query, now, outcome)
+            else:
+                result = handler(match.groupdict(), query, payload_in, now)
+            status, headers_out, payload = self._page(result, parsed.path, query)
+            return status, {**headers_out, **self._ratelimit_headers(method)}, payload
+
+    # access, paging, throttling headers -----------------------------------------------------------------
+
+    def _authorize(
+        self, principal: str, method: str, route: str | None, match: re.Match[str] | None
+    ) -> tuple[int, dict[str, str], Any] | None:
+        if self.access is None or route is None or match is None:
+            return None
+        needed = _ACTIONS.get((route, method))
+        if needed is None:
+            return None
+        action, level = needed
+        if level == "subscription":
+            self.access.note(principal, action)
+            return None
+        p = match.groupdict()
+        group = f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}"
+        scope = {
+            "group": group,
+            "resource": f"{group}/providers/Microsoft.Compute/virtualMachineScaleSets/{p.get('name')}",
+            "instance": f"{group}/providers/Microsoft.Compute/virtualMachineScaleSets/{p.get('name')}"
+            f"/virtualMachines/{p.get('iid')}",
+        }[level]
+        if self.access.allows(principal, action, scope):
+            return None
+        return rbac.arm_denial(principal, action, scope)
+
+    def _page(
+        self, result: tuple[int, dict[str, str], Any], path: str, query: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any]:
+        status, headers, payload = result
+        if self.page_size is None or status != 200 or not isinstance(payload, dict) or "value" not in payload:
             return result
+        start = int(query.get("$skiptoken") or 0)
+        items = payload["value"]
+        page: dict[str, Any] = {"value": items[start : start + self.page_size]}
+        if start + self.page_size < len(items):
+            rest = {**query, "$skiptoken": str(start + self.page_size)}
+            page["nextLink"] = f"{self.endpoint}{path}?{urllib.parse.urlencode(rest)}"
+        return status, headers, page
+
+    def _ratelimit_headers(self, method: str) -> dict[str, str]:
+        if self.ratelimit_remaining is None:
+            return {}
+        self.ratelimit_remaining = max(0, self.ratelimit_remaining - 1)
+        n = self.ratelimit_remaining
+        kind = "reads" if method == "GET" else "writes"
+        return {
+            f"x-ms-ratelimit-remaining-subscription-{kind}": str(n * 10),
+            "x-ms-ratelimit-remaining-resource": f"Microsoft.Compute/HighCostGet3Min;{n},"
+            f"Microsoft.Compute/HighCostGet30Min;{n * 5}",
+        }
+
+    def _ended_operation(
+        self, route: str, p: dict[str, str], q: dict[str, str], now: float, outcome: _Outcome
+    ) -> tuple[int, dict[str, str], Any]:
+        """A write accepted (as its route answers: 202 for the batch delete, 200 and the resource otherwise) whose
+        operation ends ``Canceled``/``Failed`` without changing anything."""
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        op = self._new_operation(vmss, now, now)
+        op.status, op.error = outcome.status, {"code": outcome.code, "message": outcome.message}
+        if route == "delete":
+            return 202, self._lro_headers(op, q, with_location=True), None
+        if route == "scaleset":
+            return 200, self._lro_headers(op, q, with_location=False), self._scale_set_body(vmss)
+        inst = vmss.instances.get(p.get("iid", ""))
+        if inst is None:
+            return _error(404, "NotFound", f"The entity was not found: instance {p.get('iid')}.")
+        return 200, self._lro_headers(op, q, with_location=False), self._vmss_vm_body(vmss, inst)
 
     # GET/PATCH/PUT scale set ----------------------------------------------------------------------------
 
@@ -448,7 +644,8 @@ class ArmComputeFake(ServedFake):
         if not done:
             body["status"] = "InProgress"
         elif op.error is not None:
-            body.update(status="Failed", endTime=_iso(op.done_at), error=op.error)
+            body.update(status=op.status if op.status != "Succeeded" else "Failed", endTime=_iso(op.done_at))
+            body["error"] = op.error
         else:
             body.update(status="Succeeded", endTime=_iso(op.done_at))
         return 200, {}, body
@@ -537,7 +734,7 @@ class ArmComputeFake(ServedFake):
         }
         if vmss.mode == "Uniform":
             props["upgradePolicy"] = {"mode": "Manual"}
-            props["overprovision"] = False
+            props["overprovision"] = vmss.overprovision
         else:
             props["platformFaultDomainCount"] = 1
         return {
@@ -563,9 +760,10 @@ class ArmComputeFake(ServedFake):
         props: dict[str, Any] = {
             "vmId": inst.vm_id,
             "provisioningState": inst.provisioning_state,
-            "timeCreated": _iso(inst.created_at),
             "hardwareProfile": {"vmSize": "Standard_D2s_v5"},
         }
+        if inst.time_created_known:
+            props["timeCreated"] = _iso(inst.created_at)
         if expand:
             props["instanceView"] = {
                 "computerName": inst.name,

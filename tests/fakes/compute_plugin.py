@@ -3,6 +3,11 @@
 The servers are session-scoped (started once, stopped at the end); each test gets fresh scale sets, so state
 never leaks between tests. ``vmss_scale_set_factory`` / ``vmss_flexible_scale_set_factory`` return
 ``factory() -> ScaleSet`` (capacity 0, a new scale set per call) for the contract suite.
+
+ARM enforces the shipped roles: the controller's token (``CONTROLLER_TOKEN``, what ``StaticTokenCredential``
+hands out) holds ``docker/roles/scalebus-controller.json`` and the VM's managed identity (the IMDS fake's token)
+holds ``docker/roles/scalebus-worker.json``, each at the scope its ``AssignableScopes`` names, for the default
+subscription and resource group. A call the role does not grant is a 403 ``AuthorizationFailed``, so a test fails.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ from azure.core.credentials import AccessToken, AccessTokenInfo
 
 from scalebus.backends import base
 from scalebus.backends.azure import compute
-from tests.fakes.arm_compute import ArmComputeFake
+from tests.fakes import rbac
+from tests.fakes.arm_compute import DEFAULT_RESOURCE_GROUP, DEFAULT_SUBSCRIPTION, ArmComputeFake
 from tests.fakes.imds import ImdsFake
 
 TEST_POLLING_INTERVAL_S = 0.02
+CONTROLLER_TOKEN = "arm-test-token"
 
 
 class StaticTokenCredential:
     """A ``TokenCredential`` handing out one fixed bearer token (the ARM fake checks only that there is one)."""
 
-    def __init__(self, token: str = "arm-test-token") -> None:
+    def __init__(self, token: str = CONTROLLER_TOKEN) -> None:
         self.token = token
         self.requests = 0
 
@@ -62,22 +69,45 @@ def imds_fake(imds_server: ImdsFake) -> Iterator[ImdsFake]:
     """The IMDS fake, with no identity, events or failures left over from another test."""
     imds_server.identity = None
     imds_server.reset_scheduled_events()
+    imds_server.reset_faults()
     imds_server.token_status = 200
     yield imds_server
     imds_server.identity = None
     imds_server.reset_scheduled_events()
+    imds_server.reset_faults()
     imds_server.token_status = 200
 
 
+def shipped_access(*, controller: str, worker: str) -> rbac.AccessPolicy:
+    """The shipped custom roles assigned to the two principals, at their own ``AssignableScopes``."""
+    access = rbac.AccessPolicy()
+    for principal, stem in ((controller, "scalebus-controller"), (worker, "scalebus-worker")):
+        role = rbac.shipped_role(stem)
+        for template in role.assignable_scopes[:1]:
+            scope = rbac.fill_scope(
+                template, subscription=DEFAULT_SUBSCRIPTION, resource_group=DEFAULT_RESOURCE_GROUP, scale_set="*"
+            )
+            access.assign(principal, role, scope)
+    return access
+
+
+def _reset(fake: ArmComputeFake) -> None:
+    fake.expected_token = None
+    fake.page_size = None
+    fake.ratelimit_remaining = None
+    fake.clear_faults()
+
+
 @pytest.fixture
-def arm_fake(arm_compute_fake: ArmComputeFake) -> Iterator[ArmComputeFake]:
-    """The ARM fake with counters reset and default timings for this test."""
+def arm_fake(arm_compute_fake: ArmComputeFake, imds_server: ImdsFake) -> Iterator[ArmComputeFake]:
+    """The ARM fake with counters reset, default timings and the shipped roles enforced for this test."""
     arm_compute_fake.reset_counts()
     arm_compute_fake.delete_delay_s = 0.0
     arm_compute_fake.scale_in_delay_s = 0.0
-    arm_compute_fake.expected_token = None
+    _reset(arm_compute_fake)
+    arm_compute_fake.access = shipped_access(controller=CONTROLLER_TOKEN, worker=imds_server.token)
     yield arm_compute_fake
-    arm_compute_fake.expected_token = None
+    _reset(arm_compute_fake)
 
 
 @pytest.fixture

@@ -18,6 +18,16 @@ Endpoints (each requires the ``Metadata: true`` header, as IMDS does, and answer
 - ``POST /metadata/scheduledevents?api-version=...`` with ``{"StartRequests": [{"EventId": ...}]}``: approves
   events (recorded in ``acknowledged``; each moves to ``Started``); 400 for a malformed body or an unknown id.
 
+From api-version 2021-03-01 a Flexible instance's ``compute`` also carries ``virtualMachineScaleSet.id``, the scale
+set's resource id (older versions omit it), as the schema table of
+https://learn.microsoft.com/en-us/azure/virtual-machines/instance-metadata-service lists.
+
+Faults, as the same page ("Errors and debugging") and the Scheduled Events page
+(https://learn.microsoft.com/en-us/azure/virtual-machines/linux/scheduled-events) document them:
+:meth:`ImdsFake.fail_next` answers the next requests of a path with a status (410 Gone, which IMDS sends for up
+to 70 s after boot; 429; 5xx), optionally with ``Retry-After``; ``first_events_delay_s`` holds the first
+Scheduled Events GET that long ("the first call ... can take up to two minutes" while the service is enabled).
+
 Every request is counted per path, so tests can see that the credential really asked.
 """
 
@@ -49,6 +59,7 @@ class VmIdentity:
     vm_scale_set_name: str = ""
     vm_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
     location: str = "westus"
+    flexible_scale_set_id: str = ""
 
     @classmethod
     def uniform(cls, scale_set_id: str, instance_id: str) -> VmIdentity:
@@ -59,7 +70,7 @@ class VmIdentity:
     def flexible(cls, scale_set_id: str, vm_name: str) -> VmIdentity:
         sub, rg, vmss = _split_scale_set_id(scale_set_id)
         vm_id = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{vm_name}"
-        return cls(sub, rg, vm_name, vm_id, vmss)
+        return cls(sub, rg, vm_name, vm_id, vmss, flexible_scale_set_id=scale_set_id)
 
     @classmethod
     def standalone(cls, subscription: str, resource_group: str, vm_name: str) -> VmIdentity:
@@ -86,6 +97,22 @@ class ImdsFake(ServedFake):
         self._counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._server: BackgroundServer | None = None
+        self._faults: dict[str, list[tuple[int, float | None]]] = collections.defaultdict(list)
+        self.first_events_delay_s = 0.0
+        """The first Scheduled Events GET after this is set waits this long before answering."""
+        self.api_versions: list[str] = []
+        """The api-version of every ``/metadata/instance`` request, in order."""
+
+    def fail_next(self, path: str, status: int, *, times: int = 1, retry_after_s: float | None = None) -> None:
+        """Answer the next ``times`` GETs of ``path`` (e.g. ``/metadata/instance``) with ``status``."""
+        with self._lock:
+            self._faults[path] += [(status, retry_after_s)] * times
+
+    def reset_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self.first_events_delay_s = 0.0
+            self.api_versions = []
 
     def start(self) -> ImdsFake:
         self._server = BackgroundServer(_handler_for(self), name="imds-fake")
@@ -161,30 +188,48 @@ class ImdsFake(ServedFake):
             self.document_incarnation += 1
         return 200, {}
 
-    def handle(self, raw_path: str, headers: Any) -> tuple[int, Any]:
+    def handle(self, raw_path: str, headers: Any) -> tuple[int, Any, dict[str, str]]:
         parsed = urllib.parse.urlsplit(raw_path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         with self._lock:
             self._counts[parsed.path] += 1
+            fault = self._faults[parsed.path].pop(0) if self._faults.get(parsed.path) else None
+            delay, self.first_events_delay_s = (
+                (self.first_events_delay_s, 0.0)
+                if parsed.path == "/metadata/scheduledevents"
+                else (0.0, self.first_events_delay_s)
+            )
+        if delay:
+            time.sleep(delay)
+        if fault is not None:
+            status, retry_after = fault
+            extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+            return status, {"error": f"Injected fault {status}"}, extra
+        status, payload = self._answer(parsed.path, query, headers)
+        return status, payload, {}
+
+    def _answer(self, path: str, query: dict[str, str], headers: Any) -> tuple[int, Any]:
         if headers.get("Metadata", "").lower() != "true":
             return 400, {"error": "Bad request. Required metadata header not specified"}
         if "api-version" not in query:
             return 400, {"error": "Bad request. api-version was not specified in the request"}
-        if parsed.path == "/metadata/instance":
-            return self._instance()
-        if parsed.path == "/metadata/identity/oauth2/token":
+        if path == "/metadata/instance":
+            with self._lock:
+                self.api_versions.append(query["api-version"])
+            return self._instance(query["api-version"])
+        if path == "/metadata/identity/oauth2/token":
             return self._token(query)
-        if parsed.path == "/metadata/scheduledevents":
+        if path == "/metadata/scheduledevents":
             with self._lock:
                 events = list(self.scheduled_events)
                 return 200, {"DocumentIncarnation": self.document_incarnation, "Events": events}
         return 404, {"error": "Not found"}
 
-    def _instance(self) -> tuple[int, Any]:
+    def _instance(self, api_version: str) -> tuple[int, Any]:
         ident = self.identity
         if ident is None:
             return 404, {"error": "Not found"}
-        compute = {
+        compute: dict[str, Any] = {
             "azEnvironment": "AzurePublicCloud",
             "location": ident.location,
             "name": ident.name,
@@ -197,6 +242,8 @@ class ImdsFake(ServedFake):
             "vmSize": "Standard_D2s_v5",
             "zone": "",
         }
+        if ident.flexible_scale_set_id and api_version >= "2021-03-01":
+            compute["virtualMachineScaleSet"] = {"id": ident.flexible_scale_set_id}
         network = {
             "interface": [{"ipv4": {"ipAddress": [{"privateIpAddress": "10.0.0.4", "publicIpAddress": ""}]}}]
         }
@@ -238,11 +285,13 @@ def _handler_for(fake: ImdsFake) -> type[http.server.BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            status, payload = fake.handle(self.path, self.headers)
+            status, payload, extra = fake.handle(self.path, self.headers)
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in extra.items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
 

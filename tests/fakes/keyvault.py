@@ -15,6 +15,14 @@ tokens from the IMDS fake through ``ManagedIdentityCredential`` and register the
 The SDK checks that the challenge's resource matches the vault's host, which ``127.0.0.1`` never does, so clients
 of this fake pass ``verify_challenge_resource=False`` (``secrets.verify_challenge_resource = false``).
 
+Access (Azure RBAC mode): with ``access`` set (a :class:`tests.fakes.rbac.AccessPolicy`), reading a secret needs
+the data action ``Microsoft.KeyVault/vaults/secrets/getSecret/action`` at the vault's resource id (``vault_id``) or
+the secret's (``<vault_id>/secrets/<name>``), as "Provide access to Key Vault keys, certificates, and secrets with
+Azure role-based access control" (https://learn.microsoft.com/en-us/azure/key-vault/general/rbac-guide) describes;
+without it the answer is 403 ``Forbidden`` with inner code ``ForbiddenByRbac`` and the "Caller is not authorized
+to perform action on resource" message of "Troubleshooting Azure Key Vault access policy issues"
+(https://learn.microsoft.com/en-us/azure/key-vault/general/troubleshooting-access-issues).
+
 Followed (read, not copied): the ``GetSecret`` operation, ``SecretBundle`` / ``SecretAttributes`` /
 ``KeyVaultError`` definitions and ``examples/GetSecret-example.json`` in Azure/azure-rest-api-specs
 (``specification/keyvault/data-plane/Microsoft.KeyVault/stable/7.5``); the 401 challenge header as recorded in
@@ -36,10 +44,16 @@ from typing import Any
 
 import trustme
 
+from tests.fakes import rbac
 from tests.fakes._http import BackgroundServer, ServedFake
 
 RESOURCE = "https://vault.azure.net"
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+VAULT_ID = (
+    "/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/rg-scalebus"
+    "/providers/Microsoft.KeyVault/vaults/kv-scalebus"
+)
+GET_SECRET = "Microsoft.KeyVault/vaults/secrets/getSecret/action"
 
 
 @dataclasses.dataclass
@@ -64,6 +78,9 @@ class KeyVaultFake(ServedFake):
         self._secrets: dict[str, list[_Version]] = {}
         self._faults: list[tuple[int, float | None]] = []
         self._lock = threading.Lock()
+        self.vault_id = VAULT_ID
+        self.access: rbac.AccessPolicy | None = None
+        """Role assignments to enforce; ``None``: every accepted token may read every secret."""
 
     def start(self) -> KeyVaultFake:
         self._server = BackgroundServer(_handler_for(self), name="fake-keyvault", ca=self.ca)
@@ -132,12 +149,27 @@ class KeyVaultFake(ServedFake):
                 return 405, {}, _error("BadParameter", f"{method} {parts.path} is not served by this fake")
             name, version = segments[1], (segments[2] if len(segments) == 3 else "")
             self.requests[name] += 1
+            denied = self._denied(auth[len("Bearer ") :], name)
+            if denied is not None:
+                return denied
             if self._faults:
                 status, retry_after = self._faults.pop(0)
                 extra = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
                 code = "Throttled" if status == 429 else "ServiceUnavailable"
                 return status, extra, _error(code, "Injected fault.")
             return self._get(name, version)
+
+    def _denied(self, principal: str, name: str) -> tuple[int, dict[str, str], Any] | None:
+        scope = f"{self.vault_id}/secrets/{name}"
+        if self.access is None or self.access.allows(principal, GET_SECRET, scope, data=True):
+            return None
+        message = (
+            "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or "
+            "role definitions were changed recently, please observe propagation time.\r\n"
+            f"Caller: oid={principal}\r\nAction: '{GET_SECRET}'\r\nResource: '{scope.lower()}'\r\n"
+            "Assignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: null"
+        )
+        return 403, {}, _error("Forbidden", message, inner="ForbiddenByRbac")
 
     def _get(self, name: str, version: str) -> tuple[int, dict[str, str], Any]:
         versions = self._secrets.get(name.lower(), [])

@@ -3,7 +3,9 @@
 ``keyvault_server`` is session-scoped; ``keyvault_fake`` hands each test an empty vault. Tokens come from the IMDS
 fake through azure-identity's ``ManagedIdentityCredential`` (``AZURE_POD_IDENTITY_AUTHORITY_HOST`` points at it,
 set for the test only), exactly as on a VM: neither the SDK nor the credential is mocked.
-``keyvault_secrets_factory`` returns ``factory() -> (SecretSource, put)`` for the secrets contract suite.
+``keyvault_secrets_factory`` returns ``factory() -> (SecretSource, put)`` for the secrets contract suite. The vault
+enforces Azure RBAC: the managed identity holds the built-in *Key Vault Secrets User* on the vault, as the README
+tells deployers to assign it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from azure.core.credentials import TokenCredential
 from scalebus.backends import base
 from scalebus.backends.azure import imds, keyvault
 from scalebus.settings import SecretsSettings
+from tests.fakes import rbac
 from tests.fakes.imds import ImdsFake
 from tests.fakes.keyvault import KeyVaultFake
 
@@ -35,11 +38,18 @@ def keyvault_server(azure_test_ca: trustme.CA, imds_server: ImdsFake) -> Iterato
 
 
 @pytest.fixture
-def keyvault_fake(keyvault_server: KeyVaultFake) -> Iterator[KeyVaultFake]:
-    """An empty vault, no faults, counts at zero."""
+def keyvault_fake(keyvault_server: KeyVaultFake, imds_server: ImdsFake) -> Iterator[KeyVaultFake]:
+    """An empty vault, no faults, counts at zero, the managed identity a *Key Vault Secrets User* on it."""
     keyvault_server.reset()
+    keyvault_server.access = vault_access(keyvault_server, imds_server.token)
     yield keyvault_server
     keyvault_server.reset()
+
+
+def vault_access(vault: KeyVaultFake, principal: str) -> rbac.AccessPolicy:
+    access = rbac.AccessPolicy()
+    access.assign(principal, rbac.BUILT_IN["Key Vault Secrets User"], vault.vault_id)
+    return access
 
 
 @pytest.fixture

@@ -8,7 +8,13 @@ turns into ``ResourceNotFoundError``. Every request is counted per path, so test
 Followed: the Service Bus REST reference ("Get Entity", "Queue description"), the XML element names and namespaces
 in ``azure/servicebus/management/_generated/models/_models.py`` (azure-servicebus 7.15), and the example responses
 in Azure/azure-rest-api-specs (``specification/servicebus/data-plane``). Counting semantics follow the service:
-a locked message is still *active*; ``MessageCount`` is the sum of the ``CountDetails`` counters.
+a locked message is still *active*; ``MessageCount`` is the sum of the ``CountDetails`` counters;
+``RequiresDuplicateDetection`` is the queue's own setting.
+
+``manage_rights = False`` plays an identity without Manage: the service answers 401 with "Manage,EntityRead claims
+required for this operation" (``SubCode=40100``), as "Service Bus messaging exceptions" lists for
+``UnauthorizedAccessException`` (https://learn.microsoft.com/en-us/azure/service-bus-messaging/
+service-bus-messaging-exceptions-latest).
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from tests.fakes.servicebus_amqp import ServiceBusBroker
 
 _CONNECT_NS = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
 _COUNTS_NS = "http://schemas.microsoft.com/netservices/2011/06/servicebus"
+MANAGE_CLAIMS_REQUIRED = (
+    b"<Error><Code>401</Code><Detail>Manage,EntityRead claims required for this operation. "
+    b"TrackingId:00000000-0000-0000-0000-000000000000, SystemTracker:fake-namespace, "
+    b"Timestamp:2026-01-01T00:00:00 SubCode=40100</Detail></Error>"
+)
 
 
 def _iso(ts: float) -> str:
@@ -92,6 +103,8 @@ class ServiceBusAdminServer:
     def __init__(self, broker: ServiceBusBroker, ca: trustme.CA) -> None:
         self.broker = broker
         self._https = HttpsFake(ca, self._handle, name="fake-servicebus-admin")
+        self.manage_rights = True
+        """``False``: every caller lacks Manage claims (401 ``SubCode=40100``)."""
 
     @property
     def endpoint(self) -> str:
@@ -116,6 +129,8 @@ class ServiceBusAdminServer:
     ) -> tuple[int, str, bytes]:
         if "Authorization" not in headers:
             return 401, "application/xml", b"<Error><Code>401</Code><Detail>MissingToken</Detail></Error>"
+        if not self.manage_rights:
+            return 401, "application/xml", MANAGE_CLAIMS_REQUIRED
         if method != "GET" or "api-version" not in query:
             return 400, "application/xml", b"<Error><Code>400</Code><Detail>Bad request</Detail></Error>"
         name = path.strip("/")
@@ -140,7 +155,7 @@ class ServiceBusAdminServer:
         desc = f"""<QueueDescription xmlns="{_CONNECT_NS}" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
 <LockDuration>{_duration(entity.lock_duration_s)}</LockDuration>
 <MaxSizeInMegabytes>1024</MaxSizeInMegabytes>
-<RequiresDuplicateDetection>true</RequiresDuplicateDetection>
+<RequiresDuplicateDetection>{str(entity.requires_duplicate_detection).lower()}</RequiresDuplicateDetection>
 <RequiresSession>false</RequiresSession>
 <DefaultMessageTimeToLive>P10675199DT2H48M5.4775807S</DefaultMessageTimeToLive>
 <DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration>

@@ -8,15 +8,20 @@ that are the lock tokens, the ``x-opt-locked-until`` / ``x-opt-sequence-number``
 annotations, settlement (accepted = complete, modified = abandon or defer, rejected with
 ``com.microsoft:dead-letter`` = dead-letter, released = give back without counting a delivery) answered with the
 settled echo 7.15 waits for, lock expiry with redelivery, ``max_delivery_count`` → ``<queue>/$deadletterqueue``
-(``MaxDeliveryCountExceeded``), duplicate detection by message id, scheduled messages, and the
+(``MaxDeliveryCountExceeded``), duplicate detection by message id on queues created with it (Service Bus drops a
+message whose id was seen within the history window only when the queue has ``requiresDuplicateDetection``,
+which is off by default: "Duplicate detection", https://learn.microsoft.com/en-us/azure/service-bus-messaging/
+duplicate-detection), scheduled messages, and the
 ``<queue>/$management`` node (``renew-lock``, ``peek-message``, ``update-disposition``,
 ``receive-by-sequence-number``). Its state is readable from any thread (:meth:`ServiceBusBroker.counts`), so the
 admin and metrics fakes report real numbers. ``disposition_delay_ms`` holds back every disposition the broker
 sends (the settled echo a settlement waits for, the outcome a sender waits for) to stand in for a network round
 trip; nothing else is delayed, so benchmarks against it see the cost of waiting for settlements.
 
-Frames are encoded and decoded with the SDK's own codec, ``azure.servicebus._pyamqp``. That module is private,
-which is why ``azure-servicebus`` is pinned to ``~=7.15.0`` in pyproject.toml: a minor release may change it.
+Frames are encoded and decoded with the SDK's own codec, ``azure.servicebus._pyamqp``. That module is private and
+a minor release may change it, so the dev extra pins ``azure-servicebus~=7.15.0`` (:data:`SDK_SERIES`) while
+scalebus itself takes any 7.x from 7.15; ``tests/unit/test_servicebus_pin.py`` fails with a clear message when the
+installed SDK is another series.
 
 What this follows:
 - OASIS AMQP 1.0 (2012), part 2 (transport: frames, open/begin/attach/flow/transfer/disposition/detach/end/close,
@@ -71,6 +76,10 @@ _OPEN, _BEGIN, _ATTACH, _FLOW, _TRANSFER, _DISPOSITION, _DETACH, _END, _CLOSE = 
 _SASL_INIT = 0x41
 
 
+SDK_SERIES = (7, 15)
+"""The azure-servicebus major.minor whose private ``_pyamqp`` codec this broker was written against."""
+
+
 def _now_ms(now: float) -> int:
     return int(now * 1000)
 
@@ -120,9 +129,16 @@ class Entity:
     """A queue or its dead-letter sub-queue. All methods run with the broker lock held."""
 
     def __init__(
-        self, name: str, *, lock_duration_s: float, max_delivery_count: int, is_dlq: bool = False
+        self,
+        name: str,
+        *,
+        lock_duration_s: float,
+        max_delivery_count: int,
+        is_dlq: bool = False,
+        requires_duplicate_detection: bool = False,
     ) -> None:
         self.name = name
+        self.requires_duplicate_detection = requires_duplicate_detection
         self.lock_duration_s = lock_duration_s
         self.max_delivery_count = max_delivery_count
         self.is_dlq = is_dlq
@@ -786,10 +802,23 @@ class ServiceBusBroker:
 
     # ------------------------------------------------------------------ queues (any thread)
 
-    def create_queue(self, name: str, *, lock_duration_s: float = 30.0, max_delivery_count: int = 10) -> None:
+    def create_queue(
+        self,
+        name: str,
+        *,
+        lock_duration_s: float = 30.0,
+        max_delivery_count: int = 10,
+        requires_duplicate_detection: bool = False,
+    ) -> None:
+        """A queue; like Service Bus, without duplicate detection unless asked (the deployment template asks)."""
         key = name.lower()
         with self.lock:
-            queue = Entity(key, lock_duration_s=lock_duration_s, max_delivery_count=max_delivery_count)
+            queue = Entity(
+                key,
+                lock_duration_s=lock_duration_s,
+                max_delivery_count=max_delivery_count,
+                requires_duplicate_detection=requires_duplicate_detection,
+            )
             dlq = Entity(
                 f"{key}/$deadletterqueue", lock_duration_s=lock_duration_s, max_delivery_count=2**31, is_dlq=True
             )
@@ -830,7 +859,7 @@ class ServiceBusBroker:
     def enqueue(self, entity: Entity, message: Message, *, size: int, now: float) -> None:
         props = message.properties
         message_id = None if props is None or props.message_id is None else _text(props.message_id)
-        if message_id is not None:
+        if message_id is not None and entity.requires_duplicate_detection:
             seen = entity.seen_ids.get(message_id)
             if seen is not None and now - seen < self.duplicate_window_s:
                 return

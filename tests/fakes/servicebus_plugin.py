@@ -123,7 +123,8 @@ def servicebus_queue_factory(
     servicebus_settings: Callable[..., tuple[QueueSettings, dict[str, str]]],
     servicebus_closer: concurrent.futures.ThreadPoolExecutor,
 ) -> Iterator[Callable[..., tuple[base.JobQueue, base.QueueDepth]]]:
-    """``factory(*, lock_duration_s=5, max_delivery_count=3) -> (JobQueue, QueueDepth)``, a fresh queue a call."""
+    """``factory(*, lock_duration_s=5, max_delivery_count=3) -> (JobQueue, QueueDepth)``, a fresh queue a call,
+    with duplicate detection on, as the deployment template creates it."""
     opened: list[Any] = []
 
     def factory(
@@ -131,7 +132,10 @@ def servicebus_queue_factory(
     ) -> tuple[base.JobQueue, base.QueueDepth]:
         name = new_queue_name()
         servicebus_broker.create_queue(
-            name, lock_duration_s=lock_duration_s, max_delivery_count=max_delivery_count
+            name,
+            lock_duration_s=lock_duration_s,
+            max_delivery_count=max_delivery_count,
+            requires_duplicate_detection=True,
         )
         settings, environ = servicebus_settings(name)
         queue, depth = servicebus.open_servicebus(settings, environ=environ)

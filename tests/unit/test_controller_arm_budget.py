@@ -17,7 +17,7 @@ import pytest
 from scalebus.backends import base
 from scalebus.backends.azure import compute
 from scalebus.backends.local import pool, sqlite_queue
-from scalebus.controller import loop
+from scalebus.controller import step
 from scalebus.settings import ControllerSettings
 from tests.fakes.arm_compute import ArmComputeFake
 
@@ -60,8 +60,13 @@ class Rig:
             tmp_path / "queue.db", queue="jobs", lock_duration_s=30, max_delivery_count=5
         )
         self.heartbeats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
-        self.controller = loop.Controller(
-            depth=self.queue, scale_set=scale_set, heartbeats=self.heartbeats, settings=BUDGET, clock=self.clock
+        self.controller = step.ControllerStep(
+            depth=self.queue,
+            scale_set=scale_set,
+            heartbeats=self.heartbeats,
+            settings=BUDGET,
+            clock=self.clock,
+            writes=step.InlineWriteRunner(),
         )
 
     def enqueue(self, count: int) -> None:
@@ -75,7 +80,7 @@ class Rig:
     def round(self) -> int:
         """One decision; returns the capacity writes ARM received for it."""
         before = self.arm.count("PATCH scaleset")
-        self.controller.step()
+        self.controller.run_round()
         return self.arm.count("PATCH scaleset") - before
 
 
@@ -143,13 +148,14 @@ def test_protect_busy_keeps_protection_on_exactly_the_busy_instances(
 ) -> None:
     scale_set_id = arm_fake.create_scale_set(mode="Uniform")
     rig = Rig(tmp_path, arm_fake, vmss_adapter_factory(scale_set_id), scale_set_id)
-    rig.controller = loop.Controller(
+    rig.controller = step.ControllerStep(
         depth=rig.queue,
         scale_set=rig.scale_set,
         heartbeats=rig.heartbeats,
         settings=BUDGET,
         clock=rig.clock,
         protect_busy=True,
+        writes=step.InlineWriteRunner(),
     )
     rig.enqueue(2)
     rig.round()
@@ -157,12 +163,12 @@ def test_protect_busy_keeps_protection_on_exactly_the_busy_instances(
     busy, idle = rig.arm.instance_ids(scale_set_id)[:2]
     rig.heartbeats.beat(base.Heartbeat(busy, base.WorkerState.BUSY, at=rig.clock(), job_id="job-x"))
     rig.clock.advance(ROUND_S)
-    rig.controller.step()
+    rig.controller.run_round()
     protected = {i.instance_id: i.protected for i in rig.scale_set.list_instances()}
     assert (protected[busy], protected[idle]) == (True, False)
     rig.heartbeats.beat(base.Heartbeat(busy, base.WorkerState.IDLE, at=rig.clock()))
     rig.clock.advance(ROUND_S)
-    rig.controller.step()
+    rig.controller.run_round()
     assert not any(i.protected for i in rig.scale_set.list_instances())
     assert rig.controller.stats.protection_writes == 2
     rig.queue.close()

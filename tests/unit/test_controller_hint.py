@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.local import pool, sqlite_queue
-from scalebus.controller import loop
+from scalebus.controller import step
 from scalebus.settings import ControllerSettings
 
 SETTINGS = ControllerSettings(idle_grace_min_s=7.0)
@@ -41,12 +41,13 @@ class Rig:
             tmp_path / "pool.db", worker_argv=[sys.executable, "-c", "pass"], worker_env={}
         )
         self.heartbeats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
-        self.controller = loop.Controller(
+        self.controller = step.ControllerStep(
             depth=self.queue,
             scale_set=self.scale_set,
             heartbeats=heartbeats or self.heartbeats,
             settings=SETTINGS,
             clock=self.clock,
+            writes=step.InlineWriteRunner(),
         )
 
     def close(self) -> None:
@@ -62,7 +63,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def test_first_round_publishes_the_grace(rig: Rig) -> None:
-    _, decision = rig.controller.step()
+    _, decision = rig.controller.run_round()
     assert decision.idle_grace_s == 7.0
     assert rig.heartbeats.read_hint() == base.FleetHint(idle_grace_s=7.0, at=rig.clock.now)
     assert rig.heartbeats.read_all() == [], "the hint is not a worker"
@@ -71,12 +72,12 @@ def test_first_round_publishes_the_grace(rig: Rig) -> None:
 def test_an_unchanged_grace_is_rewritten_only_to_stay_fresh(rig: Rig) -> None:
     first = rig.clock.now
     for _ in range(5):
-        rig.controller.step()
+        rig.controller.run_round()
         rig.clock.now += SETTINGS.poll_interval_s
     assert rig.heartbeats.read_hint() == base.FleetHint(idle_grace_s=7.0, at=first)
     assert rig.controller.stats.hints_published == 1
     rig.clock.now = first + base.HINT_MAX_AGE_S / 2
-    rig.controller.step()
+    rig.controller.run_round()
     assert rig.heartbeats.read_hint() == base.FleetHint(idle_grace_s=7.0, at=rig.clock.now)
     assert rig.controller.stats.hints_published == 2
 
@@ -102,13 +103,16 @@ class FailingHints:
     def read_hint(self) -> base.FleetHint | None:
         return self._inner.read_hint()
 
+    def close(self) -> None:
+        self._inner.close()
+
 
 def test_a_failed_publish_does_not_stop_scaling(tmp_path: Path) -> None:
     rig = Rig(tmp_path, FailingHints(pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")))
     try:
         with capture_logs() as logs:
-            rig.controller.step()
-            rig.controller.step()
+            rig.controller.run_round()
+            rig.controller.run_round()
         failed = [e for e in logs if e["event"] == "idle_grace_publish_failed"]
         assert len(failed) == 2, "retried every round until it works"
         assert rig.controller.stats.rounds == 2 and rig.controller.stats.failures == 0

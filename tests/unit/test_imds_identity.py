@@ -147,3 +147,49 @@ def test_scheduled_events_are_served(imds_fake: ImdsFake) -> None:
         document = json.loads(response.read())
     assert document["Events"][0]["EventType"] == "Preempt"
     assert "DocumentIncarnation" in document
+
+
+def test_asks_an_api_version_that_names_the_flexible_scale_set(imds_fake: ImdsFake) -> None:
+    imds_fake.identity = VmIdentity.flexible(SCALE_SET_ID, "pool_0000beef")
+
+    imds.ImdsIdentity(imds_fake.endpoint).whoami()
+
+    assert imds_fake.api_versions[-1] >= "2021-03-01"
+
+
+def test_the_flexible_scale_set_id_is_preferred_over_the_name() -> None:
+    other_group = SCALE_SET_ID.replace("/rg-1/", "/rg-pools/")
+    compute_doc = {
+        "name": "pool_0000beef",
+        "subscriptionId": "sub-1",
+        "resourceGroupName": "rg-1",  # the VM's group; its scale set lives in another one
+        "vmScaleSetName": "pool",
+        "resourceId": "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute/virtualMachines/"
+        "pool_0000beef",
+        "virtualMachineScaleSet": {"id": other_group},
+    }
+
+    me = imds.instance_info(compute_doc)
+
+    assert (me.scale_set, me.instance_id) == (other_group, "pool_0000beef")
+
+
+def test_a_410_burst_after_boot_is_retried(imds_fake: ImdsFake) -> None:
+    imds_fake.identity = VmIdentity.uniform(SCALE_SET_ID, "2")
+    imds_fake.fail_next("/metadata/instance", 410, times=2)
+
+    me = imds.ImdsIdentity(imds_fake.endpoint).whoami()
+
+    assert me.instance_id == "2"
+    assert imds_fake.count("/metadata/instance") >= 3
+
+
+def test_imds_not_ready_is_transient_and_not_an_identity_error(imds_fake: ImdsFake) -> None:
+    imds_fake.identity = VmIdentity.uniform(SCALE_SET_ID, "2")
+    imds_fake.fail_next("/metadata/instance", 503, retry_after_s=600)
+
+    with pytest.raises(errors.TransientBackendError) as caught:
+        imds.ImdsIdentity(imds_fake.endpoint).whoami()
+
+    assert not isinstance(caught.value, errors.IdentityError)
+    assert caught.value.retry_after_s == 600

@@ -23,7 +23,7 @@ from scalebus.backends.aws import s3
 from scalebus.backends.local import folder
 from scalebus.ingest import engine, plan
 from scalebus.settings import IngestSettings
-from scalebus.transfer import staging
+from scalebus.transfer import kit
 from tests.fakes.fault_proxy import Fault, FaultProxy
 from tests.fakes.moto_plugin import S3Server
 
@@ -466,13 +466,13 @@ def test_a_bandwidth_cap_books_every_object_and_keeps_the_copies_identical(
     for name, data in files.items():
         (src / name).write_bytes(data)
     booked: list[tuple[float, int]] = []
-    take = staging.Throttle.take
+    take = kit.Throttle.take
 
-    def recording_take(self: staging.Throttle, nbytes: int) -> None:  # our own seam, not an SDK
+    def recording_take(self: kit.Throttle, nbytes: int) -> None:  # our own seam, not an SDK
         booked.append((self.rate_bytes_per_s, nbytes))
         take(self, nbytes)
 
-    monkeypatch.setattr(staging.Throttle, "take", recording_take)
+    monkeypatch.setattr(kit.Throttle, "take", recording_take)
     settings = IngestSettings(bandwidth_cap_bytes_per_s=50_000_000)
     stats = engine.ingest(folder.FolderStore(), folder.uri_of(src), folder.FolderStore(), dest[1], settings)
     assert stats.copied_files == 4

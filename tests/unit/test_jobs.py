@@ -117,3 +117,57 @@ def test_read_jobs_file_errors_name_the_line(tmp_path: Path) -> None:
         jobs.read_jobs_file(tmp_path / "bad.jsonl")
     with pytest.raises(errors.UserInputError, match="cannot read"):
         jobs.read_jobs_file(tmp_path / "missing.json")
+
+
+def test_read_jobs_file_hostile_files_give_one_clear_error(tmp_path: Path) -> None:
+    cases = {
+        "latin1.json": "é".encode("latin-1") + json.dumps(GOOD).encode(),
+        "deep.json": b"[" * 100_000 + b"]" * 100_000,
+        "deep.jsonl": json.dumps(GOOD).encode() + b"\n" + b'{"a":' * 50_000 + b"\n",
+        "dup.json": b'{"job_id": "S01", "job_id": "S02", "inputs": ["file:///lake/S01/"], "output": "file:///r/"}',
+        "latin1.jsonl": json.dumps(GOOD).encode() + b"\n\xff\xfe\n",
+    }
+    expected = {
+        "latin1.json": "not UTF-8",
+        "deep.json": "nests deeper",
+        "deep.jsonl": r"deep.jsonl:2: .*nests deeper",
+        "dup.json": "appears twice",
+        "latin1.jsonl": r"latin1.jsonl:2: .*not UTF-8",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(errors.UserInputError, match=expected[name]):
+            jobs.read_jobs_file(tmp_path / name)
+
+
+def test_read_jobs_file_takes_a_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n")
+    assert [j.job_id for j in jobs.read_jobs_file(tmp_path / "bom.jsonl")] == ["S01"]
+
+
+def test_read_jobs_file_applies_the_limits(tmp_path: Path) -> None:
+    (tmp_path / "many.json").write_text(json.dumps([{**GOOD, "params": {f"p{i}": "v" for i in range(5)}}]))
+    with pytest.raises(errors.UserInputError, match=r"many.json\[0\]: 5 params"):
+        jobs.read_jobs_file(tmp_path / "many.json", limits=jobs.Limits(max_params=4))
+
+
+def test_producer_refuses_overlapping_outputs_in_a_batch(tmp_path: Path) -> None:
+    queue = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=5, max_delivery_count=3)
+    first = jobs.validate({**GOOD, "output": "file:///results/S01/"})
+    nested = jobs.validate({**GOOD, "job_id": "S02", "output": "file:///results/S01/sub/"})
+    other = jobs.validate({**GOOD, "job_id": "S03", "output": "file:///results/S01b/"})
+    with pytest.raises(errors.InvalidJobError) as caught:
+        jobs.JobProducer(queue).submit([first, other, nested])
+    assert caught.value.reason == "OutputConflict"
+    assert jobs.JobProducer(queue).submit([first, other]) == ["S01", "S03"]
+    queue.close()
+
+
+def test_producer_runs_the_workers_intake_with_its_limits(tmp_path: Path) -> None:
+    queue = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=5, max_delivery_count=3)
+    job = jobs.validate(GOOD)
+    with pytest.raises(errors.InvalidJobError) as caught:
+        jobs.JobProducer(queue, limits=jobs.Limits(local_roots=())).submit([job])
+    assert caught.value.reason == "PathNotAllowed"
+    assert queue.read_depth().active == 0
+    queue.close()

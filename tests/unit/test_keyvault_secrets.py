@@ -10,8 +10,9 @@ from azure.core.credentials import TokenCredential
 from scalebus import errors
 from scalebus.backends.azure import _retry, keyvault
 from scalebus.settings import SecretsSettings
+from tests.fakes import rbac
 from tests.fakes.imds import ImdsFake
-from tests.fakes.keyvault import KeyVaultFake
+from tests.fakes.keyvault import GET_SECRET, KeyVaultFake
 
 
 def test_challenge_then_managed_identity_token(
@@ -124,3 +125,43 @@ def test_bad_vault_url_is_a_config_error(url: str, problem: str) -> None:
 def test_vault_url_keeps_host_and_port() -> None:
     assert keyvault.parse_vault_url("https://genomics.vault.azure.net/") == "https://genomics.vault.azure.net"
     assert keyvault.parse_vault_url("https://127.0.0.1:8443") == "https://127.0.0.1:8443"
+
+
+def test_without_secrets_user_on_the_vault_reading_is_a_permanent_access_error(
+    keyvault_fake: KeyVaultFake, keyvault_settings: SecretsSettings, managed_identity: TokenCredential
+) -> None:
+    keyvault_fake.set_secret("s", "v")
+    keyvault_fake.access = rbac.AccessPolicy()  # the identity authenticates but holds no role
+
+    source = keyvault.open_secret_source(keyvault_settings, credential=managed_identity)
+    try:
+        with pytest.raises(errors.SecretError, match="403") as caught:
+            source.get("s")
+    finally:
+        source.close()
+
+    assert not caught.value.transient
+    assert not isinstance(caught.value, errors.SecretNotFoundError), "no access is not a missing secret"
+    assert [action for _, action, _ in keyvault_fake.access.denied] == [GET_SECRET]
+
+
+def test_secrets_user_on_one_secret_reads_that_secret_only(
+    keyvault_fake: KeyVaultFake,
+    keyvault_settings: SecretsSettings,
+    managed_identity: TokenCredential,
+    imds_fake: ImdsFake,
+) -> None:
+    keyvault_fake.set_secret("mine", "v")
+    keyvault_fake.set_secret("theirs", "w")
+    keyvault_fake.access = rbac.AccessPolicy()
+    keyvault_fake.access.assign(
+        imds_fake.token, rbac.BUILT_IN["Key Vault Secrets User"], f"{keyvault_fake.vault_id}/secrets/mine"
+    )
+
+    source = keyvault.open_secret_source(keyvault_settings, credential=managed_identity)
+    try:
+        assert source.get("mine") == "v"
+        with pytest.raises(errors.SecretError, match="403"):
+            source.get("theirs")
+    finally:
+        source.close()

@@ -13,6 +13,20 @@ from scalebus.controller import policy
 from scalebus.settings import ControllerSettings
 
 NOW = 10_000.0
+UNFILTERED = policy.Tunables(confirm_s=0.0)
+"""Most cases are one round: without the noise filter, whose own tests run it over rounds."""
+
+
+def decide(
+    obs: policy.Observation,
+    state: policy.PolicyState,
+    cfg: ControllerSettings,
+    *,
+    tunables: policy.Tunables = UNFILTERED,
+) -> tuple[policy.Decision, policy.PolicyState]:
+    return policy.decide(obs, state, cfg, tunables=tunables)
+
+
 S = base.InstanceState
 W = base.WorkerState
 
@@ -105,7 +119,7 @@ def test_decision_table(
     capacity: int | None,
     delete: tuple[str, ...],
 ) -> None:
-    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    decision, _ = decide(obs, policy.initial_state(), cfg)
     assert (decision.capacity, decision.delete) == (capacity, delete)
     assert decision.reason
 
@@ -116,13 +130,13 @@ def test_write_budget_defers_then_writes_whole_step() -> None:
     written = []
     for step, active in enumerate((1, 2, 3, 9)):
         capacity = written[-1] if written else 0
-        decision, state = policy.decide(observe(active, capacity=capacity, now=NOW + step), state, cfg)
+        decision, state = decide(observe(active, capacity=capacity, now=NOW + step), state, cfg)
         written.append(decision.capacity if decision.capacity is not None else capacity)
         if step == 2:
             assert decision.capacity is None
             assert "budget" in decision.reason
     assert written == [1, 2, 2, 2]
-    decision, state = policy.decide(observe(9, capacity=2, now=NOW + 61), state, cfg)
+    decision, state = decide(observe(9, capacity=2, now=NOW + 61), state, cfg)
     assert decision.capacity == 9
 
 
@@ -130,21 +144,21 @@ def test_stale_sample_does_not_count_jobs_started_since() -> None:
     """A Monitor sample from two minutes ago still shows jobs that workers have taken since."""
     state = policy.initial_state()
     idle = tuple(running(f"i{n}") for n in range(3))
-    _, state = policy.decide(observe(0, None, instances=idle, now=NOW - 100), state, DEFAULT)
+    _, state = decide(observe(0, None, instances=idle, now=NOW - 100), state, DEFAULT)
     took = (busy("i0", "j1"), busy("i1", "j2"), busy("i2", "j3"))
-    decision, _ = policy.decide(observe(3, None, instances=took, sample_age=120), state, DEFAULT)
+    decision, _ = decide(observe(3, None, instances=took, sample_age=120), state, DEFAULT)
     assert decision.capacity is None, decision.reason
 
 
 def test_fresh_sample_counts_everything_waiting() -> None:
     state = policy.initial_state()
     took = (busy("i0", "j1"), busy("i1", "j2"), busy("i2", "j3"))
-    decision, _ = policy.decide(observe(3, None, instances=took), state, DEFAULT)
+    decision, _ = decide(observe(3, None, instances=took), state, DEFAULT)
     assert decision.capacity == 6
 
 
 def test_reason_names_the_deletion() -> None:
-    decision, _ = policy.decide(observe(0, instances=(failed("vm-7"),)), policy.initial_state(), DEFAULT)
+    decision, _ = decide(observe(0, instances=(failed("vm-7"),)), policy.initial_state(), DEFAULT)
     assert "vm-7" in decision.reason
 
 
@@ -179,14 +193,14 @@ observations = st.builds(
 
 @given(obs=observations, cfg=configs)
 def test_capacity_within_bounds(obs: policy.Observation, cfg: ControllerSettings) -> None:
-    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    decision, _ = decide(obs, policy.initial_state(), cfg)
     if decision.capacity is not None:
         assert cfg.min_instances <= decision.capacity <= cfg.max_instances
 
 
 @given(obs=observations, cfg=configs)
 def test_never_deletes_a_busy_instance(obs: policy.Observation, cfg: ControllerSettings) -> None:
-    decision, _ = policy.decide(obs, policy.initial_state(), cfg)
+    decision, _ = decide(obs, policy.initial_state(), cfg)
     for view in obs.instances:
         fresh = view.last_beat_at is not None and obs.now - view.last_beat_at < cfg.heartbeat_timeout_s
         if view.worker is W.BUSY and fresh:
@@ -196,8 +210,8 @@ def test_never_deletes_a_busy_instance(obs: policy.Observation, cfg: ControllerS
 @given(obs=observations, cfg=configs, more=st.integers(0, 500))
 def test_monotone_in_demand(obs: policy.Observation, cfg: ControllerSettings, more: int) -> None:
     bigger = replace(obs, depth=replace(obs.depth, active=obs.depth.active + more))
-    low, _ = policy.decide(obs, policy.initial_state(), cfg)
-    high, _ = policy.decide(bigger, policy.initial_state(), cfg)
+    low, _ = decide(obs, policy.initial_state(), cfg)
+    high, _ = decide(bigger, policy.initial_state(), cfg)
 
     def after(decision: policy.Decision) -> int:
         return decision.capacity if decision.capacity is not None else obs.capacity - len(decision.delete)
@@ -225,7 +239,7 @@ def test_no_oscillation_on_constant_input(
     writes = []
     for step in range(30):
         obs = observe(active, in_flight, capacity=capacity, instances=fleet, now=NOW + 2.0 * step)
-        decision, state = policy.decide(obs, state, cfg)
+        decision, state = decide(obs, state, cfg)
         if decision.capacity is not None:
             assert decision.capacity >= capacity
             writes.append(decision.capacity)
@@ -254,7 +268,7 @@ def arrived_every(gap_s: float, count: int, *, last_at: float = NOW) -> policy.P
     ],
 )  # fmt: skip
 def test_idle_grace_follows_the_settings(state: policy.PolicyState, cfg: ControllerSettings, grace: float) -> None:
-    decision, _ = policy.decide(observe(0), state, cfg)
+    decision, _ = decide(observe(0), state, cfg)
     assert decision.idle_grace_s == grace
 
 
@@ -270,7 +284,7 @@ def test_idle_grace_follows_the_settings(state: policy.PolicyState, cfg: Control
 def test_prewarm_for_periodic_arrivals(cfg: ControllerSettings, capacity: int | None, grace: float) -> None:
     """Jobs every 600 s, the next due in 100 s: a worker is booted ahead of it (lead 240 s by default)."""
     state = arrived_every(600, 4, last_at=NOW - 500)
-    decision, _ = policy.decide(observe(0), state, cfg)
+    decision, _ = decide(observe(0), state, cfg)
     assert (decision.capacity, decision.idle_grace_s) == (capacity, grace)
 
 
@@ -286,7 +300,7 @@ def test_absorb_factor(cfg: ControllerSettings, capacity: int | None) -> None:
     """Three busy workers on 10 s jobs, five jobs waiting: within a 120 s boot the busy ones start them all."""
     state = replace(policy.initial_state(), durations=(10.0,) * 5)
     fleet = (busy("a"), busy("b"), busy("c"))
-    decision, _ = policy.decide(observe(5, 3, instances=fleet), state, cfg)
+    decision, _ = decide(observe(5, 3, instances=fleet), state, cfg)
     assert decision.capacity == capacity, decision.reason
 
 
@@ -311,9 +325,9 @@ def test_idle_grace_bounds_are_validated() -> None:
 def test_absorb_weighs_how_long_the_busy_jobs_have_run(age: float, capacity: int | None) -> None:
     """Jobs take 300 s; three busy, two waiting, a boot is 120 s. Near their end the busy workers start the
     waiting jobs within a boot; just started (or past every duration seen) they will not: the jobs get VMs."""
-    seen = tuple((f"job-{iid}", NOW - age) for iid in "abc")
-    state = replace(policy.initial_state(), durations=(300.0,) * 5, job_first_seen=seen)
-    decision, _ = policy.decide(observe(2, 3, instances=(busy("a"), busy("b"), busy("c"))), state, DEFAULT)
+    seen = {f"job-{iid}": NOW - age for iid in "abc"}
+    state = replace(policy.initial_state(), durations=(300.0,) * 5, jobs=seen)
+    decision, _ = decide(observe(2, 3, instances=(busy("a"), busy("b"), busy("c"))), state, DEFAULT)
     assert decision.capacity == capacity, decision.reason
 
 
@@ -331,5 +345,5 @@ def test_idle_grace_counts_the_workers_about_to_free_up(busy_count: int, grace: 
     needed only for the arrivals the busy ones do not take (1/100 − busy/300 per second)."""
     state = replace(arrived_every(100, 4, last_at=NOW - 100), durations=(300.0,) * 5)
     fleet = tuple(busy(f"b{n}") for n in range(busy_count))
-    decision, _ = policy.decide(observe(0, busy_count, instances=fleet), state, DEFAULT)
+    decision, _ = decide(observe(0, busy_count, instances=fleet), state, DEFAULT)
     assert decision.idle_grace_s == pytest.approx(grace)

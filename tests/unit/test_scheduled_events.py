@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -60,3 +61,27 @@ def test_a_vm_name_is_required() -> None:
 
 def test_kinds_are_the_documented_event_types() -> None:
     assert {k.value for k in base.NoticeKind} == {"Preempt", "Terminate", "Reboot", "Redeploy", "Freeze"}
+
+
+def test_a_slow_first_call_is_abandoned_and_asked_again(imds_fake: ImdsFake) -> None:
+    """IMDS enables Scheduled Events on the first request, which can take up to two minutes to answer: the call
+    gives up at its timeout and asks again instead of holding the eviction watch for that long."""
+    imds_fake.post_event("Preempt", ["pool_1"])
+    imds_fake.first_events_delay_s = 3.0
+    source = scheduled_events.ImdsNoticeSource(imds_fake.endpoint, vm_name="pool_1", timeout_s=0.5)
+    asked = imds_fake.count("/metadata/scheduledevents")
+
+    started = time.monotonic()
+    (notice,) = source.pending()
+
+    assert time.monotonic() - started < 2.5, "waited for the slow first answer"
+    assert notice.kind is base.NoticeKind.PREEMPT
+    assert imds_fake.count("/metadata/scheduledevents") - asked == 2
+
+
+def test_a_410_is_transient(imds_fake: ImdsFake) -> None:
+    imds_fake.fail_next("/metadata/scheduledevents", 410, times=5)
+    source = scheduled_events.ImdsNoticeSource(imds_fake.endpoint, vm_name="pool_1")
+
+    with pytest.raises(errors.TransientNoticeError, match="410"):
+        source.pending()

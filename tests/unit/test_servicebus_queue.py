@@ -39,11 +39,18 @@ def open_queue(
     opened: list[object] = []
 
     def make(
-        *, lock_duration_s: float = 5, max_delivery_count: int = 3, **overrides: object
+        *,
+        lock_duration_s: float = 5,
+        max_delivery_count: int = 3,
+        duplicate_detection: bool = True,
+        **overrides: object,
     ) -> tuple[str, servicebus.ServiceBusJobQueue, base.QueueDepth]:
         name = new_queue_name("u")
         servicebus_broker.create_queue(
-            name, lock_duration_s=lock_duration_s, max_delivery_count=max_delivery_count
+            name,
+            lock_duration_s=lock_duration_s,
+            max_delivery_count=max_delivery_count,
+            requires_duplicate_detection=duplicate_detection,
         )
         settings, environ = servicebus_settings(name, **overrides)
         credential = StaticTokenCredential() if settings.depth_source == "monitor" else None
@@ -116,6 +123,61 @@ def test_many_jobs_go_out_in_batches_and_duplicates_are_dropped(  # type: ignore
     queue.send([_msg(0, body)])  # same job id again: Service Bus duplicate detection drops it
     counts = servicebus_broker.counts(name)
     assert counts is not None and (counts.total_received, counts.active) == (6, 6)
+
+
+def test_without_duplicate_detection_a_resubmitted_job_is_kept(  # type: ignore[no-untyped-def]
+    open_queue, servicebus_broker: ServiceBusBroker
+) -> None:
+    name, queue, _ = open_queue(duplicate_detection=False)
+    queue.send([_msg(0)])
+    queue.send([_msg(0)])  # a queue created without requiresDuplicateDetection keeps both
+    counts = servicebus_broker.counts(name)
+    assert counts is not None and (counts.total_received, counts.active) == (2, 2)
+
+
+def test_admin_depth_without_manage_rights_is_a_distinct_access_error(  # type: ignore[no-untyped-def]
+    open_queue, servicebus_admin: ServiceBusAdminServer
+) -> None:
+    name, _, depth = open_queue(depth_source="admin")
+    servicebus_admin.manage_rights = False
+    try:
+        before = servicebus_admin.request_count(name)
+        with pytest.raises(errors.QueueAccessDenied, match="Manage") as caught:
+            depth.read_depth()
+    finally:
+        servicebus_admin.manage_rights = True
+    assert isinstance(caught.value, errors.AccessDeniedError) and not caught.value.transient
+    assert servicebus_admin.request_count(name) == before + 1, "a missing right is not retried"
+
+
+def test_closing_while_a_renewal_is_in_flight_raises_nowhere(  # type: ignore[no-untyped-def]
+    open_queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    _, queue, _ = open_queue(lock_duration_s=5)
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=5)
+    assert got is not None
+    keeper = queue.keep_locked(got, on_lost=lambda _exc: None)
+    time.sleep(1.2)  # the renewer wakes once a second and renews a 5 s lock at once
+
+    queue.close()
+    keeper.stop()
+    time.sleep(1.2)  # let the renewer's thread run into the closed receiver
+
+    assert escaped == []
+
+
+def test_a_handler_failing_to_close_is_logged_not_raised() -> None:
+    class Broken:
+        def close(self) -> None:
+            raise RuntimeError("link detached while renewing")
+
+    with structlog.testing.capture_logs() as logs:
+        servicebus._close_side_by_side([Broken()])
+
+    assert [e["event"] for e in logs] == ["servicebus.close_failed"]
 
 
 def test_requeue_with_many_receivers_moves_every_dead_letter_exactly_once(  # type: ignore[no-untyped-def]

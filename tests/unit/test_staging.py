@@ -15,7 +15,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, uri_of
 from scalebus.settings import StagingSettings
-from scalebus.transfer import plan, staging
+from scalebus.transfer import kit, plan, publish, stage
 
 SETTINGS = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0)
 
@@ -109,9 +109,9 @@ def lake(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     return root, make_tree(root)
 
 
-def stage(store: base.ObjectStore, sources: list[str], dest: Path, **overrides: object) -> staging.StageStats:
+def stage_into(store: base.ObjectStore, sources: list[str], dest: Path, **overrides: object) -> kit.StageStats:
     settings = SETTINGS.model_copy(update=overrides)
-    return staging.stage_in(lambda _uri: store, sources, dest, settings)
+    return stage.stage_in(lambda _uri: store, sources, dest, settings)
 
 
 def test_stage_in_copies_every_byte_under_the_folder_name(
@@ -119,8 +119,8 @@ def test_stage_in_copies_every_byte_under_the_folder_name(
 ) -> None:
     root, files = lake
     dest = tmp_path / "stage"
-    seen: list[staging.Progress] = []
-    stats = staging.stage_in(lambda _u: FolderStore(), [uri_of(root)], dest, SETTINGS, on_progress=seen.append)
+    seen: list[kit.Progress] = []
+    stats = stage.stage_in(lambda _u: FolderStore(), [uri_of(root)], dest, SETTINGS, on_progress=seen.append)
     assert tree_of(dest / "run1") == files
     assert (stats.files, stats.bytes, stats.skipped_files) == (len(files), sum(map(len, files.values())), 0)
     assert not list(dest.rglob("*.part"))
@@ -131,7 +131,7 @@ def test_stage_in_copies_every_byte_under_the_folder_name(
 def test_file_and_folder_sources_together(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, files = lake
     dest = tmp_path / "stage"
-    stage(FolderStore(), [uri_of(root / "sub"), uri_of(root / "a.txt")], dest, max_concurrency=1)
+    stage_into(FolderStore(), [uri_of(root / "sub"), uri_of(root / "a.txt")], dest, max_concurrency=1)
     assert tree_of(dest) == {
         "a.txt": files["a.txt"],
         "sub/b.bin": files["sub/b.bin"],
@@ -142,7 +142,7 @@ def test_file_and_folder_sources_together(lake: tuple[Path, dict[str, bytes]], t
 def test_manifest_lists_every_finished_file(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, files = lake
     dest = tmp_path / "stage"
-    stage(FolderStore(), [uri_of(root)], dest)
+    stage_into(FolderStore(), [uri_of(root)], dest)
     lines = [json.loads(line) for line in (dest / plan.MANIFEST_NAME).read_text().splitlines()]
     assert sorted(entry["path"] for entry in lines) == sorted(f"run1/{rel}" for rel in files)
     assert all(entry["size"] == len(files[entry["path"][5:]]) for entry in lines)
@@ -153,11 +153,11 @@ def test_resume_skips_finished_files_and_refetches_changed_ones(
 ) -> None:
     root, files = lake
     dest = tmp_path / "stage"
-    stage(FolderStore(), [uri_of(root)], dest)
+    stage_into(FolderStore(), [uri_of(root)], dest)
     (dest / "run1" / "sub" / "b.bin").unlink()  # lost locally
     (root / "a.txt").write_bytes(b"changed upstream\n")  # new etag
     (dest / "run1" / "empty").write_bytes(b"x")  # size differs from the manifest
-    stats = stage(FolderStore(), [uri_of(root)], dest)
+    stats = stage_into(FolderStore(), [uri_of(root)], dest)
     assert (stats.files, stats.skipped_files) == (3, len(files) - 3)
     assert tree_of(dest / "run1") == {**files, "a.txt": b"changed upstream\n"}
 
@@ -167,8 +167,8 @@ def test_a_crashed_staging_resumes_without_refetching(lake: tuple[Path, dict[str
     dest = tmp_path / "stage"
     failing = FailingStore(fail_on=3)
     with pytest.raises(errors.TransientStorageError, match="connection reset"):
-        stage(failing, [uri_of(root)], dest, max_concurrency=1)
-    stats = stage(FolderStore(), [uri_of(root)], dest, max_concurrency=1)
+        stage_into(failing, [uri_of(root)], dest, max_concurrency=1)
+    stats = stage_into(FolderStore(), [uri_of(root)], dest, max_concurrency=1)
     assert stats.skipped_files == 2
     assert stats.files == len(files) - 2
     assert tree_of(dest / "run1") == files
@@ -180,7 +180,7 @@ def test_size_mismatch_is_detected_and_nothing_is_left_behind(
     root, _files = lake
     dest = tmp_path / "stage"
     with pytest.raises(errors.IntegrityError, match=r"a\.txt: expected 7 bytes, got 6"):
-        stage(LyingStore(size_delta=1, only="a.txt"), [uri_of(root)], dest, max_concurrency=1)
+        stage_into(LyingStore(size_delta=1, only="a.txt"), [uri_of(root)], dest, max_concurrency=1)
     assert not (dest / "run1" / "a.txt").exists()
     assert not (dest / "run1" / "a.txt.part").exists()
 
@@ -188,7 +188,7 @@ def test_size_mismatch_is_detected_and_nothing_is_left_behind(
 def test_size_mismatch_in_a_chunked_file_is_detected(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, _files = lake
     with pytest.raises(errors.IntegrityError, match=r"large\.bin \(bytes \d+-\d+\): expected"):
-        stage(LyingStore(size_delta=10, only="large.bin"), [uri_of(root)], tmp_path / "stage")
+        stage_into(LyingStore(size_delta=10, only="large.bin"), [uri_of(root)], tmp_path / "stage")
     assert not (tmp_path / "stage" / "run1" / "large.bin").exists()
 
 
@@ -197,20 +197,20 @@ def test_content_md5_mismatch_is_detected(lake: tuple[Path, dict[str, bytes]], t
     root, _files = lake
     dest = tmp_path / "stage"
     with pytest.raises(errors.IntegrityError, match="Content-MD5 mismatch"):
-        stage(LyingStore(md5=b"\x00" * 16, only=name), [uri_of(root)], dest)
+        stage_into(LyingStore(md5=b"\x00" * 16, only=name), [uri_of(root)], dest)
     assert not (dest / "run1" / name).exists()
 
 
 def test_content_md5_that_matches_passes(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, files = lake
     digest = hashlib.md5(files["large.bin"]).digest()
-    stage(LyingStore(md5=digest, only="large.bin"), [uri_of(root)], tmp_path / "stage")
+    stage_into(LyingStore(md5=digest, only="large.bin"), [uri_of(root)], tmp_path / "stage")
     assert (tmp_path / "stage" / "run1" / "large.bin").read_bytes() == files["large.bin"]
 
 
 def test_md5_is_not_checked_when_turned_off(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, files = lake
-    stage(LyingStore(md5=b"\x00" * 16, only="a.txt"), [uri_of(root)], tmp_path / "stage", verify_md5=False)
+    stage_into(LyingStore(md5=b"\x00" * 16, only="a.txt"), [uri_of(root)], tmp_path / "stage", verify_md5=False)
     assert (tmp_path / "stage" / "run1" / "a.txt").read_bytes() == files["a.txt"]
 
 
@@ -218,7 +218,7 @@ def test_preflight_refuses_when_the_disk_is_too_small(lake: tuple[Path, dict[str
     root, _files = lake
     dest = tmp_path / "stage"
     with pytest.raises(errors.StorageError, match=r"staging needs [\d,]+ bytes plus [\d,]+ .* only [\d,]+ bytes"):
-        stage(FolderStore(), [uri_of(root)], dest, min_free_bytes=1 << 60)
+        stage_into(FolderStore(), [uri_of(root)], dest, min_free_bytes=1 << 60)
     assert not (dest / "run1").exists()
 
 
@@ -228,18 +228,18 @@ def test_unsafe_remote_names_stop_staging_before_any_write(tmp_path: Path) -> No
     (root / "ok.txt").write_bytes(b"ok")
     (root / "evil\\..\\name").write_bytes(b"x")
     with pytest.raises(errors.UnsafePathError, match="backslash"):
-        stage(FolderStore(), [uri_of(root)], tmp_path / "stage")
+        stage_into(FolderStore(), [uri_of(root)], tmp_path / "stage")
     assert not (tmp_path / "stage" / "d").exists()
 
 
 def test_missing_source_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(errors.ObjectNotFoundError):
-        stage(FolderStore(), [uri_of(tmp_path / "nope")], tmp_path / "stage")
+        stage_into(FolderStore(), [uri_of(tmp_path / "nope")], tmp_path / "stage")
 
 
 def test_bandwidth_cap_keeps_the_bytes_identical(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, files = lake
-    stage(FolderStore(), [uri_of(root)], tmp_path / "stage", bandwidth_cap_bytes_per_s=100 * 1024 * 1024)
+    stage_into(FolderStore(), [uri_of(root)], tmp_path / "stage", bandwidth_cap_bytes_per_s=100 * 1024 * 1024)
     assert tree_of(tmp_path / "stage" / "run1") == files
 
 
@@ -247,7 +247,9 @@ def test_a_small_memory_budget_still_stages_everything(
     lake: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     root, files = lake
-    stage(FolderStore(), [uri_of(root)], tmp_path / "stage", memory_budget_bytes=1024 * 1024, max_concurrency=64)
+    stage_into(
+        FolderStore(), [uri_of(root)], tmp_path / "stage", memory_budget_bytes=1024 * 1024, max_concurrency=64
+    )
     assert tree_of(tmp_path / "stage" / "run1") == files
 
 
@@ -260,11 +262,11 @@ def test_publish_uploads_everything_then_the_marker_last(
     root, files = lake
     out = tmp_path / "out"
     store = RecordingStore()
-    stats = staging.publish(lambda _u: store, root, uri_of(out) + "/", SETTINGS)
-    assert tree_of(out) == {**files, staging.MARKER_NAME: (out / staging.MARKER_NAME).read_bytes()}
-    assert store.writes[-1] == staging.MARKER_NAME
-    assert store.writes.count(staging.MARKER_NAME) == 1
-    marker = json.loads((out / staging.MARKER_NAME).read_text())
+    stats = publish.publish(lambda _u: store, root, uri_of(out) + "/", SETTINGS)
+    assert tree_of(out) == {**files, publish.MARKER_NAME: (out / publish.MARKER_NAME).read_bytes()}
+    assert store.writes[-1] == publish.MARKER_NAME
+    assert store.writes.count(publish.MARKER_NAME) == 1
+    marker = json.loads((out / publish.MARKER_NAME).read_text())
     assert {entry["path"]: entry["size"] for entry in marker["files"]} == {k: len(v) for k, v in files.items()}
     assert (stats.files, stats.bytes, stats.already_published) == (len(files), marker["bytes"], False)
 
@@ -272,9 +274,9 @@ def test_publish_uploads_everything_then_the_marker_last(
 def test_publish_twice_is_a_no_op(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, _files = lake
     out_uri = uri_of(tmp_path / "out")
-    staging.publish(lambda _u: FolderStore(), root, out_uri, SETTINGS)
+    publish.publish(lambda _u: FolderStore(), root, out_uri, SETTINGS)
     store = RecordingStore()
-    stats = staging.publish(lambda _u: store, root, out_uri, SETTINGS)
+    stats = publish.publish(lambda _u: store, root, out_uri, SETTINGS)
     assert stats.already_published
     assert (stats.files, store.writes) == (0, [])
 
@@ -285,24 +287,24 @@ def test_a_failed_publish_leaves_no_marker_and_can_be_repeated(
     root, files = lake
     out = tmp_path / "out"
     with pytest.raises(errors.TransientStorageError):
-        staging.publish(lambda _u: RecordingStore(fail_on=2), root, uri_of(out), SETTINGS)
-    assert not (out / staging.MARKER_NAME).exists()
-    stats = staging.publish(lambda _u: FolderStore(), root, uri_of(out), SETTINGS)
+        publish.publish(lambda _u: RecordingStore(fail_on=2), root, uri_of(out), SETTINGS)
+    assert not (out / publish.MARKER_NAME).exists()
+    stats = publish.publish(lambda _u: FolderStore(), root, uri_of(out), SETTINGS)
     assert stats.files == len(files)
-    assert (out / staging.MARKER_NAME).exists()
+    assert (out / publish.MARKER_NAME).exists()
 
 
 def test_publish_refuses_an_output_named_like_the_marker(tmp_path: Path) -> None:
     (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / staging.MARKER_NAME).write_text("mine")
+    (tmp_path / "outputs" / publish.MARKER_NAME).write_text("mine")
     with pytest.raises(errors.UnsafePathError, match="reserved"):
-        staging.publish(lambda _u: FolderStore(), tmp_path / "outputs", uri_of(tmp_path / "out"), SETTINGS)
+        publish.publish(lambda _u: FolderStore(), tmp_path / "outputs", uri_of(tmp_path / "out"), SETTINGS)
 
 
 def test_stats_rates() -> None:
-    stats = staging.StageStats(files=10, bytes=5_000_000, skipped_files=0, skipped_bytes=0, seconds=2.0)
+    stats = kit.StageStats(files=10, bytes=5_000_000, skipped_files=0, skipped_bytes=0, seconds=2.0)
     assert (stats.mb_per_s, stats.files_per_s) == (2.5, 5.0)
-    assert staging.StageStats(0, 0, 0, 0, 0.0).mb_per_s == 0.0
+    assert kit.StageStats(0, 0, 0, 0, 0.0).mb_per_s == 0.0
     assert stats.as_dict()["mb_per_s"] == 2.5
 
 
@@ -341,9 +343,9 @@ def test_a_rewound_whole_file_read_is_still_verified(
     dest = tmp_path / "stage"
     if rewind_to:  # the count returned is short by the rewind offset: the size check must catch it
         with pytest.raises(errors.IntegrityError, match="expected 1,000 bytes"):
-            stage(RewindingStore(md5=digest, only="b.bin", rewind_to=rewind_to), [uri_of(root)], dest)
+            stage_into(RewindingStore(md5=digest, only="b.bin", rewind_to=rewind_to), [uri_of(root)], dest)
         return
-    stage(RewindingStore(md5=digest, only="b.bin", rewind_to=0), [uri_of(root)], dest)
+    stage_into(RewindingStore(md5=digest, only="b.bin", rewind_to=0), [uri_of(root)], dest)
     assert (dest / "run1" / "sub" / "b.bin").read_bytes() == files["sub/b.bin"]
 
 
@@ -359,7 +361,7 @@ def test_a_rewound_whole_file_read_is_still_verified(
 )
 def test_chunks_grow_only_as_far_as_the_pool_allows(total: int, threads: int, setting: int, expected: int) -> None:
     settings = StagingSettings(max_concurrency=threads, chunk_size_bytes=setting)
-    assert staging.chunk_size(total, settings) == expected
+    assert stage.chunk_size(total, settings) == expected
 
 
 @pytest.mark.parametrize(
@@ -373,6 +375,40 @@ def test_chunks_grow_only_as_far_as_the_pool_allows(total: int, threads: int, se
     ids=["first", "back-to-back", "idle-gap", "concurrent"],
 )
 def test_throttle_books_reads_on_a_timeline(reads: list[tuple[int, float]], expected_waits: list[float]) -> None:
-    throttle = staging.Throttle(100)
+    throttle = kit.Throttle(100)
     assert [throttle.reserve(n, now=now) for n, now in reads] == pytest.approx(expected_waits)
-    assert staging.Throttle(0).reserve(10**9, now=0.0) == 0.0
+    assert kit.Throttle(0).reserve(10**9, now=0.0) == 0.0
+
+
+def test_the_pool_re_raises_the_first_failure_and_takes_no_more_items() -> None:
+    taken: list[int] = []
+
+    def fail_on_three(item: int) -> None:
+        taken.append(item)
+        if item == 3:
+            raise errors.StorageError("third")
+
+    with pytest.raises(errors.StorageError, match="third"):
+        kit.run_parallel(fail_on_three, iter(range(1, 100)), max_workers=1)
+    assert taken == [1, 2, 3]
+
+
+def test_the_pool_fails_when_its_check_raises_and_ends_threads_over_the_allowed_count() -> None:
+    done: list[int] = []
+    with pytest.raises(errors.StagingCancelled):
+        kit.run_parallel(done.append, [1, 2], max_workers=2, check=_cancelled)
+    assert done == []
+    kit.run_parallel(done.append, list(range(20)), max_workers=4, threads_allowed=lambda: 1)
+    assert done == list(range(20)), "one thread (index 0) took every item, in order"
+
+
+def _cancelled() -> None:
+    raise errors.StagingCancelled("cancelled")
+
+
+def test_is_published_checks_the_one_marker(tmp_path: Path) -> None:
+    out_uri = uri_of(tmp_path / "out")
+    assert not publish.is_published(FolderStore(), out_uri)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / publish.MARKER_NAME).write_text("{}")
+    assert publish.is_published(FolderStore(), out_uri) and publish.is_published(FolderStore(), out_uri + "/")

@@ -12,7 +12,7 @@ import pytest
 from scalebus import errors
 from scalebus.backends.azure import _retry, datalake
 from scalebus.settings import StagingSettings
-from scalebus.transfer import plan, staging
+from scalebus.transfer import kit, plan, stage
 from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
 from tests.fakes.fault_proxy import Fault, FaultProxy
 
@@ -48,8 +48,8 @@ def lake(azurite_env: AzuriteServer, proxy: FaultProxy) -> Iterator[tuple[datala
     store.close()
 
 
-def stage(store: datalake.AdlsStore, source: str, dest: Path, **overrides: object) -> staging.StageStats:
-    return staging.stage_in(lambda _u: store, [source], dest, SETTINGS.model_copy(update=overrides))
+def stage_into(store: datalake.AdlsStore, source: str, dest: Path, **overrides: object) -> kit.StageStats:
+    return stage.stage_in(lambda _u: store, [source], dest, SETTINGS.model_copy(update=overrides))
 
 
 def staged(dest: Path) -> dict[str, bytes]:
@@ -90,7 +90,7 @@ def test_transient_faults_are_retried_and_the_bytes_are_identical(
     store, source = lake
     proxy.inject(fault, path_contains=path, times=times)
     before = dict(_retry.RETRY_COUNTS)
-    stats = stage(store, source, tmp_path / "stage")
+    stats = stage_into(store, source, tmp_path / "stage")
     assert [applied[0] for applied in proxy.applied] == [fault] * times
     assert staged(tmp_path / "stage") == FILES
     assert stats.files == len(FILES)
@@ -105,7 +105,7 @@ def test_a_short_body_is_detected(lake: tuple[datalake.AdlsStore, str], proxy: F
     store, source = lake
     proxy.inject(Fault.SHORT_BODY, path_contains="b.fq", times=10)
     with pytest.raises(errors.IntegrityError, match=r"b\.fq"):
-        stage(store, source, tmp_path / "stage", max_concurrency=1)
+        stage_into(store, source, tmp_path / "stage", max_concurrency=1)
     assert not (tmp_path / "stage" / "run1" / "b.fq").exists()
 
 
@@ -115,7 +115,7 @@ def test_a_corrupt_body_is_detected_by_content_md5(
     store, source = lake
     proxy.inject(Fault.CORRUPT, path_contains="a.fq")
     with pytest.raises(errors.IntegrityError, match=r"a\.fq: Content-MD5 mismatch"):
-        stage(store, source, tmp_path / "stage", max_concurrency=1)
+        stage_into(store, source, tmp_path / "stage", max_concurrency=1)
     assert not (tmp_path / "stage" / "run1" / "a.fq").exists()
 
 
@@ -125,7 +125,7 @@ def test_a_corrupt_chunk_of_a_large_file_is_detected(
     store, source = lake
     proxy.inject(Fault.CORRUPT, path_contains="big.bam")
     with pytest.raises(errors.IntegrityError, match=r"big\.bam: Content-MD5 mismatch"):
-        stage(store, source, tmp_path / "stage")
+        stage_into(store, source, tmp_path / "stage")
     assert not (tmp_path / "stage" / "run1" / "big.bam").exists()
 
 
@@ -135,8 +135,8 @@ def test_after_a_failure_a_second_run_finishes_the_job(
     store, source = lake
     proxy.inject(Fault.CORRUPT, path_contains="idx/c.fai")
     with pytest.raises(errors.IntegrityError):
-        stage(store, source, tmp_path / "stage", max_concurrency=1)
-    stats = stage(store, source, tmp_path / "stage", max_concurrency=1)
+        stage_into(store, source, tmp_path / "stage", max_concurrency=1)
+    stats = stage_into(store, source, tmp_path / "stage", max_concurrency=1)
     assert stats.skipped_files == 3  # a.fq, b.fq, big.bam (listing order) were finished before c.fai
     assert staged(tmp_path / "stage") == FILES
 

@@ -21,9 +21,9 @@ from structlog.testing import capture_logs
 from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, path_of, uri_of
-from scalebus.cli.app import StoreResolver
+from scalebus.cli.wiring import StoreResolver
 from scalebus.settings import Settings, StagingSettings
-from scalebus.transfer import plan, staging
+from scalebus.transfer import helpers, kit, plan, stage
 from tests.fakes.azurite_plugin import ACCOUNT, AzuriteServer
 from tests.fakes.fault_proxy import Fault, FaultProxy
 from tests.unit.test_staging import write_tree
@@ -146,8 +146,8 @@ def test_helpers_download_a_share_and_the_result_equals_one_process(
 ) -> None:
     src, files = lake
     reads = tmp_path / "reads.log"
-    seen: list[staging.Progress] = []
-    stats = staging.stage_in(
+    seen: list[kit.Progress] = []
+    stats = stage.stage_in(
         FixedResolver(PidLoggingStore(reads)), [uri_of(src)], tmp_path / "out", SETTINGS, on_progress=seen.append
     )
     assert tree(tmp_path / "out" / "run") == files
@@ -163,11 +163,9 @@ def test_helpers_download_a_share_and_the_result_equals_one_process(
 def test_helpers_finishing_long_after_the_staging_process_are_waited_for(
     lake: tuple[Path, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scalebus.transfer import helpers as staging_procs
-
-    monkeypatch.setattr(staging_procs, "STOP_GRACE_S", 0.2)  # applies only once a failure stopped the staging
+    monkeypatch.setattr(helpers, "STOP_GRACE_S", 0.2)  # applies only once a failure stopped the staging
     src, files = lake
-    stats = staging.stage_in(FixedResolver(SlowHelperStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    stats = stage.stage_in(FixedResolver(SlowHelperStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
     assert stats.processes == 2 and stats.seconds > 1.0
     assert tree(tmp_path / "out" / "run") == files
 
@@ -175,8 +173,8 @@ def test_helpers_finishing_long_after_the_staging_process_are_waited_for(
 def test_a_second_run_skips_what_helpers_staged(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     src, files = lake
     resolver = FixedResolver(FolderStore())
-    staging.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
-    again = staging.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
+    stage.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
+    again = stage.stage_in(resolver, [uri_of(src)], tmp_path / "out", SETTINGS)
     assert (again.files, again.skipped_files, again.processes) == (0, len(files), 1)
 
 
@@ -197,7 +195,7 @@ def test_a_failure_in_any_process_stops_the_staging_with_its_type(
     for i in range(0, N_SMALL, 50):  # in several batches: whichever process takes one fails
         (src / f"d{i % 7}" / f"poison{i}").write_bytes(b"x")
     with pytest.raises(type(error)) as raised:
-        staging.stage_in(FixedResolver(PoisonStore(error)), [uri_of(src)], tmp_path / "out", SETTINGS)
+        stage.stage_in(FixedResolver(PoisonStore(error)), [uri_of(src)], tmp_path / "out", SETTINGS)
     assert type(raised.value) is type(error) and str(raised.value) == str(error)
     assert getattr(raised.value, "retry_after_s", None) == getattr(error, "retry_after_s", None)
     recorded = manifest_paths(tmp_path / "out")
@@ -212,9 +210,9 @@ def test_a_helper_that_dies_is_an_error_and_a_rerun_finishes(
 ) -> None:
     src, files = lake
     with pytest.raises(errors.StorageError, match=r"ended without reporting \(exit code 9\)"):
-        staging.stage_in(FixedResolver(HelperKillingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+        stage.stage_in(FixedResolver(HelperKillingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
     done_before = len(manifest_paths(tmp_path / "out"))
-    again = staging.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    again = stage.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
     assert tree(tmp_path / "out" / "run") == files
     assert again.skipped_files == done_before and again.files + again.skipped_files == len(files)
 
@@ -225,7 +223,7 @@ def test_a_resolver_that_cannot_be_pickled_stages_in_one_process(
     src, files = lake
     store = FolderStore()
     with capture_logs() as logs:
-        stats = staging.stage_in(lambda _uri: store, [uri_of(src)], tmp_path / "out", SETTINGS)
+        stats = stage.stage_in(lambda _uri: store, [uri_of(src)], tmp_path / "out", SETTINGS)
     assert stats.processes == 1
     assert tree(tmp_path / "out" / "run") == files
     assert any(entry["event"] == "staging.single_process" for entry in logs)
@@ -238,7 +236,7 @@ def test_helpers_log_with_the_job_context(
     logs.configure(fmt="json", level="info")
     try:
         with structlog.contextvars.bound_contextvars(job_id="j-42", message_id="m-7"):
-            staging.stage_in(FixedResolver(LoggingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+            stage.stage_in(FixedResolver(LoggingStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
     finally:
         structlog.reset_defaults()
     events = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
@@ -296,12 +294,12 @@ def test_add_helper(samples: list[float], processes: int, most: int, files_left:
 
 
 def test_budgets_are_shared_between_processes() -> None:
-    shared = staging.share_settings(
+    shared = helpers.share_settings(
         StagingSettings(max_concurrency=16, memory_budget_bytes=96 << 20, bandwidth_cap_bytes_per_s=250_000_000), 3
     )
     assert (shared.max_concurrency, shared.memory_budget_bytes) == (6, 32 << 20)
     assert shared.bandwidth_cap_bytes_per_s == 83_333_333
-    assert staging.share_settings(StagingSettings(), 2).bandwidth_cap_bytes_per_s == 0  # no cap stays no cap
+    assert helpers.share_settings(StagingSettings(), 2).bandwidth_cap_bytes_per_s == 0  # no cap stays no cap
 
 
 HELPER_SCRIPT = """
@@ -309,11 +307,11 @@ import sys
 from pathlib import Path
 from scalebus import logs
 from scalebus.settings import StagingSettings
-from scalebus.transfer import staging
+from scalebus.transfer import stage
 from tests.unit.test_staging_procs import FixedResolver, SlowStore
 logs.configure(fmt="json")
 settings = StagingSettings(max_concurrency=2, min_free_bytes=0, processes=2)
-staging.stage_in(FixedResolver(SlowStore(0.5)), [sys.argv[1]], Path(sys.argv[2]), settings)
+stage.stage_in(FixedResolver(SlowStore(0.5)), [sys.argv[1]], Path(sys.argv[2]), settings)
 """
 
 
@@ -366,7 +364,7 @@ def blob_lake(azurite_env: AzuriteServer) -> Iterator[tuple[str, dict[str, bytes
     files = {f"d{i % 5}/s{i:03d}.fai": os.urandom(50 + i) for i in range(160)}
     files["poison-free/big.bam"] = os.urandom(3 * 64 * 1024 + 5)
     store = datalake.open_store(source, azurite_env.storage_settings())
-    staging.run_parallel(
+    kit.run_parallel(
         lambda item: store.write_bytes(item[1], f"{source}/{item[0]}"), list(files.items()), max_workers=8
     )
     store.close()
@@ -385,7 +383,7 @@ def test_helpers_stage_from_azurite_through_faults(
         proxy.inject(Fault.DROP_MID_BODY, path_contains="big.bam", times=1)
         resolver = StoreResolver(Settings(storage=azurite_env.storage_settings(account_url=proxy.url)))
         settings = SETTINGS.model_copy(update={"max_concurrency": 8})
-        stats = staging.stage_in(resolver, [source], tmp_path / "out", settings)
+        stats = stage.stage_in(resolver, [source], tmp_path / "out", settings)
     finally:
         resolver.close()
         proxy.close()
@@ -404,7 +402,7 @@ def test_a_corrupt_body_seen_by_a_helper_is_an_integrity_error(
             proxy.inject(Fault.CORRUPT, path_contains=f"s{i:03d}.fai", times=1)
         resolver = StoreResolver(Settings(storage=azurite_env.storage_settings(account_url=proxy.url)))
         with pytest.raises(errors.IntegrityError, match="Content-MD5 mismatch"):
-            staging.stage_in(resolver, [source], tmp_path / "out", SETTINGS)
+            stage.stage_in(resolver, [source], tmp_path / "out", SETTINGS)
     finally:
         resolver.close()
         proxy.close()
@@ -424,7 +422,7 @@ def test_a_corrupt_body_seen_by_a_helper_is_an_integrity_error(
     ids=["no-cgroup", "no-quota", "two-cpus", "one-and-a-half", "half", "quota-above-affinity", "unreadable"],
 )
 def test_usable_cores_follow_affinity_and_cgroup_quota(affinity: int, cpu_max: str | None, expected: int) -> None:
-    assert staging.usable_cores(affinity, cpu_max) == expected
+    assert stage.usable_cores(affinity, cpu_max) == expected
 
 
 # --------------------------------------------------------------------------------------------- cancel
@@ -463,13 +461,13 @@ def test_cancel_stops_the_staging_and_keeps_what_was_finished(
     store.cancel = threading.Event()
     settings = SETTINGS.model_copy(update={"processes": processes})
     with pytest.raises(errors.StagingCancelled) as raised:
-        staging.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings, cancel=store.cancel)
+        stage.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings, cancel=store.cancel)
     assert isinstance(raised.value, errors.RetryJob), "the worker gives the job back"
     reads = len((tmp_path / "reads.log").read_text().splitlines())
     assert reads < len(files) // 2, "nothing more is fetched once cancelled"
     recorded = manifest_paths(tmp_path / "out")
     assert all((tmp_path / "out" / p).read_bytes() == files[p.removeprefix("run/")] for p in recorded)
-    again = staging.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
+    again = stage.stage_in(FixedResolver(FolderStore()), [uri_of(src)], tmp_path / "out", SETTINGS)
     assert again.skipped_files == len(recorded) and tree(tmp_path / "out" / "run") == files
 
 
@@ -499,7 +497,7 @@ def test_cancel_cuts_a_read_in_flight_at_its_next_write(tmp_path: Path) -> None:
     cancel = threading.Event()
     store = TricklingStore(cancel)
     with pytest.raises(errors.StagingCancelled):
-        staging.stage_in(
+        stage.stage_in(
             lambda _uri: store,
             [uri_of(tmp_path / "lake" / "big.bin")],
             tmp_path / "out",
@@ -558,7 +556,7 @@ def test_auto_adds_a_helper_when_the_staging_is_cpu_bound(
     settings = SETTINGS.model_copy(update={"processes": 0})
     store = BusyStore(reads, cpu_ms=3.0)
     with capture_logs() as logs:
-        stats = staging.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings)
+        stats = stage.stage_in(FixedResolver(store), [uri_of(src)], tmp_path / "out", settings)
     assert stats.processes == 2
     assert any(entry["event"] == "staging.cpu_bound" for entry in logs)
     assert len(set(reads.read_text().split())) == 2, "the helper fetched files too"
@@ -570,6 +568,6 @@ def test_auto_stays_in_one_process_while_waiting_on_the_network(
 ) -> None:
     src, files = many_files
     settings = SETTINGS.model_copy(update={"processes": 0, "max_concurrency": 16})
-    stats = staging.stage_in(FixedResolver(WaitingStore()), [uri_of(src)], tmp_path / "out", settings)
+    stats = stage.stage_in(FixedResolver(WaitingStore()), [uri_of(src)], tmp_path / "out", settings)
     assert stats.processes == 1 and stats.seconds > 4 * plan.CPU_SAMPLE_S
     assert tree(tmp_path / "out" / "many") == files

@@ -7,7 +7,7 @@ import io
 from structlog.testing import capture_logs
 
 from scalebus.cli import progress
-from scalebus.transfer.staging import Progress
+from scalebus.transfer.kit import Progress
 
 
 def test_log_progress_is_throttled_but_always_reports_the_end() -> None:

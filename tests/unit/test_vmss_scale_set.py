@@ -5,13 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from azure.core.credentials import AccessToken, AccessTokenInfo
 
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import compute
+from tests.fakes import arm_compute
 from tests.fakes.arm_compute import ArmComputeFake
+from tests.fakes.compute_plugin import StaticTokenCredential
 
 MODES = ["Uniform", "Flexible"]
 MakeAdapter = Callable[..., compute.VmssScaleSet]
@@ -310,3 +314,261 @@ def test_scale_set_id_round_trips() -> None:
     ref = compute.parse_scale_set_id(text)
     assert (ref.subscription_id, ref.resource_group, ref.name) == ("s-1", "rg_1", "pool")
     assert ref.resource_id == text
+
+
+# ----------------------------------------------------------------------------------------- Azure on a bad day
+
+
+@pytest.mark.parametrize(
+    "conflict",
+    [arm_compute.CONFLICT_CONCURRENT, arm_compute.CONFLICT_MARKED_FOR_DELETION],
+    ids=["concurrent-request", "marked-for-deletion"],
+)
+def test_a_409_conflict_is_transient_and_retried(
+    conflict: tuple[str, str], arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.inject("PATCH scaleset", 409, error=conflict)
+
+    scale_set.set_capacity(2)
+
+    assert arm_fake.count("PATCH scaleset") == 2
+    assert scale_set.get_capacity() == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [("Canceled", arm_compute.PREEMPTED), ("Failed", arm_compute.PREEMPTED)],
+    ids=["canceled", "failed-preempted"],
+)
+def test_an_operation_ended_by_preemption_is_sent_again(
+    status: str, error: tuple[str, str], arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.end_next_operation("PATCH scaleset", status, error=error)
+
+    scale_set.set_capacity(2)
+
+    assert arm_fake.count("PATCH scaleset") == 2
+    assert scale_set.get_capacity() == 2
+
+
+def test_an_operation_failed_for_good_is_not_sent_again(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.end_next_operation(
+        "PATCH scaleset", "Failed", error=("QuotaExceeded", "Operation could not complete.")
+    )
+
+    with pytest.raises(errors.ScaleSetError) as caught:
+        scale_set.set_capacity(2)
+
+    assert not caught.value.transient
+    assert arm_fake.count("PATCH scaleset") == 1
+
+
+def test_preempted_every_time_ends_in_a_transient_error(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.end_next_operation("POST delete", "Canceled", times=10)
+    (victim,) = arm_fake.add_instances(scale_set.resource_id, 1)
+
+    with pytest.raises(errors.TransientScaleSetError, match="Canceled"):
+        scale_set.delete_instances([victim])
+
+    assert arm_fake.count("POST delete") == 3, "a bounded number of sends"
+
+
+def test_a_retry_after_beyond_the_deadline_stops_at_once(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set())
+    arm_fake.inject("GET scaleset", 429, retry_after_s=600)
+
+    started = time.monotonic()
+    with pytest.raises(errors.TransientScaleSetError) as caught:
+        scale_set.get_capacity()
+
+    assert time.monotonic() - started < 5, "slept into a Retry-After longer than the policy's deadline"
+    assert caught.value.retry_after_s == 600
+    assert arm_fake.count("GET scaleset") == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_instance_lists_follow_next_link(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=5)
+    arm_fake.page_size = 2
+    scale_set = vmss_adapter_factory(scale_set_id)
+    kind = "GET vms" if mode == "Flexible" else "GET instances"
+    before = arm_fake.count(kind)
+
+    listed = scale_set.list_instances()
+
+    assert sorted(i.instance_id for i in listed) == sorted(arm_fake.instance_ids(scale_set_id))
+    assert arm_fake.count(kind) - before == 3, "5 instances in pages of 2"
+
+
+def test_throttling_headers_are_reported(arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(capacity=1))
+    arm_fake.ratelimit_remaining = 50
+
+    scale_set.get_capacity()
+    scale_set.get_capacity()
+
+    assert scale_set.stats.ratelimit_remaining == 48
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"x-ms-ratelimit-remaining-subscription-reads": "11999"}, 11999),
+        (
+            {
+                "x-ms-ratelimit-remaining-resource": "Microsoft.Compute/HighCostGet3Min;107,"
+                "Microsoft.Compute/HighCostGet30Min;587",
+                "x-ms-ratelimit-remaining-subscription-reads": "11999",
+            },
+            107,
+        ),
+    ],
+    ids=["none", "subscription", "resource"],
+)
+def test_ratelimit_remaining_is_the_lowest_count(headers: dict[str, str], expected: int | None) -> None:
+    assert compute.ratelimit_remaining(headers) == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_failed_but_running_is_running_and_deallocated_is_failed(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
+    running, deallocated = arm_fake.instance_ids(scale_set_id)
+    arm_fake.set_instance_state(scale_set_id, running, provisioning="Failed", power="running")
+    arm_fake.set_instance_state(scale_set_id, deallocated, provisioning="Succeeded", power="deallocated")
+
+    states = {i.instance_id: i.state for i in vmss_adapter_factory(scale_set_id).list_instances()}
+
+    assert states == {running: base.InstanceState.RUNNING, deallocated: base.InstanceState.FAILED}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_time_created_counts_from_first_sight(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=1)
+    (iid,) = arm_fake.instance_ids(scale_set_id)
+    arm_fake.forget_time_created(scale_set_id, iid)
+    scale_set = vmss_adapter_factory(scale_set_id)
+
+    before = time.time()
+    (first,) = scale_set.list_instances()
+    (again,) = scale_set.list_instances()
+
+    assert first.created_at >= before - 1, "an instance without timeCreated must not look ancient"
+    assert again.created_at == first.created_at
+
+
+def test_uniform_with_overprovision_is_refused_naming_the_setting(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set = vmss_adapter_factory(arm_fake.create_scale_set(overprovision=True, capacity=1))
+    assert len(scale_set.list_instances()) == 1  # reads (and self-destroy) still work
+
+    with pytest.raises(errors.ConfigError, match="overprovision") as caught:
+        scale_set.set_capacity(3)
+
+    assert "overprovision=false" in caught.value.fix
+    assert arm_fake.writes() == 0
+
+
+def test_flexible_protection_survives_a_restart(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode="Flexible", capacity=2)
+    busy, idle = arm_fake.instance_ids(scale_set_id)
+    vmss_adapter_factory(scale_set_id).set_protection(busy, protected=True)
+
+    restarted = vmss_adapter_factory(scale_set_id)  # a new controller process: nothing in memory
+    listed = {i.instance_id: i.protected for i in restarted.list_instances()}
+    gets = arm_fake.count("GET instance")
+    restarted.list_instances()
+
+    assert listed == {busy: True, idle: False}
+    assert arm_fake.count("GET instance") == gets, "protection is read once per VM, not on every listing"
+    restarted.set_protection(busy, protected=False)
+    assert not any(i.protected for i in restarted.list_instances())
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "scope"),
+    [
+        ("https://management.azure.com", "https://management.azure.com/.default"),
+        ("https://management.azure.com/", "https://management.azure.com/.default"),
+        ("https://management.chinacloudapi.cn", "https://management.chinacloudapi.cn/.default"),
+        ("https://management.usgovcloudapi.net", "https://management.core.usgovcloudapi.net/.default"),
+        ("https://127.0.0.1:8443", "https://127.0.0.1:8443/.default"),
+    ],
+    ids=["public", "public-slash", "china", "us-government", "other"],
+)
+def test_token_scope_follows_the_arm_endpoint(endpoint: str, scope: str) -> None:
+    assert compute.arm_token_scope(endpoint) == scope
+
+
+def test_the_adapter_asks_for_its_endpoints_audience(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    credential = ScopeRecordingCredential()
+    vmss_adapter_factory(arm_fake.create_scale_set(), credential=credential).get_capacity()
+    assert credential.scopes == {f"{arm_fake.endpoint}/.default"}
+
+
+# ----------------------------------------------------------------------------------------- access rules
+
+
+def test_the_controller_role_allows_the_controllers_calls(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode="Flexible", capacity=2)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    first, second = (i.instance_id for i in scale_set.list_instances())
+
+    scale_set.set_capacity(3)
+    scale_set.set_protection(first, protected=True)
+    scale_set.delete_instances([second])
+
+    assert arm_fake.access is not None and arm_fake.access.denied == []
+
+
+def test_a_call_outside_the_role_is_403_authorization_failed(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    elsewhere = arm_fake.create_scale_set(resource_group="rg-someone-else")
+    scale_set = vmss_adapter_factory(elsewhere)
+
+    with pytest.raises(errors.ScaleSetError, match="403 AuthorizationFailed") as caught:
+        scale_set.get_capacity()
+
+    assert not caught.value.transient
+    assert arm_fake.access is not None
+    ((_, action, scope),) = arm_fake.access.denied
+    assert action == "Microsoft.Compute/virtualMachineScaleSets/read"
+    assert scope == elsewhere
+
+
+class ScopeRecordingCredential(StaticTokenCredential):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scopes: set[str] = set()
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
+        self.scopes.update(scopes)
+        return super().get_token_info(*scopes, options=options)
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.scopes.update(scopes)
+        return super().get_token(*scopes, **kwargs)

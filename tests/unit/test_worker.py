@@ -11,17 +11,21 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from scalebus import jobs
+from scalebus import errors, jobs
 from scalebus.backends import base
 from scalebus.backends.local import folder, pool, sqlite_queue
 from scalebus.settings import StagingSettings, WorkerSettings
-from scalebus.worker import loop
+from scalebus.worker import job as worker_job
+from scalebus.worker import loop, runner
+
+ENVIRONMENT = worker_job.Cause.ENVIRONMENT
 
 OK_PROGRAM = """
 import os, pathlib
@@ -60,7 +64,7 @@ def lake(tmp_path: Path) -> Lake:
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> sqlite_queue.SqliteJobQueue:
+def queue(tmp_path: Path) -> Iterator[sqlite_queue.SqliteJobQueue]:
     q = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=5, max_delivery_count=2)
     yield q
     q.close()
@@ -72,6 +76,7 @@ def make_worker(
     program: str,
     *,
     heartbeats: base.HeartbeatStore | None = None,
+    on_idle: Callable[[], None] | None = None,
     **overrides: object,
 ) -> loop.Worker:
     script = tmp_path / "analytics.py"
@@ -80,16 +85,15 @@ def make_worker(
     settings = WorkerSettings(
         command=[sys.executable, str(script)],
         work_dir=str(tmp_path / "work"),
-        **(defaults | overrides),  # type: ignore[arg-type]
+        **(defaults | overrides),
     )
     store = folder.FolderStore()
     return loop.Worker(
-        queue=queue,
-        resolve=lambda _uri: store,
-        heartbeats=heartbeats,
+        loop.WorkerPorts(queue=queue, resolve=lambda _uri: store, heartbeats=heartbeats),
         instance_id="test-1",
         settings=settings,
         staging_settings=StagingSettings(min_free_bytes=0),
+        on_idle=on_idle,
     )
 
 
@@ -104,7 +108,7 @@ def test_job_is_staged_run_published_and_completed(queue, lake, tmp_path) -> Non
     assert (out / "result.txt").read_text() == "hi:sample/a.txt,sample/sub/b.txt"
     assert (out / "stdout.txt").read_text().strip() == "done"
     assert (out / "_SUCCESS").exists()
-    report = json.loads((out / loop.JOB_REPORT).read_text())
+    report = json.loads((out / worker_job.JOB_REPORT).read_text())
     assert report["bytes_staged"] == 110 and report["files_staged"] == 2 and report["instance_id"] == "test-1"
     assert stats.completed == 1
     assert queue.read_depth().active == 0 and queue.receive(max_wait_s=0.1) is None
@@ -229,6 +233,9 @@ def test_heartbeats_report_busy_then_idle(queue, lake, tmp_path) -> None:  # typ
         def read_hint(self) -> base.FleetHint | None:
             return beats.read_hint()
 
+        def close(self) -> None:
+            beats.close()
+
     make_worker(queue, tmp_path, "import time; time.sleep(0.5)", heartbeats=Recording()).run()
     assert (base.WorkerState.BUSY, "j1") in seen
     assert seen.index((base.WorkerState.BUSY, "j1")) < seen.index((base.WorkerState.IDLE, None), 1)
@@ -247,8 +254,14 @@ def test_heartbeats_report_busy_then_idle(queue, lake, tmp_path) -> None:  # typ
 def test_idle_worker_retires(queue, tmp_path, deleted_by_controller, self_destroyed) -> None:  # type: ignore[no-untyped-def]
     beats = pool.SqliteHeartbeatStore.open(tmp_path / "pool.db")
     calls: list[str] = []
-    worker = make_worker(queue, tmp_path, OK_PROGRAM, heartbeats=beats, retire_wait_s=5.0)
-    worker._on_idle = lambda: calls.append("self-destroy")
+    worker = make_worker(
+        queue,
+        tmp_path,
+        OK_PROGRAM,
+        heartbeats=beats,
+        on_idle=lambda: calls.append("self-destroy"),
+        retire_wait_s=5.0,
+    )
 
     def controller() -> None:  # plays the controller: deletes the instance once it reports retired
         deadline = time.monotonic() + 10
@@ -269,7 +282,7 @@ def test_idle_worker_retires(queue, tmp_path, deleted_by_controller, self_destro
 # --------------------------------------------------------------------------------------------- idle grace
 
 
-def retiring_after(logs: list[dict[str, object]]) -> list[object]:
+def retiring_after(logs: list[MutableMapping[str, Any]]) -> list[object]:
     return [e["idle_timeout_s"] for e in logs if e["event"] == "worker_started"]
 
 
@@ -337,3 +350,75 @@ def test_hint_keeps_a_worker_waiting_for_the_next_job(queue, lake, tmp_path) -> 
     threading.Thread(target=producer_then_controller, daemon=True).start()
     stats = worker.run()
     assert stats.completed == 1
+
+
+# --------------------------------------------------------------------------------------------- settlement rules
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        pytest.param(
+            errors.LockLostError("gone"),
+            worker_job.Settlement(worker_job.Verdict.LET_GO, "", "gone"),
+            id="lock-lost",
+        ),
+        pytest.param(
+            errors.RejectJob("AnalyticsRejected", "bad ref"),
+            worker_job.Settlement(worker_job.Verdict.DEAD_LETTER, "AnalyticsRejected", "bad ref"),
+            id="reject",
+        ),
+        pytest.param(
+            errors.InvalidJobError("SchemaViolation", "no inputs"),
+            worker_job.Settlement(worker_job.Verdict.DEAD_LETTER, "SchemaViolation", "no inputs"),
+            id="invalid-job",
+        ),
+        pytest.param(
+            errors.SecretNotFoundError("$API_TOKEN: 'x'"),
+            worker_job.Settlement(worker_job.Verdict.DEAD_LETTER, "SecretNotFound", "$API_TOKEN: 'x'"),
+            id="permanent-backend-named-by-type",
+        ),
+        pytest.param(
+            errors.StagingCancelled("draining"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "draining"),
+            id="retry",
+        ),
+        pytest.param(
+            errors.TransientStorageError("503"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "503", cause=ENVIRONMENT),
+            id="transient-backend-is-the-environment",
+        ),
+        pytest.param(
+            errors.StorageError("disk full"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "disk full", cause=ENVIRONMENT),
+            id="backend-is-the-environment",
+        ),
+        pytest.param(
+            runner.AnalyticsKilled("killed by signal 9", signum=9),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "killed by signal 9", cause=ENVIRONMENT),
+            id="killed-by-a-signal-is-the-environment",
+        ),
+        pytest.param(
+            runner.LaunchFailed("EAGAIN"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "EAGAIN", cause=ENVIRONMENT),
+            id="machine-refused-launch-is-the-environment",
+        ),
+        pytest.param(
+            runner.CommandUnusable("ENOENT"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "", "ENOENT", cause=worker_job.Cause.WORKER),
+            id="unlaunchable-command-is-the-worker",
+        ),
+        pytest.param(
+            runner.AnalyticsFailed("exited with 1"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "AnalyticsFailed", "exited with 1"),
+            id="analytics-failure-is-the-job-dead-lettered-on-its-last-delivery",
+        ),
+        pytest.param(
+            KeyError("k"),
+            worker_job.Settlement(worker_job.Verdict.ABANDON, "WorkerError", "KeyError('k')", unexpected=True),
+            id="bug",
+        ),
+    ],
+)
+def test_settlement_follows_the_error_type(exc: Exception, expected: worker_job.Settlement) -> None:
+    assert worker_job.settlement_for(exc) == expected

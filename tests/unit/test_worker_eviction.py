@@ -21,6 +21,7 @@ from scalebus import jobs
 from scalebus.backends import base
 from scalebus.backends.local import folder, sqlite_queue
 from scalebus.settings import StagingSettings, WorkerSettings
+from scalebus.transfer import publish
 from scalebus.worker import loop
 from tests.contract.notice_platforms import *  # noqa: F403  (fixtures)
 from tests.contract.notice_platforms import NoticePlatform
@@ -76,9 +77,7 @@ def make_worker(
     }
     the_store = store or folder.FolderStore()
     return loop.Worker(
-        queue=queue,
-        resolve=lambda _uri: the_store,
-        heartbeats=None,
+        loop.WorkerPorts(queue=queue, resolve=lambda _uri: the_store, notices=notices),
         instance_id=ME,
         settings=WorkerSettings(
             command=[sys.executable, str(script)],
@@ -87,7 +86,6 @@ def make_worker(
         ),
         staging_settings=StagingSettings(min_free_bytes=0, max_concurrency=1),
         on_idle=on_idle,
-        notices=notices,
     )
 
 
@@ -159,7 +157,11 @@ def test_preempt_during_staging_releases_the_job_without_waiting_for_the_downloa
     worker = make_worker(
         queue, tmp_path, analytics(tmp_path, 0), notice_platform.source(ME), lambda: None, store=store
     )
-    when(lambda: store.reads >= 3, lambda: notice_platform.post(base.NoticeKind.PREEMPT, [ME], not_before_s=30))
+    posted: list[str] = []
+    when(
+        lambda: store.reads >= 3,
+        lambda: posted.append(notice_platform.post(base.NoticeKind.PREEMPT, [ME], not_before_s=30)),
+    )
 
     stats = worker.run()
 
@@ -187,7 +189,7 @@ def test_job_that_ends_before_the_eviction_completes_then_the_worker_exits(
     stats = worker.run()
 
     assert (stats.completed, stats.abandoned) == (1, 0), "finished j1, never took j2"
-    assert (output(tmp_path, "j1") / loop.SUCCESS_MARKER).exists()
+    assert (output(tmp_path, "j1") / publish.MARKER_NAME).exists()
     remaining = queue.receive(max_wait_s=1.0)
     assert remaining is not None and (remaining.message_id, remaining.delivery_count) == ("j2", 1)
     assert notice_platform.acknowledged() == posted
@@ -252,7 +254,7 @@ def test_cli_opens_the_notice_source_the_scale_set_implies(tmp_path: Path) -> No
     from scalebus import settings
     from scalebus.backends.azure import scheduled_events
     from scalebus.backends.local import notices
-    from scalebus.cli import app as cli
+    from scalebus.cli import wiring as cli
 
     local = settings.Settings(scale_set=settings.ScaleSetSettings(state_path=str(tmp_path / "pool.db")))
     me = base.InstanceInfo("local-1", "local://x", name="local-1")

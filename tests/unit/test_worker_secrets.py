@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from scalebus import errors, jobs, settings
+from scalebus import errors, jobs, logs, settings
 from scalebus.backends import base
 from scalebus.backends.local import folder, sqlite_queue
 from scalebus.backends.local import secrets as local_secrets
@@ -89,9 +89,11 @@ def _worker(
     script.write_text(program)
     store = folder.FolderStore()
     return loop.Worker(
-        queue=queue,
-        resolve=lambda _uri: store,
-        heartbeats=None,
+        loop.WorkerPorts(
+            queue=queue,
+            resolve=lambda _uri: store,
+            secrets=worker_secrets.SecretEnv(source, mapping, cache_s=0),
+        ),
         instance_id="test-secrets",
         settings=WorkerSettings(
             command=[sys.executable, str(script)],
@@ -101,7 +103,6 @@ def _worker(
             secret_env=mapping,
         ),
         staging_settings=StagingSettings(min_free_bytes=0),
-        secrets=worker_secrets.SecretEnv(source, mapping, cache_s=0),
     )
 
 
@@ -274,3 +275,14 @@ def test_worker_command_passes_local_secrets_and_status_never_shows_them(tmp_pat
     assert status.returncode == 0, status.stderr
     for text in (ran.stdout, ran.stderr, status.stdout, status.stderr):
         assert TOKEN not in text
+
+
+def test_a_secret_the_worker_read_is_masked_in_everything_the_process_redacts(tmp_path: Path) -> None:
+    root = tmp_path / "secrets"
+    root.mkdir(mode=0o700)
+    (root / "canary-token").touch(mode=0o600)
+    (root / "canary-token").write_text("canary-4f1d9c2b7e\n")
+    source = local_secrets.FolderSecretSource(root)
+    env = worker_secrets.SecretEnv(source, {"API_TOKEN": "canary-token"}, cache_s=0)
+    assert env.resolve() == {"API_TOKEN": "canary-4f1d9c2b7e"}
+    assert logs.redact("upload failed for canary-4f1d9c2b7e") == "upload failed for ***"

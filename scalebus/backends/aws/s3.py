@@ -49,7 +49,6 @@ PERMISSIONS_HINT = "the identity needs s3:ListBucket on the bucket and s3:GetObj
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 _KMS = frozenset({"aws:kms", "aws:kms:dsse"})
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset(
     {
         "SlowDown",
@@ -275,7 +274,7 @@ def to_scalebus(exc: BaseException, *, what: str) -> errors.ScalebusError:
             return errors.StorageError(f"{what}: access denied ({detail}); {PERMISSIONS_HINT}")
         if code == "PreconditionFailed" or status == 412:
             return errors.StorageError(f"{what}: changed since it was listed (ETag no longer matches); run again")
-        if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS:
+        if code in _TRANSIENT_CODES or status in errors.TRANSIENT_HTTP_STATUS:
             return errors.TransientStorageError(f"{what}: {detail}")
         return errors.StorageError(f"{what}: {detail}")
     if isinstance(exc, botocore_exc.NoCredentialsError | botocore_exc.PartialCredentialsError):

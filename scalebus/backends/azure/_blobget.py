@@ -63,7 +63,6 @@ _ERROR_BODY_MAX = 64 * 1024
 _HEAD_BUFFER_BYTES = 64 * 1024
 _MAX_LINE_BYTES = 64 * 1024
 _MAX_HEADERS = 100
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Auth(Protocol):
@@ -267,11 +266,7 @@ class BlobReader:
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             headers["x-ms-range"] = f"bytes={offset}-{end}"
-        try:
-            start: int | None = sink.tell() if sink.seekable() else None
-        except (AttributeError, OSError):
-            start = None
-        got: int = self._attempt(path, {}, headers, sink, _Attempts(start), what=what)
+        got: int = self._attempt(path, {}, headers, sink, _Attempts(rewind_point(sink)), what=what)
         return got
 
     def list_page(self, container: str, prefix: str, marker: str, *, max_results: int, what: str) -> BlobPage:
@@ -300,10 +295,7 @@ class BlobReader:
         what: str,
     ) -> int:
         attempts.count += 1
-        if attempts.count > 1:
-            if attempts.start is None:
-                raise errors.StorageError(f"{what}: failed part-way into a sink that cannot rewind")
-            sink.seek(attempts.start)
+        rewind_for_retry(sink, attempts.start, attempt=attempts.count, what=what)
         return self._get(path, query, dict(headers), sink, what=what)
 
     def _get(
@@ -365,6 +357,24 @@ class BlobReader:
         if buffer is None:
             buffer = self._local.buffer = memoryview(bytearray(READ_BUFFER_BYTES))
         return buffer
+
+
+def rewind_point(sink: BinaryIO) -> int | None:
+    """Where ``sink`` stands before a read, if a retry can rewind it to there (``None``: it cannot)."""
+    try:
+        return sink.tell() if sink.seekable() else None
+    except (AttributeError, OSError):
+        return None
+
+
+def rewind_for_retry(sink: BinaryIO, start: int | None, *, attempt: int, what: str) -> None:
+    """Before attempt number ``attempt`` (from 1) of a read into ``sink``: a retry rewrites the body from where the
+    first attempt started, so seek back there, or fail if the sink cannot rewind."""
+    if attempt <= 1:
+        return
+    if start is None:
+        raise errors.StorageError(f"{what}: failed part-way into a sink that cannot rewind")
+    sink.seek(start)
 
 
 @dataclass(slots=True)
@@ -539,7 +549,7 @@ def _status_error(status: int, reason: str, headers: _Headers, *, what: str) -> 
         error = errors.StorageError(
             f"{what}: authentication failed (HTTP {status}); check the identity and its roles"
         )
-    elif status in _TRANSIENT_STATUS:
+    elif status in errors.TRANSIENT_HTTP_STATUS:
         error = errors.TransientStorageError(f"{what}: {cause}", retry_after_s=cause.retry_after_s)
     else:
         error = errors.StorageError(f"{what}: {cause}")

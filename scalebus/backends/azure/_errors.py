@@ -23,8 +23,6 @@ from scalebus import errors
 if TYPE_CHECKING:
     from azure.core import exceptions as core_exc
 
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
 
 @dataclass(frozen=True, slots=True)
 class ErrorKinds:
@@ -33,6 +31,8 @@ class ErrorKinds:
     base: type[errors.BackendError]
     transient: type[errors.TransientBackendError]
     not_found: type[errors.BackendError]
+    also_transient: frozenset[int] = frozenset()
+    """Statuses this service answers for a passing state on top of the shared set (ARM's 409 Conflict)."""
 
 
 def retry_after_s(response: object) -> float | None:
@@ -64,7 +64,7 @@ def to_scalebus(exc: BaseException, kinds: ErrorKinds, *, what: str) -> errors.B
         return kinds.base(f"{what}: authentication failed ({_status(exc)}); check the identity and its roles")
     if isinstance(exc, core_exc.HttpResponseError):
         status = exc.status_code or 0
-        if status in _TRANSIENT_STATUS:
+        if status in errors.TRANSIENT_HTTP_STATUS or status in kinds.also_transient:
             return kinds.transient(
                 f"{what}: HTTP {status} {_code(exc)}".rstrip(), retry_after_s=retry_after_s(exc.response)
             )
@@ -103,11 +103,18 @@ def _status(exc: core_exc.AzureError) -> str:
 
 
 def _code(exc: core_exc.HttpResponseError) -> str:
-    return str(getattr(exc, "error_code", None) or getattr(exc, "reason", "") or "")
+    """The service's error code (``AuthorizationFailed``, ``Conflict``); azure-mgmt-compute 39 leaves
+    ``error_code`` unset and parses the code into ``error.code`` only."""
+    parsed = getattr(getattr(exc, "error", None), "code", None)
+    return str(getattr(exc, "error_code", None) or parsed or getattr(exc, "reason", "") or "")
 
 
 QUEUE = ErrorKinds(errors.QueueError, errors.TransientQueueError, errors.QueueNotFoundError)
-SCALE_SET = ErrorKinds(errors.ScaleSetError, errors.TransientScaleSetError, errors.InstanceNotFoundError)
+# ARM answers 409 while another operation holds the scale set or the instance is being deleted ("conflict with a
+# concurrent request", "marked for deletion"): both pass once that operation ends.
+SCALE_SET = ErrorKinds(
+    errors.ScaleSetError, errors.TransientScaleSetError, errors.InstanceNotFoundError, frozenset({409})
+)
 STORAGE = ErrorKinds(errors.StorageError, errors.TransientStorageError, errors.ObjectNotFoundError)
 SECRETS = ErrorKinds(errors.SecretError, errors.TransientSecretError, errors.SecretNotFoundError)
 

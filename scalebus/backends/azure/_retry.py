@@ -2,8 +2,9 @@
 
 Policies retry only :class:`~scalebus.errors.TransientBackendError` (so SDK calls must be wrapped in
 ``_errors.translated`` first), never wait less than a server's ``Retry-After``, and give up at a deadline so
-callers above (the controller loop, systemd) decide what happens next. Nothing outside ``backends/azure``
-imports tenacity.
+callers above (the controller loop, systemd) decide what happens next. The deadline is checked *before* each
+sleep: a wait that would end past it (a ``Retry-After`` longer than the budget left) stops at once with the last
+transient error instead of sleeping. Nothing outside ``backends/azure`` imports tenacity.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _WaitHonouringRetryAfter(tenacity_wait.wait_base):
 def _policy(*, name: str, attempts: int, deadline_s: float, initial_s: float, max_s: float) -> Any:
     return tenacity.retry(
         retry=tenacity.retry_if_exception_type(errors.TransientBackendError),
-        stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(deadline_s),
+        stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_before_delay(deadline_s),
         wait=_WaitHonouringRetryAfter(initial_s=initial_s, max_s=max_s),
         reraise=True,
         before_sleep=_count_retry(name),
@@ -110,6 +111,15 @@ def retry_blob_get(fn: Callable[..., T]) -> Callable[..., T]:
     from the sink's starting position."""
     decorated: Callable[..., T] = _policy(
         name="blob_get", attempts=6, deadline_s=120.0, initial_s=0.2, max_s=10.0
+    )(fn)
+    return decorated
+
+
+def retry_instance_metadata(fn: Callable[..., T]) -> Callable[..., T]:
+    """IMDS ``/metadata/instance`` (who am I): IMDS answers 410 for up to 70 s after a VM boots and asks for
+    retries until then, so the deadline covers that window."""
+    decorated: Callable[..., T] = _policy(
+        name="instance_metadata", attempts=40, deadline_s=90.0, initial_s=0.5, max_s=5.0
     )(fn)
     return decorated
 

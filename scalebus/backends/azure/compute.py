@@ -13,13 +13,27 @@ call waits for it instead of writing again), ``delete_instances`` is one batch `
 retry policy is switched off: retries happen here, through the named policies in ``_retry`` (429 waits at least
 ``Retry-After``; 5xx backs off), and a poll that fails after the write was accepted resumes polling from the
 operation's continuation token rather than writing again. Every HTTP request and every 429 is counted in
-:class:`ArmCallStats` for the controller to log.
+:class:`ArmCallStats` for the controller to log, with the lowest ``x-ms-ratelimit-remaining-*`` count seen last.
+
+Azure's unhappy paths handled here: a 409 (another operation holds the scale set, or the instance is marked for
+deletion) is transient; an accepted operation that ends ``Canceled`` or ``Failed`` with ``OperationPreempted``
+(a newer operation overrode it) is sent again, up to a few times; scaling a Uniform scale set with
+``overprovision`` on is refused before the first write, because Azure would boot extra VMs whose workers take jobs
+before it deletes them; an instance without ``timeCreated`` counts from when this adapter first saw it, so it is
+never taken for ancient; a VM whose last operation failed but that still runs counts as running.
+On Flexible, the VM resource does not carry the instance's protection policy, so it is read once per VM through
+the scale-set VM API (supported for Flexible from api-version 2023-09-01, "Instance protection for Azure Virtual
+Machine Scale Set instances", https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/
+virtual-machine-scale-sets-instance-protection) and then kept up to date by our own writes: a restarted
+controller sees the protection a previous one set. The token audience follows ``arm_endpoint`` (Azure China and
+US Government use their own, as ``azure.mgmt.core.tools.get_arm_endpoints`` lists).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import re
 import threading
 import time
@@ -27,12 +41,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
+from azure.core import AzureClouds
 from azure.core.credentials import TokenCredential
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.polling import LROPoller
+from azure.core.polling.base_polling import OperationFailed
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute import models as compute_models
+from azure.mgmt.core.tools import get_arm_endpoints
 
 from scalebus import errors, settings
 from scalebus.backends import base
@@ -50,6 +68,19 @@ _SCALE_SET_ID = re.compile(
 _UNIFORM = "Uniform"
 _FLEXIBLE = "Flexible"
 _NOT_RUNNING = frozenset({"stopped", "stopping", "deallocated", "deallocating"})
+_OPERATION_SENDS = 3
+"""How often one write is sent when its operation ends Canceled or preempted."""
+_RESENT_CODES = frozenset({"operationpreempted", "conflict", "retryableerror"})
+
+
+def arm_token_scope(arm_endpoint: str) -> str:
+    """The token scope for an ARM endpoint: each sovereign cloud's own audience, else ``<endpoint>/.default``."""
+    wanted = arm_endpoint.rstrip("/").lower()
+    for cloud in AzureClouds:
+        endpoints = get_arm_endpoints(cloud)
+        if str(endpoints["resource_manager"]).rstrip("/").lower() == wanted:
+            return str(endpoints["credential_scopes"][0])
+    return f"{arm_endpoint.rstrip('/')}/.default"
 
 
 # --------------------------------------------------------------------------------------------- resource ids
@@ -95,6 +126,8 @@ class ArmCallStats:
     writes: int = 0
     throttled: int = 0
     server_errors: int = 0
+    ratelimit_remaining: int | None = None
+    """The lowest count in the last answer's ``x-ms-ratelimit-remaining-*`` headers (ARM's request budget left)."""
 
 
 class _CallCounter(SansIOHTTPPolicy[Any, Any]):
@@ -121,12 +154,28 @@ class _CallCounter(SansIOHTTPPolicy[Any, Any]):
         if status == 429:
             retry_after = _errors.retry_after_s(response.http_response)
             log.warning("arm_throttled", method=request.http_request.method, retry_after_s=retry_after)
+        remaining = ratelimit_remaining(response.http_response.headers)
         with self._lock:
             self._stats = dataclasses.replace(
                 self._stats,
                 throttled=self._stats.throttled + int(status == 429),
                 server_errors=self._stats.server_errors + int(status >= 500),
+                ratelimit_remaining=remaining if remaining is not None else self._stats.ratelimit_remaining,
             )
+
+
+def ratelimit_remaining(headers: Any) -> int | None:
+    """The lowest remaining count in ARM's throttling headers: ``x-ms-ratelimit-remaining-subscription-reads``
+    (a number) and ``x-ms-ratelimit-remaining-resource`` (``Microsoft.Compute/HighCostGet3Min;107,...``)."""
+    counts: list[int] = []
+    for key, value in headers.items():
+        if not str(key).lower().startswith("x-ms-ratelimit-remaining-"):
+            continue
+        for part in str(value).split(","):
+            digits = part.rsplit(";", 1)[-1].strip()
+            if digits.isdigit():
+                counts.append(int(digits))
+    return min(counts) if counts else None
 
 
 # --------------------------------------------------------------------------------------------- state mapping
@@ -135,14 +184,16 @@ class _CallCounter(SansIOHTTPPolicy[Any, Any]):
 def instance_state(provisioning_state: str | None, power_state: str | None) -> base.InstanceState:
     """One instance's state from ARM's provisioning state and the ``PowerState/...`` code.
 
-    A stopped or deallocated VM does no work and does not start by itself: for the controller it is broken.
+    A stopped or deallocated VM does no work and does not start by itself: for the controller it is broken. A VM
+    whose last operation failed (an extension, a model update) but that still runs may hold a job: it counts as
+    running, and the controller's heartbeat rules tell whether its worker is alive.
     """
     provisioning = (provisioning_state or "").lower()
     power = (power_state or "").lower()
     if provisioning == "deleting":
         return base.InstanceState.DELETING
     if provisioning == "failed":
-        return base.InstanceState.FAILED
+        return base.InstanceState.RUNNING if power == "running" else base.InstanceState.FAILED
     if provisioning == "creating":
         return base.InstanceState.STARTING
     if power == "running":
@@ -160,8 +211,8 @@ def _power_state(statuses: Iterable[Any] | None) -> str | None:
     return None
 
 
-def _epoch(value: datetime.datetime | None) -> float:
-    return value.timestamp() if value is not None else 0.0
+def _epoch(value: datetime.datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
 
 
 # --------------------------------------------------------------------------------------------- adapter
@@ -203,6 +254,7 @@ class VmssScaleSet:
             credential,
             self._ref.subscription_id,
             base_url=arm_endpoint.rstrip("/"),
+            credential_scopes=[arm_token_scope(arm_endpoint)],
             connection_verify=connection_verify or True,
             retry_total=0,
             per_retry_policies=[self._counter],
@@ -210,10 +262,13 @@ class VmssScaleSet:
         )
         self._mode: str | None = None
         self._location: str | None = None
+        self._overprovision: bool | None = None
         self._write_done = threading.Condition()
         self._capacity_in_flight: int | None = None
         self._last_capacity_write: tuple[int, bool] | None = None
-        self._protected_here: set[str] = set()
+        self._protection: dict[str, bool] = {}
+        """Flexible: each VM's protection as read once from Azure, then as we set it."""
+        self._first_seen: dict[str, float] = {}
         self._log = log.bind(scale_set=self._ref.name)
 
     # -- facts ------------------------------------------------------------------------------------------------
@@ -259,7 +314,27 @@ class VmssScaleSet:
         mode = getattr(mode, "value", mode)  # an SDK enum or a plain string
         self._mode = _FLEXIBLE if str(mode or "").lower() == "flexible" else _UNIFORM
         self._location = vmss.location
+        self._overprovision = self._mode == _UNIFORM and props is not None and bool(props.overprovision)
         return vmss
+
+    def _refuse_overprovisioning(self) -> None:
+        """Scaling a Uniform scale set with overprovision on boots extra VMs whose workers take jobs before Azure
+        deletes them: refused before the first write (reads and self-destroy still work)."""
+        if self._overprovision is None:
+            self._read_scale_set()
+        if self._overprovision:
+            raise errors.ConfigError(
+                "scale_set.url",
+                f"scale set {self._ref.name} has overprovision on: Azure boots extra VMs whose workers take jobs "
+                "before Azure deletes them",
+                f"turn it off: az vmss update -g {self._ref.resource_group} -n {self._ref.name} "
+                "--set overprovision=false",
+            )
+
+    def _created_at(self, instance_id: str, time_created: datetime.datetime | None) -> float:
+        known = _epoch(time_created)
+        first_seen = self._first_seen.setdefault(instance_id, time.time())
+        return known if known is not None else first_seen
 
     def _list_uniform(self) -> list[base.Instance]:
         pages = self._client.virtual_machine_scale_set_vms.list(
@@ -277,7 +352,9 @@ class VmssScaleSet:
                         props.provisioning_state if props is not None else None,
                         _power_state(view.statuses if view is not None else None),
                     ),
-                    created_at=_epoch(props.time_created if props is not None else None),
+                    created_at=self._created_at(
+                        str(vm.instance_id), props.time_created if props is not None else None
+                    ),
                     protected=bool(policy is not None and policy.protect_from_scale_in),
                     name=str(vm.name or ""),
                 )
@@ -302,19 +379,30 @@ class VmssScaleSet:
                         props.provisioning_state if props is not None else None,
                         _power_state(view.statuses if view is not None else None),
                     ),
-                    created_at=_epoch(props.time_created if props is not None else None),
-                    # The VM resource does not carry the scale set's protection policy; report what we set.
-                    protected=name in self._protected_here,
+                    created_at=self._created_at(name, props.time_created if props is not None else None),
+                    protected=self._flexible_protection(name),
                     name=name,
                 )
             )
         return found
+
+    def _flexible_protection(self, name: str) -> bool:
+        """The VM resource lacks the instance's protection policy: read it once through the scale-set VM API."""
+        if name not in self._protection:
+            try:
+                vm = self._client.virtual_machine_scale_set_vms.get(self._ref.resource_group, self._ref.name, name)
+            except ResourceNotFoundError:
+                return False  # deleted since the listing: nothing to protect
+            policy = vm.properties.protection_policy if vm.properties is not None else None
+            self._protection[name] = bool(policy is not None and policy.protect_from_scale_in)
+        return self._protection[name]
 
     # -- writes -----------------------------------------------------------------------------------------------
 
     def set_capacity(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self._refuse_overprovisioning()
         with self._write_done:
             while self._capacity_in_flight is not None:
                 # One write at a time: a call for the capacity already being written rides on that write.
@@ -357,7 +445,9 @@ class VmssScaleSet:
             self._log.info("instances_already_gone", gone=[i for i in wanted if i not in present])
             if remaining:
                 self._delete(remaining)
-        self._protected_here.difference_update(wanted)
+        for gone in wanted:
+            self._protection.pop(gone, None)
+            self._first_seen.pop(gone, None)
 
     def _delete(self, instance_ids: list[str]) -> None:
         body = compute_models.VirtualMachineScaleSetVMInstanceRequiredIDs(instance_ids=instance_ids)
@@ -391,10 +481,7 @@ class VmssScaleSet:
                 **kw,
             ),
         )
-        if protected:
-            self._protected_here.add(instance_id)
-        else:
-            self._protected_here.discard(instance_id)
+        self._protection[instance_id] = protected
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
@@ -407,7 +494,8 @@ class VmssScaleSet:
         return attempt()
 
     def _run_operation(self, what: str, begin: Callable[..., LROPoller[Any]]) -> Any:
-        """Send one write (retried only while ARM has not accepted it), then poll it to the end."""
+        """Send one write (retried only while ARM has not accepted it), then poll it to the end; an operation that
+        ended Canceled or preempted is sent again, at most ``_OPERATION_SENDS`` times in all."""
         label = f"{what} {self._ref.name}"
 
         @_retry.retry_control_plane_write
@@ -416,16 +504,57 @@ class VmssScaleSet:
                 return begin()
 
         started = time.monotonic()
-        poller = send()
+        for sent in range(1, _OPERATION_SENDS + 1):
+            poller = send()
+            ended = self._wait(label, begin, poller)
+            if not isinstance(ended, _OperationEnded):
+                self._log.debug("operation_done", what=what, seconds=round(time.monotonic() - started, 3))
+                return ended
+            self._log.warning("operation_ended", what=what, status=ended.status, code=ended.code, sends=sent)
+        raise errors.TransientScaleSetError(
+            f"{label}: the operation ended {ended.status} ({ended.code}) {_OPERATION_SENDS} times"
+        )
+
+    def _wait(self, label: str, begin: Callable[..., LROPoller[Any]], poller: LROPoller[Any]) -> Any:
+        """Poll one accepted operation to its end; a poll failing transiently resumes from the continuation token.
+        An operation that ended Canceled or preempted comes back as ``_OperationEnded`` (sending it again may
+        help; polling it again cannot)."""
         token = poller.continuation_token()
         pending: list[LROPoller[Any]] = [poller]
 
         @_retry.retry_long_running_poll
         def wait() -> Any:
+            current = pending.pop() if pending else None
             with _errors.translated(_errors.SCALE_SET, what=label):
-                current = pending.pop() if pending else begin(continuation_token=token)
-                return current.result()
+                try:
+                    return (current or begin(continuation_token=token)).result()
+                except HttpResponseError as exc:
+                    ended = _operation_ended(exc)
+                    if ended is None:
+                        raise
+                    return ended
 
-        result = wait()
-        self._log.debug("operation_done", what=what, seconds=round(time.monotonic() - started, 3))
-        return result
+        return wait()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _OperationEnded:
+    status: str
+    code: str
+
+
+def _operation_ended(exc: HttpResponseError) -> _OperationEnded | None:
+    """An ARM operation that ended ``Canceled``, or ``Failed`` because a newer operation preempted it (or a
+    conflict or a retryable platform error ended it): worth sending again. Other failures are the caller's."""
+    if not isinstance(exc.__cause__, OperationFailed) or exc.response is None:
+        return None
+    try:
+        body = json.loads(exc.response.text())
+    except ValueError:
+        return None
+    status = str(body.get("status") or "") if isinstance(body, dict) else ""
+    error = body.get("error") if isinstance(body, dict) else None
+    code = str(error.get("code") or "") if isinstance(error, dict) else ""
+    if status.lower() == "canceled" or code.lower() in _RESENT_CODES:
+        return _OperationEnded(status or "Failed", code or "none")
+    return None

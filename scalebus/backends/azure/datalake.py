@@ -25,7 +25,6 @@ not the URL.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import urllib.parse
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import structlog
 
-from scalebus import errors
+from scalebus import checksums, errors, uris
 from scalebus.backends import base
 from scalebus.backends.azure import _blobget, _errors, _retry
 from scalebus.settings import StorageSettings
@@ -66,13 +65,7 @@ class AbfssPath:
 
     @classmethod
     def parse(cls, uri: str) -> AbfssPath:
-        parts = urllib.parse.urlsplit(uri)
-        filesystem, at, host = parts.netloc.partition("@")
-        if parts.scheme != SCHEME or not at or not filesystem or "." not in host:
-            raise errors.StorageError(
-                f"{uri!r}: not an ADLS Gen2 URI (abfss://<filesystem>@<account>.dfs.core.windows.net/<path>)"
-            )
-        path = urllib.parse.unquote(parts.path).lstrip("/")
+        filesystem, host, path = uris.split_abfss(uri)
         return cls(filesystem=filesystem, account=host.split(".", 1)[0], host=host, path=path)
 
     @property
@@ -335,20 +328,14 @@ class AdlsStore:
         from azure.core import MatchConditions
 
         blob = self._client.get_blob_client(where.filesystem, where.path)
-        try:
-            start: int | None = sink.tell() if sink.seekable() else None
-        except (AttributeError, OSError):
-            start = None
+        start = _blobget.rewind_point(sink)
         attempts = 0
 
         @_retry.retry_data_plane
         def download() -> int:
             nonlocal attempts
             attempts += 1
-            if attempts > 1:
-                if start is None:
-                    raise errors.StorageError(f"{what}: failed part-way into a sink that cannot rewind")
-                sink.seek(start)
+            _blobget.rewind_for_retry(sink, start, attempt=attempts, what=what)
             counting = _CountingSink(sink)
             with _errors.translated(_errors.STORAGE, what=what):
                 stream = blob.download_blob(
@@ -373,8 +360,7 @@ class AdlsStore:
         blob = self._client.get_blob_client(where.filesystem, where.path)
         what = f"upload {where.filesystem}/{where.path}"
         try:
-            with source.open("rb") as fh:
-                digest = hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).digest()
+            digest = checksums.file_md5(source)
             size = source.stat().st_size
         except OSError as exc:
             raise errors.StorageError(f"{source}: cannot read ({exc.strerror})") from exc
@@ -397,7 +383,7 @@ class AdlsStore:
 
         where = AbfssPath.parse(uri)
         blob = self._client.get_blob_client(where.filesystem, where.path)
-        digest = hashlib.md5(data, usedforsecurity=False).digest()
+        digest = checksums.bytes_md5(data)
 
         @_retry.retry_data_plane
         def upload() -> None:

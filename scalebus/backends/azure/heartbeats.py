@@ -30,11 +30,23 @@ HINT_BLOB = "_fleet-hint"
 
 
 class BlobHeartbeatStore:
-    """``base.HeartbeatStore`` over one container and name prefix."""
+    """``base.HeartbeatStore`` over one container and name prefix.
 
-    def __init__(self, container: ContainerClient, *, prefix: str = "") -> None:
+    ``owner`` is the account client the container client came from: the container client shares its transport
+    and closing it releases nothing, so ``close`` closes the owner.
+    """
+
+    def __init__(self, container: ContainerClient, *, prefix: str = "", owner: Any = None) -> None:
         self._container = container
         self._prefix = prefix
+        self._owner = owner
+
+    def close(self) -> None:
+        """Release the account client's connections; closing twice does nothing more."""
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.close()
+        self._container.close()
 
     def beat(self, heartbeat: base.Heartbeat) -> None:
         self._upload(
@@ -180,7 +192,7 @@ def open_heartbeat_store(uri: str, settings: StorageSettings) -> BlobHeartbeatSt
     where = datalake.AbfssPath.parse(uri)
     client = datalake.service_client(where, settings)
     prefix = where.path.rstrip("/") + "/" if where.path else ""
-    return BlobHeartbeatStore(client.get_container_client(where.filesystem), prefix=prefix)
+    return BlobHeartbeatStore(client.get_container_client(where.filesystem), prefix=prefix, owner=client)
 
 
 def open_heartbeats(storage: StorageSettings, scale_set: ScaleSetSettings) -> BlobHeartbeatStore:

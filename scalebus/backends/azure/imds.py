@@ -4,8 +4,14 @@ IMDS answers on a link-local address, only from inside the VM, only with the ``M
 through a proxy (so proxies are bypassed here). ``/metadata/instance`` tells the subscription, resource group,
 scale set name and the VM's own name and resource id. A **Uniform** instance's resource id ends in
 ``virtualMachineScaleSets/<vmss>/virtualMachines/<instanceId>`` (its name is ``<vmss>_<instanceId>``); a
-**Flexible** instance is a plain VM whose name is its instance id for the scale-set API. A VM outside any scale
-set has an empty ``vmScaleSetName``: that is an ``IdentityError``, never a guess.
+**Flexible** instance is a plain VM whose name is its instance id for the scale-set API; from api-version
+2021-03-01 IMDS also names its scale set's resource id in ``compute.virtualMachineScaleSet.id``, which is preferred
+(https://learn.microsoft.com/en-us/azure/virtual-machines/instance-metadata-service, "Instance metadata" schema).
+A VM outside any scale set has an empty ``vmScaleSetName``: that is an ``IdentityError``, never a guess.
+
+IMDS answers 410 for up to 70 seconds after a VM boots, and 429/5xx while busy (the same page, "Errors and
+debugging"): those are retried for about 90 s and then raised as a *transient* error, which is not an
+``IdentityError`` ("not a scale-set instance" is a verdict; "IMDS is not ready" is not).
 
 :func:`managed_identity_credential` builds the credential the VM's managed identity uses for ARM. azure-identity
 reads the IMDS host only from ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` (at request time), so a non-default endpoint
@@ -32,13 +38,16 @@ from scalebus.backends.azure import _errors, _retry
 log = structlog.get_logger(__name__)
 
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
-INSTANCE_API_VERSION = "2021-02-01"
+INSTANCE_API_VERSION = "2021-03-01"
 _IMDS_HOST_ENV = "AZURE_POD_IDENTITY_AUTHORITY_HOST"
-_TRANSIENT_STATUS = frozenset({408, 410, 429, 500, 502, 503, 504})
+TRANSIENT_STATUS = errors.TRANSIENT_HTTP_STATUS | {410}
+"""The shared transient statuses, plus 410 Gone: IMDS (and Scheduled Events, served by it) answers it while the
+VM's metadata service is (re)starting, and Azure documents it as "retry after some time"."""
 
 
-class _TransientIdentityError(errors.IdentityError, errors.TransientBackendError):
-    """IMDS throttled (5 requests/s per VM) or briefly unavailable: worth a retry."""
+class TransientIdentityError(errors.TransientBackendError):
+    """IMDS throttled (5 requests/s per VM), not ready yet after boot (410) or briefly unavailable: worth a retry
+    later. Deliberately not an ``IdentityError``, which means "this is not a scale-set instance"."""
 
 
 class ImdsIdentity:
@@ -54,18 +63,22 @@ class ImdsIdentity:
         compute = self._read_compute()
         return instance_info(compute)
 
+    def close(self) -> None:
+        """Nothing to release: each call is one short HTTP request on a connection of its own."""
+
     def _read_compute(self) -> dict[str, Any]:
         url = f"{self._endpoint}/metadata/instance?{urllib.parse.urlencode({'api-version': INSTANCE_API_VERSION})}"
 
-        @_retry.retry_control_plane_read
+        @_retry.retry_instance_metadata
         def attempt() -> dict[str, Any]:
             request = urllib.request.Request(url, headers={"Metadata": "true"})
             try:
                 with self._opener.open(request, timeout=self._timeout_s) as response:
                     document = json.loads(response.read())
             except urllib.error.HTTPError as exc:
-                if exc.code in _TRANSIENT_STATUS:
-                    raise _TransientIdentityError(
+                exc.close()  # its body is not needed, and an open one leaks the socket
+                if exc.code in TRANSIENT_STATUS:
+                    raise TransientIdentityError(
                         f"IMDS answered HTTP {exc.code}", retry_after_s=_errors.retry_after_s(exc)
                     ) from exc
                 raise errors.IdentityError(f"IMDS answered HTTP {exc.code}: not an Azure VM?") from exc
@@ -91,13 +104,17 @@ def instance_info(compute: dict[str, Any]) -> base.InstanceInfo:
     subscription = str(compute.get("subscriptionId") or "")
     group = str(compute.get("resourceGroupName") or "")
     resource_id = str(compute.get("resourceId") or "")
+    scale_set_ref = compute.get("virtualMachineScaleSet")
+    scale_set_id = str(scale_set_ref.get("id") or "") if isinstance(scale_set_ref, dict) else ""
+    if scale_set_id and not vmss:
+        vmss = scale_set_id.rstrip("/").rsplit("/", 1)[-1]
     if not vmss:
         raise errors.IdentityError(
             f"VM {name or '?'} is not an instance of a VM scale set (IMDS vmScaleSetName is empty)"
         )
     if not (subscription and group and name):
         raise errors.IdentityError("IMDS instance metadata lacks subscriptionId, resourceGroupName or name")
-    scale_set = (
+    scale_set = scale_set_id.rstrip("/") or (
         f"/subscriptions/{subscription}/resourceGroups/{group}"
         f"/providers/Microsoft.Compute/virtualMachineScaleSets/{vmss}"
     )

@@ -22,11 +22,10 @@ from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
 from scalebus import errors
-from scalebus.backends import base
 from scalebus.backends.azure import _errors, _retry
-from scalebus.settings import SecretsSettings
+from scalebus.settings import SECRET_NAME_PATTERN, SecretsSettings
 
-_NAME = re.compile(base.SECRET_NAME_PATTERN)
+_NAME = re.compile(SECRET_NAME_PATTERN)
 _FIX = "use https://<vault>.vault.azure.net (or local://<folder> for the embedded default)"
 
 

@@ -23,12 +23,11 @@ import structlog
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import _errors, _retry
-from scalebus.backends.azure.imds import DEFAULT_IMDS_ENDPOINT
+from scalebus.backends.azure.imds import DEFAULT_IMDS_ENDPOINT, TRANSIENT_STATUS
 
 log = structlog.get_logger(__name__)
 
 SCHEDULED_EVENTS_API_VERSION = "2020-07-01"
-_TRANSIENT_STATUS = frozenset({408, 410, 429, 500, 502, 503, 504})
 
 
 class ImdsNoticeSource:
@@ -75,7 +74,7 @@ class ImdsNoticeSource:
                     raw = response.read()
             except urllib.error.HTTPError as exc:
                 exc.close()  # its body is not needed, and an open one leaks the socket
-                if exc.code in _TRANSIENT_STATUS:
+                if exc.code in TRANSIENT_STATUS:
                     raise errors.TransientNoticeError(
                         f"{what}: IMDS answered HTTP {exc.code}", retry_after_s=_errors.retry_after_s(exc)
                     ) from exc

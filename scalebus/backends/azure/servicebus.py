@@ -103,6 +103,12 @@ def _to_scalebus(exc: BaseException, *, what: str) -> errors.BackendError:
     return _errors.to_scalebus(exc, _errors.QUEUE, what=what)
 
 
+def _denied(exc: core_exc.HttpResponseError) -> bool:
+    """The admin API refuses a token without Manage claims with 401 (``SubCode=40100``: "Manage,EntityRead
+    claims required for this operation") and an RBAC role that lacks the action with 403."""
+    return exc.status_code in (401, 403)
+
+
 def _token_refused_with(exc: BaseException, status: int) -> bool:
     """Service Bus answers the CBS put-token for a missing entity with 404, which the SDK raises as an
     authentication error whose inner exception carries the status code."""
@@ -504,10 +510,15 @@ def _close_side_by_side(handlers: Sequence[Any]) -> None:
 
 
 def _close_quietly(handler: Any) -> None:
+    """Close one handler from a background thread. A close racing a lock renewal in flight can fail inside the
+    SDK's AMQP layer with errors that are not ``AzureError`` (a link already detached, a state check); nothing
+    waits on this thread to see them, so every failure is logged here and none escapes it."""
     try:
         handler.close()
     except (core_exc.AzureError, OSError) as exc:
         log.debug("servicebus.close_failed", error=type(exc).__name__)
+    except Exception as exc:  # a background thread's last stop: logged, never raised
+        log.warning("servicebus.close_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
 
 # --------------------------------------------------------------------------------------------- depth
@@ -547,13 +558,23 @@ class ServiceBusAdminDepth:
             scheduled=counts.scheduled,
             transfer=counts.transfer,
             source="servicebus-admin",
+            active_includes_locked=True,
         )
 
     @_retry.retry_control_plane_read
     def runtime_counts(self) -> RuntimeCounts:
         """Uncached counts, for ``scalebus status``."""
-        with _translated(what=f"read runtime properties of {self._queue_name}"):
-            props = self._admin.get_queue_runtime_properties(self._queue_name)
+        what = f"read runtime properties of {self._queue_name}"
+        with _translated(what=what):
+            try:
+                props = self._admin.get_queue_runtime_properties(self._queue_name)
+            except (core_exc.ClientAuthenticationError, core_exc.HttpResponseError) as exc:
+                if not _denied(exc):
+                    raise
+                raise errors.QueueAccessDenied(
+                    f"{what}: the identity lacks Manage rights on the queue (HTTP {exc.status_code}); "
+                    "the admin API's counts need Azure Service Bus Data Owner or a SAS policy with Manage"
+                ) from exc
         return RuntimeCounts(
             active=int(props.active_message_count or 0),
             scheduled=int(props.scheduled_message_count or 0),
@@ -615,52 +636,80 @@ def _http_options(verify: str) -> dict[str, Any]:
     return {"connection_verify": verify} if verify else {}
 
 
-def open_servicebus(
-    settings: QueueSettings, *, environ: Mapping[str, str] | None = None, credential: Any = None
-) -> tuple[ServiceBusJobQueue, base.QueueDepth]:
-    """Build the queue and the configured depth source. ``credential`` (a ``TokenCredential``) defaults to
-    ``DefaultAzureCredential``; with ``queue.connection_string_env`` the data plane and admin API use the key."""
-    target = parse_url(settings.url)
-    conn_str = _connection_string(settings, os.environ if environ is None else environ)
-    if conn_str is not None:
-        try:
-            props = parse_connection_string(conn_str)
-        except ValueError:
-            raise errors.ConfigError(
-                "queue.connection_string_env",
-                f"{settings.connection_string_env} does not hold a Service Bus connection string",
-                "copy it from the namespace's Shared access policies",
-            ) from None
-        namespace = props.fully_qualified_namespace
-        client = ServiceBusClient.from_connection_string(conn_str, retry_total=SDK_RETRIES)
-    else:
-        namespace = target.namespace
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    """How the namespace is reached: with a connection string's key, or with a token credential."""
+
+    namespace: str
+    conn_str: str | None
+    credential: Any
+
+
+def _resolve_auth(
+    settings: QueueSettings, target: ServiceBusTarget, *, environ: Mapping[str, str], credential: Any
+) -> _Auth:
+    conn_str = _connection_string(settings, environ)
+    if conn_str is None:
         if credential is None:
             from azure.identity import DefaultAzureCredential
 
             credential = DefaultAzureCredential()
-        client = ServiceBusClient(namespace, credential, retry_total=SDK_RETRIES)
-    queue = ServiceBusJobQueue(client, queue_name=target.queue_name)
-    log.info(
-        "servicebus.opened",
-        namespace=namespace,
-        queue=target.queue_name,
-        depth_source=settings.depth_source,
-        auth="connection_string" if conn_str else "credential",
-    )
-    depth: base.QueueDepth
+        return _Auth(namespace=target.namespace, conn_str=None, credential=credential)
+    try:
+        props = parse_connection_string(conn_str)
+    except ValueError:
+        raise errors.ConfigError(
+            "queue.connection_string_env",
+            f"{settings.connection_string_env} does not hold a Service Bus connection string",
+            "copy it from the namespace's Shared access policies",
+        ) from None
+    return _Auth(namespace=props.fully_qualified_namespace, conn_str=conn_str, credential=credential)
+
+
+def _data_plane_client(auth: _Auth) -> ServiceBusClient:
+    if auth.conn_str is not None:
+        return ServiceBusClient.from_connection_string(auth.conn_str, retry_total=SDK_RETRIES)
+    return ServiceBusClient(auth.namespace, auth.credential, retry_total=SDK_RETRIES)
+
+
+def _open_depth(settings: QueueSettings, auth: _Auth, *, queue_name: str) -> base.QueueDepth:
+    """The depth source ``queue.depth_source`` names: Azure Monitor's metric, or the admin API."""
     if settings.depth_source == "monitor":
         from scalebus.backends.azure import monitor
 
-        depth = monitor.open_monitor_depth(settings, queue_name=target.queue_name, credential=credential)
+        return monitor.open_monitor_depth(settings, queue_name=queue_name, credential=auth.credential)
+    admin_host = urlsplit(settings.admin_endpoint).netloc if settings.admin_endpoint else auth.namespace
+    options = _http_options(settings.connection_verify)
+    if auth.conn_str is not None:
+        admin = ServiceBusAdministrationClient.from_connection_string(
+            _with_endpoint(auth.conn_str, admin_host), **options
+        )
     else:
-        admin_host = urlsplit(settings.admin_endpoint).netloc if settings.admin_endpoint else namespace
-        options = _http_options(settings.connection_verify)
-        if conn_str is not None:
-            admin = ServiceBusAdministrationClient.from_connection_string(
-                _with_endpoint(conn_str, admin_host), **options
-            )
-        else:
-            admin = ServiceBusAdministrationClient(admin_host, credential, **options)
-        depth = ServiceBusAdminDepth(admin, queue_name=target.queue_name, cache_s=settings.depth_cache_s)
+        admin = ServiceBusAdministrationClient(admin_host, auth.credential, **options)
+    return ServiceBusAdminDepth(admin, queue_name=queue_name, cache_s=settings.depth_cache_s)
+
+
+def open_servicebus(
+    settings: QueueSettings, *, environ: Mapping[str, str] | None = None, credential: Any = None
+) -> tuple[ServiceBusJobQueue, base.QueueDepth]:
+    """Build the queue and the configured depth source. ``credential`` (a ``TokenCredential``) defaults to
+    ``DefaultAzureCredential``; with ``queue.connection_string_env`` the data plane and admin API use the key.
+    If the depth source cannot be built, the queue is closed before the error propagates."""
+    target = parse_url(settings.url)
+    auth = _resolve_auth(
+        settings, target, environ=os.environ if environ is None else environ, credential=credential
+    )
+    queue = ServiceBusJobQueue(_data_plane_client(auth), queue_name=target.queue_name)
+    log.info(
+        "servicebus.opened",
+        namespace=auth.namespace,
+        queue=target.queue_name,
+        depth_source=settings.depth_source,
+        auth="connection_string" if auth.conn_str else "credential",
+    )
+    try:
+        depth = _open_depth(settings, auth, queue_name=target.queue_name)
+    except BaseException:
+        queue.close()
+        raise
     return queue, depth

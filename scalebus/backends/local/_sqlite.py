@@ -55,5 +55,6 @@ class Database:
             yield self._conn
 
     def close(self) -> None:
+        """Close the connection; closing a closed database does nothing (``sqlite3`` allows it)."""
         with self._lock:
             self._conn.close()

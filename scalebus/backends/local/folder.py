@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from scalebus import errors
+from scalebus import errors, uris
 from scalebus.backends import base
 
 _SCHEME = "file://"
@@ -23,15 +23,7 @@ _COPY_BLOCK_BYTES = 1024 * 1024
 
 def path_of(uri: str) -> Path:
     """The local path a ``file:///abs/path`` URI names (percent-decoded)."""
-    if not uri.startswith(_SCHEME):
-        raise errors.StorageError(f"{uri!r}: not a file:/// URI")
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.netloc not in ("", "localhost"):
-        raise errors.StorageError(f"{uri!r}: file URIs must name a local path (file:///abs/path)")
-    path = urllib.parse.unquote(parsed.path)
-    if not path.startswith("/"):
-        raise errors.StorageError(f"{uri!r}: the path must be absolute")
-    return Path(path)
+    return Path(uris.file_path(uri))
 
 
 def uri_of(path: Path) -> str:

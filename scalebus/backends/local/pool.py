@@ -69,6 +69,7 @@ class LocalScaleSet:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._board = notices.LocalNoticeBoard(state_path)
         self.url = pool_url(state_path)
+        self._closed = False
 
     def get_capacity(self) -> int:
         return sum(1 for i in self.list_instances() if i.state is not base.InstanceState.DELETING)
@@ -195,7 +196,12 @@ class LocalScaleSet:
                     _signal(pid, pid_started, signal.SIGKILL)
 
     def close(self, *, wait_s: float = 10.0) -> None:
-        """Release the database; wait a little for children already told to exit (others keep running)."""
+        """Release the database after waiting up to ``wait_s`` for the worker processes this handle started to
+        exit (they retire on their own once idle); any still running keep running, as VMs outlive the controller
+        that sized their scale set. Closing twice does nothing more."""
+        if self._closed:
+            return
+        self._closed = True
         deadline = time.monotonic() + wait_s
         for proc in self._children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -260,6 +266,9 @@ class SqliteHeartbeatStore:
             row = conn.execute("SELECT idle_grace_s, at FROM fleet_hint WHERE id = 1").fetchone()
         return base.FleetHint(idle_grace_s=row[0], at=row[1]) if row else None
 
+    def close(self) -> None:
+        self._db.close()
+
 
 class LocalIdentity:
     """Implements ``base.InstanceIdentity`` from the variables the pool gives each worker process."""
@@ -275,3 +284,6 @@ class LocalIdentity:
                 "a worker run by hand cannot self-destroy"
             )
         return base.InstanceInfo(instance_id, self._environ.get(SCALE_SET_ENV, "local://"), name=instance_id)
+
+    def close(self) -> None:
+        """Nothing to release: the identity is read from the environment."""

@@ -2,8 +2,8 @@
 
 ``secrets.url = "local://.scalebus/secrets"`` (relative to the working directory) or ``local:///etc/scalebus/secrets``
 (absolute). The file named ``genomics-api-token`` holds that secret's value; one trailing newline is dropped, so
-``echo "$TOKEN" > file`` works. Names follow Key Vault's rule (``base.SECRET_NAME_PATTERN``), so a configuration
-moves to Key Vault unchanged and a name can never walk out of the folder.
+``echo "$TOKEN" > file`` works. Names follow Key Vault's rule (``settings.SECRET_NAME_PATTERN``), so a
+configuration moves to Key Vault unchanged and a name can never walk out of the folder.
 
 A secret file that its group or others may access is refused, as ssh refuses such a private key and libpq such a
 ``.pgpass``: the fix is ``chmod 600``. Each ``get`` reads the file again, so a rotated value is picked up at once.
@@ -15,11 +15,10 @@ import re
 import stat
 from pathlib import Path
 
-from scalebus import errors
-from scalebus.backends import base
+from scalebus import errors, settings
 
 SCHEME = "local://"
-_NAME = re.compile(base.SECRET_NAME_PATTERN)
+_NAME = re.compile(settings.SECRET_NAME_PATTERN)
 
 
 class FolderSecretSource:

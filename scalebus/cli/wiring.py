@@ -1,0 +1,244 @@
+"""The composition root: the one module that reads settings and picks each port's backend by URL.
+
+Commands ask here for what they need (``open_queue``, ``open_scale_set``, ...) and get ports, never backend
+types. Azure and S3 backends are imported by the function that opens them, so a command on the embedded
+default pays no start-up for them.
+
+``StoreResolver`` is pickled into every staging helper process, which imports this module to unpickle it: so
+nothing here imports typer, the output modules or the commands (``tests/unit/test_cli_resources.py`` checks
+it). structlog still imports part of rich when rich is installed; that is structlog's doing, not ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from scalebus import errors, jobs, logs, settings
+from scalebus.backends import base
+from scalebus.backends.local import folder, pool, sqlite_queue
+from scalebus.worker import secrets as worker_secrets
+
+if TYPE_CHECKING:
+    from scalebus.worker.job import JobRules
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def close_on_exit(stack: contextlib.ExitStack, *resources: Closeable | None) -> None:
+    """Close each resource when ``stack`` unwinds, once however often it is listed (a SQLite queue is its own
+    depth source); ``None`` stands for a resource the settings do not call for."""
+    seen: set[int] = set()
+    for resource in resources:
+        if resource is not None and id(resource) not in seen:
+            seen.add(id(resource))
+            stack.callback(resource.close)
+
+
+def load_settings(config: Path | None, log_format: str | None = None) -> settings.Settings:
+    """The settings tree (file, then ``SCALEBUS_*`` variables), with logging configured from it."""
+    loaded = settings.load(config)
+    fmt = log_format or loaded.log.format
+    if fmt not in ("auto", "console", "json"):
+        raise errors.UserInputError(f"--log-format {fmt!r} is not one of console, json")
+    logs.configure(fmt=fmt, level=loaded.log.level)  # type: ignore[arg-type]
+    return loaded
+
+
+def open_queue(cfg: settings.Settings) -> tuple[base.JobQueue, base.QueueDepth]:
+    """The job queue and where its depth is read (the same object on SQLite)."""
+    scheme = urllib.parse.urlsplit(cfg.queue.url).scheme
+    if scheme == "sqlite":
+        queue = sqlite_queue.SqliteJobQueue.from_url(
+            cfg.queue.url,
+            lock_duration_s=cfg.queue.lock_duration_s,
+            max_delivery_count=cfg.queue.max_delivery_count,
+        )
+        return queue, queue
+    if scheme == "servicebus":
+        from scalebus.backends.azure import servicebus
+
+        return servicebus.open_servicebus(cfg.queue)
+    raise errors.ConfigError(
+        "queue.url",
+        f"unknown scheme {scheme!r}",
+        "use sqlite:///path?queue=jobs or servicebus://<namespace>.servicebus.windows.net/<queue>",
+    )
+
+
+def is_local_pool(cfg: settings.Settings) -> bool:
+    return cfg.scale_set.url.startswith("local://")
+
+
+def scale_set_id(cfg: settings.Settings) -> str:
+    """The scale set's identity as its instances are told it (the check self-destroy makes)."""
+    return pool.pool_url(Path(cfg.scale_set.state_path)) if is_local_pool(cfg) else cfg.scale_set.url
+
+
+def open_scale_set(cfg: settings.Settings, config_path: Path | None) -> base.ScaleSet:
+    """The local process pool (its workers get ``config_path``) or the VM scale set ``scale_set.url`` names."""
+    if is_local_pool(cfg):
+        argv = [sys.executable, "-m", "scalebus", "worker", "run"]
+        if config_path is not None:
+            argv += ["--config", str(config_path.resolve())]
+        return pool.LocalScaleSet(Path(cfg.scale_set.state_path), worker_argv=argv, worker_env={})
+    if cfg.scale_set.url.lower().startswith("/subscriptions/"):
+        from scalebus.backends.azure import compute
+
+        return compute.open_scale_set(cfg.scale_set, credential=_managed_identity(cfg))
+    raise errors.ConfigError(
+        "scale_set.url",
+        f"{cfg.scale_set.url!r} is neither local:// nor a VM scale set resource id",
+        "use local:// or /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/"
+        "virtualMachineScaleSets/<name>",
+    )
+
+
+def _managed_identity(cfg: settings.Settings) -> Any:
+    """The managed identity at a non-default IMDS endpoint (a test peer), else ``None``: the adapter's default.
+    Typed ``Any``: the credential is an azure-identity object, and only ``backends/azure`` imports ``azure.*``."""
+    from scalebus.backends.azure import imds
+
+    if cfg.identity.imds_endpoint.rstrip("/") == imds.DEFAULT_IMDS_ENDPOINT:
+        return None
+    return imds.managed_identity_credential(imds_endpoint=cfg.identity.imds_endpoint)
+
+
+def open_heartbeats(cfg: settings.Settings) -> base.HeartbeatStore:
+    if is_local_pool(cfg):
+        return pool.SqliteHeartbeatStore.open(Path(cfg.scale_set.state_path))
+    from scalebus.backends.azure import heartbeats
+
+    return heartbeats.open_heartbeats(cfg.storage, cfg.scale_set)
+
+
+def open_identity(cfg: settings.Settings) -> base.InstanceIdentity:
+    if is_local_pool(cfg):
+        return pool.LocalIdentity(os.environ)
+    from scalebus.backends.azure import imds
+
+    return imds.ImdsIdentity(cfg.identity.imds_endpoint)
+
+
+def open_notices(cfg: settings.Settings, identity: base.InstanceInfo | None) -> base.NoticeSource | None:
+    """Where a worker learns its instance is being evicted: the pool's notices, or IMDS scheduled events (matched
+    on the VM name). ``None`` outside a scale set or with ``worker.eviction_poll_s = 0``."""
+    if identity is None or cfg.worker.eviction_poll_s <= 0:
+        return None
+    if is_local_pool(cfg):
+        from scalebus.backends.local import notices
+
+        return notices.SqliteNoticeSource.open(Path(cfg.scale_set.state_path), identity.instance_id)
+    from scalebus.backends.azure import scheduled_events
+
+    return scheduled_events.ImdsNoticeSource(
+        cfg.identity.imds_endpoint, vm_name=identity.name or identity.instance_id
+    )
+
+
+def open_secrets(cfg: settings.Settings) -> base.SecretSource:
+    """``secrets.url``: ``local://<folder>`` or a Key Vault URL (read with the same credential as ARM)."""
+    scheme = urllib.parse.urlsplit(cfg.secrets.url).scheme
+    if scheme == "local":
+        from scalebus.backends.local import secrets as local_secrets
+
+        return local_secrets.FolderSecretSource.from_url(cfg.secrets.url)
+    if scheme in ("https", "http"):  # keyvault explains that a vault is https only
+        from scalebus.backends.azure import keyvault
+
+        return keyvault.open_secret_source(cfg.secrets, credential=_managed_identity(cfg))
+    raise errors.ConfigError(
+        "secrets.url",
+        f"{cfg.secrets.url!r} is neither local:// nor a Key Vault URL",
+        "use local://<folder> (e.g. local://.scalebus/secrets) or https://<vault>.vault.azure.net",
+    )
+
+
+def open_secret_env(cfg: settings.Settings) -> worker_secrets.SecretEnv | None:
+    """The analytics' secrets (``worker.secret_env``), or ``None`` when it maps none (no source is opened)."""
+    if not cfg.worker.secret_env:
+        return None
+    return worker_secrets.SecretEnv(open_secrets(cfg), cfg.worker.secret_env, cache_s=cfg.secrets.cache_s)
+
+
+class StoreResolver:
+    """URI → store, one store per (scheme, filesystem@account).
+
+    Picklable (the settings travel, the open stores do not): staging helper processes rebuild their own stores
+    from the same settings, so credentials are looked up again in each process, never sent over a pipe.
+    """
+
+    def __init__(self, cfg: settings.Settings) -> None:
+        self._cfg = cfg
+        self._cache: dict[tuple[str, str], base.ObjectStore] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, uri: str) -> base.ObjectStore:
+        parts = urllib.parse.urlsplit(uri)
+        key = (parts.scheme, parts.netloc)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = _open_store(parts.scheme, uri, self._cfg)
+            return self._cache[key]
+
+    def close(self) -> None:
+        """Close every store opened so far (closing twice does nothing more)."""
+        with self._lock:
+            stores, self._cache = list(self._cache.values()), {}
+        for store in stores:
+            store.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self._cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cfg"])  # type: ignore[misc]
+
+
+def _open_store(scheme: str, uri: str, cfg: settings.Settings) -> base.ObjectStore:
+    if scheme == "file":
+        return folder.FolderStore()
+    if scheme == "abfss":
+        from scalebus.backends.azure import datalake
+
+        return datalake.open_store(uri, cfg.storage)
+    raise errors.UserInputError(f"{uri!r}: unsupported scheme {scheme!r}; use file:// or abfss://")
+
+
+def open_source(
+    uri: str, cfg: settings.Settings, *, resolver: StoreResolver, endpoint_url: str = ""
+) -> base.ObjectSource:
+    """The source ``scalebus ingest`` reads: S3 (a client of its own), or any store ``resolver`` knows. The caller
+    closes it; a store the resolver handed out may be closed again with the resolver (closing is idempotent)."""
+    if urllib.parse.urlsplit(uri).scheme != "s3":
+        return resolver(uri)
+    from scalebus.backends.aws import s3
+
+    s3.S3Uri.parse(uri)
+    try:
+        return s3.open_source(cfg.ingest, endpoint_url=endpoint_url)
+    except ModuleNotFoundError as exc:  # boto3 is the optional extra ``s3``
+        if (exc.name or "").partition(".")[0] not in ("boto3", "botocore"):
+            raise
+        raise errors.UserInputError(f"s3:// sources need {exc.name}: pip install 'scalebus[s3]'") from None
+
+
+def job_rules(cfg: settings.Settings) -> JobRules:
+    """What the worker must know to judge a job: the intake's limits (with the work dir and a local secrets
+    folder reserved, so no job can read or write them) and the queue's max delivery count where it is ours to
+    know (the embedded queue; Service Bus keeps its own and dead-letters by it, so there it stays unknown)."""
+    from scalebus.worker import job
+
+    reserved = [cfg.worker.work_dir]
+    if cfg.secrets.url.startswith("local://"):
+        reserved.append(cfg.secrets.url[len("local://") :])
+    limits = jobs.Limits.from_settings(cfg, cwd=os.getcwd(), reserved=reserved)
+    is_embedded = urllib.parse.urlsplit(cfg.queue.url).scheme == "sqlite"
+    return job.JobRules(limits=limits, max_deliveries=cfg.queue.max_delivery_count if is_embedded else None)

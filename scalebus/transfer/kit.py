@@ -1,0 +1,224 @@
+"""The small parts every transfer shares: a bandwidth throttle, progress counting, a first-failure thread pool.
+
+Staging, publishing and ingest all move many files on bounded threads under one bandwidth cap and report
+progress the same way, so these live once here. Nothing in this module knows about plans, manifests or stores.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from scalebus.backends import base
+
+PROGRESS_INTERVAL_S = 0.2
+"""``on_progress`` is called at most this often (plus once at the end)."""
+
+Resolver = Callable[[str], base.ObjectStore]
+"""The store that serves a URI. Staging helper processes get it pickled, so it must be picklable to use them."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """What one staging (in or out) did. ``already_published``: publish found the marker and did nothing.
+
+    ``cpu_s`` is the CPU time (user + system) the whole process used meanwhile, plus that of its helper
+    processes: the client cost of the transfer when nothing else runs in the process (``scalebus stage``), an
+    upper bound for it in a worker. ``processes``: how many processes downloaded (``staging.processes``).
+    """
+
+    files: int
+    bytes: int
+    skipped_files: int
+    skipped_bytes: int
+    seconds: float
+    already_published: bool = False
+    cpu_s: float = 0.0
+    processes: int = 1
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for ``-o json`` and log events."""
+        return {**asdict(self), "mb_per_s": round(self.mb_per_s, 3), "files_per_s": round(self.files_per_s, 3)}
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Work done so far, counting only files that need transferring (skipped files are not in the totals)."""
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed_s: float
+
+
+OnProgress = Callable[[Progress], None]
+"""What a transfer calls with its progress (at most every :data:`PROGRESS_INTERVAL_S`, and once at the end)."""
+
+
+class ProgressTracker:
+    """Counts files and bytes done from many threads; calls ``callback`` at most every ``PROGRESS_INTERVAL_S``
+    (and once at ``finish``)."""
+
+    def __init__(self, files_total: int, bytes_total: int, started: float, callback: OnProgress | None) -> None:
+        self._files_total = files_total
+        self._bytes_total = bytes_total
+        self._started = started
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._files = 0
+        self._bytes = 0
+        self._reported_at = 0.0
+
+    def add(self, *, files: int, nbytes: int) -> None:
+        with self._lock:
+            self._files += files
+            self._bytes += nbytes
+            if self._callback is None:
+                return
+            now = time.monotonic()
+            if now - self._reported_at < PROGRESS_INTERVAL_S:
+                return
+            self._reported_at = now
+            snapshot = self._snapshot(now)
+        self._callback(snapshot)
+
+    def finish(self) -> None:
+        if self._callback is not None:
+            with self._lock:
+                snapshot = self._snapshot(time.monotonic())
+            self._callback(snapshot)
+
+    def _snapshot(self, now: float) -> Progress:
+        return Progress(self._files, self._files_total, self._bytes, self._bytes_total, now - self._started)
+
+
+class Throttle:
+    """A shared bandwidth cap: each read reserves its bytes on a timeline advancing at ``rate`` bytes/s (0: no
+    cap)."""
+
+    def __init__(self, rate_bytes_per_s: int) -> None:
+        self._rate = float(rate_bytes_per_s)
+        self._lock = threading.Lock()
+        self._next = 0.0  # when the booked bytes end: the past (nothing booked yet)
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self._rate
+
+    def set_rate(self, rate_bytes_per_s: int) -> None:
+        with self._lock:
+            self._rate = float(rate_bytes_per_s)
+
+    def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit under the cap."""
+        if self._rate <= 0 or nbytes <= 0:
+            return
+        with self._lock:
+            wait_s = self.reserve(nbytes, now=time.monotonic())
+        if wait_s > 0:
+            time.sleep(wait_s)
+
+    def reserve(self, nbytes: int, *, now: float) -> float:
+        """Book ``nbytes`` on the timeline; the seconds to wait before reading them (callers hold no lock)."""
+        if self._rate <= 0 or nbytes <= 0:
+            return 0.0
+        start = max(now, self._next)
+        self._next = start + nbytes / self._rate
+        return start - now
+
+
+def run_parallel(
+    fn: Callable[[T], None],
+    items: Iterable[T],
+    *,
+    max_workers: int,
+    threads_allowed: Callable[[], int] | None = None,
+    check: Callable[[], None] | None = None,
+    name: str | None = None,
+) -> None:
+    """Run ``fn`` over ``items`` on at most ``max_workers`` threads (this one among them); stop at and re-raise
+    the first failure (calls in flight finish).
+
+    ``items`` is read lazily, under a lock, as threads free up, so it may be a generator that prepares work as it
+    goes (its errors fail the run like ``fn``'s). Before taking each item a thread ends if its index has reached
+    ``threads_allowed()`` (the run continues on fewer threads), and ``check()`` may raise to fail the run.
+    """
+    n_threads = max(1, min(max_workers, len(items))) if isinstance(items, Sized) else max(1, max_workers)
+    pool = _FirstFailurePool(fn, iter(items), threads_allowed=threads_allowed, check=check)
+    names = [None if name is None else f"{name}-{i}" for i in range(1, n_threads)]
+    threads = [thread_in_context(pool.work, i, name=n) for i, n in enumerate(names, start=1)]
+    for thread in threads:
+        thread.start()
+    pool.work(0)
+    for thread in threads:
+        thread.join()
+    if pool.failure is not None:
+        raise pool.failure
+
+
+class _FirstFailurePool:
+    """The loop each thread of :func:`run_parallel` runs, and the first failure any of them met."""
+
+    def __init__(
+        self,
+        fn: Callable[[T], None],
+        items: Iterable[T],
+        *,
+        threads_allowed: Callable[[], int] | None,
+        check: Callable[[], None] | None,
+    ) -> None:
+        self._fn: Callable[[Any], None] = fn
+        self._items = iter(items)
+        self._threads_allowed = threads_allowed
+        self._check = check
+        self._lock = threading.Lock()
+        self.failure: BaseException | None = None
+
+    def work(self, index: int) -> None:
+        while (item := self._next(index)) is not _END:
+            try:
+                self._fn(item)
+            except BaseException as exc:
+                with self._lock:
+                    if self.failure is None:
+                        self.failure = exc
+                return
+
+    def _next(self, index: int) -> Any:
+        """The next item for thread ``index``, or :data:`_END` when it should stop."""
+        with self._lock:
+            if self.failure is not None:
+                return _END
+            if self._threads_allowed is not None and index >= self._threads_allowed():
+                return _END
+            try:
+                if self._check is not None:
+                    self._check()
+                return next(self._items, _END)
+            except BaseException as exc:
+                self.failure = exc
+                return _END
+
+
+_END: Any = object()
+
+
+def thread_in_context(target: Callable[..., None], *args: object, name: str | None = None) -> threading.Thread:
+    """A daemon thread that runs with a copy of the caller's context, so its log lines carry the job's bound
+    ``job_id`` / ``message_id`` / ``instance_id`` (a new thread otherwise starts with an empty context)."""
+    context = contextvars.copy_context()
+    return threading.Thread(target=context.run, args=(target, *args), name=name, daemon=True)
