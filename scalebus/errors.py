@@ -128,6 +128,26 @@ class IntegrityError(StorageError):
     """A downloaded file does not match its size or checksum."""
 
 
+class SourceChangedError(TransientStorageError):
+    """The file read is not the file listed (its size, modification time or etag moved on): the bytes may mix two
+    versions. Trying again lists it afresh."""
+
+
+class OutputConflictError(StorageError, PermanentBackendError):
+    """The output folder holds a commit another job (or an unknown writer) made: this job must not complete on it
+    nor write into it. A job that hits it is dead-lettered with reason ``OutputConflict``."""
+
+
+class LocalDiskError(BackendError):
+    """This machine's own disk failed (full, over quota, read-only, I/O error) while staging or publishing.
+
+    Not the data lake's fault and not the job's: the worker holds back and another machine may succeed.
+    ``transient`` without being a :class:`TransientBackendError`, so it is never taken for a network or storage
+    failure."""
+
+    transient = True
+
+
 class IdentityError(BackendError):
     """This process cannot tell which instance it runs on."""
 

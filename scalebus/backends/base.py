@@ -38,6 +38,9 @@ class ReceivedMessage:
     sequence_number: int
     enqueued_at: float
     locked_until: float
+    released: int = 0
+    """How many times the job was given back with :meth:`JobQueue.release_later` (failures of the environment,
+    not of the job); those deliveries are not in ``delivery_count``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,14 @@ class JobQueue(Protocol):
     def abandon(self, message: ReceivedMessage) -> None:
         """Release the lock so the message is delivered again (delivery count + 1)."""
 
+    def release_later(self, message: ReceivedMessage, *, delay_s: float) -> None:
+        """Give the message back for a failure that is not the job's own (storage or disk unavailable): nobody
+        receives it for ``delay_s``, then it is delivered again with ``released`` one higher and the same
+        ``delivery_count`` as this delivery had before it, so the job's own budget of deliveries is not spent.
+        Its message id may change to :func:`requeued_message_id` (a backend that must send a copy); the body
+        does not. Raises ``LockLostError`` if the lock is gone; a crash inside may leave a duplicate, never a
+        loss. Bounding how often a job is released is the caller's part."""
+
     def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
         """Move the message to the dead-letter queue with a reason."""
 
@@ -189,6 +200,9 @@ class Instance:
     created_at: float
     protected: bool = False
     name: str = ""
+    model: str = ""
+    """The image (the scale set model's image reference) this instance was created from, as
+    :meth:`ModelledScaleSet.model` names it; ``""`` where the backend cannot tell."""
 
 
 class ScaleSet(Protocol):
@@ -213,6 +227,20 @@ class ScaleSet(Protocol):
 
     def close(self) -> None:
         """Release clients (the instances keep running); safe to call twice."""
+
+
+@runtime_checkable
+class ModelledScaleSet(ScaleSet, Protocol):
+    """A scale set whose model (the image new instances boot) can be read and replaced: what ``scalebus
+    rollout`` needs. Replacing the model never touches existing instances: they keep their image until they
+    retire, so no running job is reimaged."""
+
+    def model(self) -> str:
+        """The image new instances boot (an image resource id on Azure, a name on the local pool)."""
+
+    def update_model(self, image: str) -> None:
+        """Make new instances boot ``image``; existing instances are left as they are. Refuses (``ConfigError``)
+        a scale set that would itself upgrade running instances to the new model (reimaging them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +334,11 @@ class FleetHint:
     """How long an idle worker should wait for work before retiring (the policy's ``Decision.idle_grace_s``)."""
     at: float
     """When it was published (epoch seconds), so workers can ignore a hint a dead controller left behind."""
+    retire_instance_ids: tuple[str, ...] | None = None
+    """Instances that must take no more work (``scalebus rollout``'s old-model instances): each finishes the job
+    it holds, then retires as an idle worker does. ``None`` in a published hint keeps the list already stored
+    (the controller rewrites the idle grace without knowing it); ``()`` clears it. Workers honour it whatever
+    the hint's age: it is the operator's decision, not a forecast that goes stale."""
 
 
 class HeartbeatStore(Protocol):
@@ -322,7 +355,7 @@ class HeartbeatStore(Protocol):
     def forget(self, instance_id: str) -> None: ...
 
     def publish_hint(self, hint: FleetHint) -> None:
-        """Replace the fleet's hint."""
+        """Replace the fleet's hint (its ``retire_instance_ids`` only when it is not ``None``)."""
 
     def read_hint(self) -> FleetHint | None:
         """The fleet's latest hint, or ``None`` if none was ever published (or it is unreadable)."""

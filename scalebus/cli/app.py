@@ -12,8 +12,10 @@ a backend failure in one line and exit code 1. Tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import sys
+from typing import Annotated
 
 import typer
 
@@ -28,6 +30,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help is plain text: "[controller]" or "<queue>" must print as written
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"scalebus {importlib.metadata.version('scalebus')}\n")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Turn a job queue (Azure Service Bus, or SQLite locally) into a self-sizing fleet of worker machines."""
+
+
 controller_app = typer.Typer(help="The controller: sizes the scale set to the queue.", no_args_is_help=True)
 worker_app = typer.Typer(help="The worker: runs jobs, then retires its own instance.", no_args_is_help=True)
 app.add_typer(controller_app, name="controller")

@@ -101,6 +101,15 @@ def open_scale_set(cfg: settings.Settings, config_path: Path | None) -> base.Sca
     )
 
 
+def open_image_baker(cfg: settings.Settings, *, vm_id: str) -> Any:
+    """What ``scalebus image bake`` captures a VM with (``backends.azure.compute.GalleryImageBaker``), in the
+    VM's subscription, at ``scale_set.arm_endpoint``. Typed ``Any``: only ``backends/azure`` names azure types."""
+    from scalebus.backends.azure import compute
+
+    subscription = compute.subscription_of(vm_id)
+    return compute.open_image_baker(cfg.scale_set, subscription_id=subscription, credential=_managed_identity(cfg))
+
+
 def _managed_identity(cfg: settings.Settings) -> Any:
     """The managed identity at a non-default IMDS endpoint (a test peer), else ``None``: the adapter's default.
     Typed ``Any``: the credential is an azure-identity object, and only ``backends/azure`` imports ``azure.*``."""

@@ -1,19 +1,23 @@
 """One process's download of planned files: bounded threads over units of work, each file verified on disk.
 
 A *unit* is a whole small file or one ranged chunk of a large one, so concurrency is bounded across files and
-within them. Each file is streamed to ``<name>.part``, its size (always) and Content-MD5 (when the store has one)
+within them. Each file is streamed to a short temporary name beside it (:func:`scalebus.transfer.plan.temp_name`),
+its size (always) and Content-MD5 (when the store has one)
 are checked, and it is renamed into place; only then is it reported to the :class:`Recorder` (the resume
 manifest, or a helper's report to the staging process). A file fetched whole is hashed while it streams; one
 fetched in chunks is read back once its last chunk is in.
 
 Memory stays within ``StagingSettings.memory_budget_bytes``: stores stream into the file sink and buffer at most
 :data:`READ_BUFFER_BYTES` per read in flight, and the run never has more reads in flight than the budget covers.
-Transient failures are retried inside the store adapters, so nothing here retries.
+Transient failures are retried inside the store adapters, so nothing here retries. A failure of this machine's
+own disk (full, read-only, I/O error) is a :class:`~scalebus.errors.LocalDiskError` wherever it happens, even
+inside a store's read (the sink is wrapped): never taken for a failure of the source.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -113,7 +117,7 @@ class DownloadRun:
                 yield _Unit(task, None, None)
                 continue
             part = self._part_path(task)
-            with local_io(part), part.open("wb") as fh:
+            with local_io(part), open_part(part, truncate=True) as fh:
                 fh.truncate(task.size)
             shared = _ChunkedFile(task, len(task.chunks), threading.Lock())
             for chunk in task.chunks:
@@ -130,9 +134,9 @@ class DownloadRun:
         store = self._stores[task.source]
         part = self._part_path(task)
         self._throttle.take(task.size)
-        with local_io(part), part.open("wb") as fh:
+        with local_io(part), open_part(part, truncate=True) as fh:
             check_md5 = self._settings.verify_md5 and task.obj.content_md5 is not None
-            guarded = self._guard(fh)
+            guarded = self._guard(_DiskSink(fh, part))  # type: ignore[arg-type]
             sink: BinaryIO = _HashingSink(guarded) if check_md5 else guarded  # type: ignore[assignment]
             got = store.read_into(task.obj, sink) if task.size else 0
         _check_size(task, got, task.size, part)
@@ -148,9 +152,10 @@ class DownloadRun:
         store = self._stores[task.source]
         part = self._part_path(task)
         self._throttle.take(chunk.length)
-        with local_io(part), part.open("r+b") as fh:
+        with local_io(part), open_part(part, truncate=False) as fh:
             fh.seek(chunk.offset)
-            got = store.read_into(task.obj, self._guard(fh), offset=chunk.offset, length=chunk.length)
+            sink = self._guard(_DiskSink(fh, part))  # type: ignore[arg-type]
+            got = store.read_into(task.obj, sink, offset=chunk.offset, length=chunk.length)
         _check_size(task, got, chunk.length, part, chunk=chunk)
         with shared.lock:
             shared.remaining -= 1
@@ -181,7 +186,48 @@ class DownloadRun:
         self._manifest.record(task)
 
     def _part_path(self, task: plan.FileTask) -> Path:
-        return self._dest / (task.rel_dest + plan.PART_SUFFIX)
+        return part_path(self._dest, task)
+
+
+def part_path(dest: Path, task: plan.FileTask) -> Path:
+    """Where ``task`` is written under ``dest`` until it is verified and renamed into place."""
+    return dest / plan.temp_name(task.rel_dest)
+
+
+def open_part(part: Path, *, truncate: bool) -> BinaryIO:
+    """The temporary file, opened without following a symlink planted in its place; created with mode 0666
+    less the umask (never a source's mode)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+    fd = os.open(part, flags, 0o666)
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
+class _DiskSink:
+    """A local file sink whose write failures are :class:`~scalebus.errors.LocalDiskError` (or another of our
+    errors): a store reading into it then cannot report them as a failed read of its source."""
+
+    def __init__(self, fh: BinaryIO, path: Path) -> None:
+        self._fh = fh
+        self._path = path
+
+    def write(self, data: bytes) -> int:
+        try:
+            return _write_all(self._fh, data)
+        except OSError as exc:
+            raise local_disk_error(self._path, exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def _write_all(fh: BinaryIO, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        written = fh.write(view)
+        if not written:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+    return len(data)
 
 
 class _HashingSink:
@@ -246,12 +292,28 @@ def _check_md5(task: plan.FileTask, digest: bytes, part: Path) -> None:
         raise errors.IntegrityError(f"{task.obj.uri}: Content-MD5 mismatch (the bytes received are corrupt)")
 
 
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+"""Errors of the local disk itself: full, over quota, failing, read-only."""
+
+
+def local_disk_error(path: Path, exc: OSError) -> errors.ScalebusError:
+    """Our error for a local file operation on ``path`` that failed: the disk's own failures are
+    ``LocalDiskError``; a symlink met where none may be is ``UnsafePathError``; anything else (permissions, a
+    missing directory) is ``StorageError``."""
+    what = exc.strerror or type(exc).__name__
+    if exc.errno in DISK_ERRNOS:
+        return errors.LocalDiskError(f"{path}: local disk error ({what})")
+    if exc.errno == errno.ELOOP:
+        return errors.UnsafePathError(f"{path}: is a symlink; refusing to write through it")
+    return errors.StorageError(f"{path}: local file error ({what})")
+
+
 @contextlib.contextmanager
 def local_io(path: Path) -> Iterator[None]:
-    """Local disk failures (full, read-only, permissions) become ``StorageError`` naming the file."""
+    """Local file failures become our errors naming the file (:func:`local_disk_error`)."""
     try:
         yield
     except errors.ScalebusError:
         raise
     except OSError as exc:
-        raise errors.StorageError(f"{path}: local disk error ({exc.strerror or type(exc).__name__})") from exc
+        raise local_disk_error(path, exc) from exc

@@ -8,11 +8,12 @@ Layout: a folder source's files land under ``<dest>/<folder base name>/<rel_path
 directory, is an :class:`~scalebus.errors.UnsafePathError`.
 
 Path safety (what a remote name may be) is :mod:`scalebus.transfer.paths`; on top of it the top-level manifest name
-is reserved, and a file may not take the temporary (``.part``) name of another.
+is reserved, and a file may not take the temporary name (:func:`temp_name`) of another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from scalebus.transfer import paths
 MANIFEST_NAME = ".scalebus-stage.jsonl"
 """Resume manifest in the stage dir: one JSON line (path, etag, size) per finished file."""
 PART_SUFFIX = ".part"
-"""Files are written as ``<name>.part`` and renamed into place once verified."""
+"""Files are written under a temporary name ending in this (:func:`temp_name`) and renamed into place once
+verified."""
+TEMP_PREFIX = ".sb-"
 
 AUTO_MIN_FILES = 2000
 """``staging.processes = 0`` adds a helper only while at least this many files are still to be handed out: a helper
@@ -133,6 +136,27 @@ def plan_download(
     return DownloadPlan(fetch=tuple(fetch), skip=tuple(skip), directories=tuple(needed))
 
 
+def temp_name(rel_path: str) -> str:
+    """Where ``rel_path`` is written before it is verified: a short hidden name in the same directory
+    (``.sb-<hash>.part``, 25 bytes), so a name of any legal length still has a temporary name that fits
+    ``NAME_MAX``, and the rename into place stays within one directory."""
+    parent, _, name = rel_path.rpartition("/")
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    temp = f"{TEMP_PREFIX}{digest}{PART_SUFFIX}"
+    return f"{parent}/{temp}" if parent else temp
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name has the shape :func:`temp_name` gives (a leftover of an interrupted write)."""
+    stem = name[len(TEMP_PREFIX) : -len(PART_SUFFIX)]
+    return (
+        name.startswith(TEMP_PREFIX)
+        and name.endswith(PART_SUFFIX)
+        and len(stem) == 16
+        and all(c in "0123456789abcdef" for c in stem)
+    )
+
+
 def split_chunks(size: int, chunk_size_bytes: int) -> tuple[Chunk, ...]:
     """Ranged reads covering ``size`` bytes: none for an empty file, one for a file up to one chunk."""
     return tuple(
@@ -219,10 +243,7 @@ def _check_collisions(owners: Mapping[str, str], directories: Mapping[str, None]
     for rel_dest, uri in owners.items():
         if rel_dest in directories:
             raise errors.UnsafePathError(f"{rel_dest!r}: {uri} is a file but other files need it as a directory")
-        stem = rel_dest[: -len(PART_SUFFIX)]
-        if rel_dest.endswith(PART_SUFFIX) and stem in owners:
-            raise errors.UnsafePathError(
-                f"{rel_dest!r}: collides with the temporary download name of {owners[stem]}"
-            )
+        if is_temp_name(posixpath.basename(rel_dest)):
+            raise errors.UnsafePathError(f"{rel_dest!r}: {uri} has the shape of a temporary download name")
         if rel_dest == MANIFEST_NAME:
             raise errors.UnsafePathError(f"{rel_dest!r}: reserved for the staging manifest")

@@ -57,14 +57,18 @@ def stage_in(
     batches = plan.batch_tasks(todo.fetch)
     processes = _process_plan(resolve, settings, files=len(todo.fetch), batches=len(batches))
     helpers_cpu_s, used = 0.0, 1
-    with manifest.Manifest(dest / plan.MANIFEST_NAME) as record:
-        progress = kit.ProgressTracker(len(todo.fetch), todo.fetch_bytes, started, on_progress)
-        if processes.most > 1:
-            team = helpers.Team(resolve, sources, dest, settings, cancel=cancel)
-            helpers_cpu_s, used = team.run(stores, batches, processes, manifest=record, progress=progress)
-        else:
-            _download_here(stores, todo, dest, settings, record=record, progress=progress, cancel=cancel)
-        progress.finish()
+    try:
+        with manifest.Manifest(dest / plan.MANIFEST_NAME) as record:
+            progress = kit.ProgressTracker(len(todo.fetch), todo.fetch_bytes, started, on_progress)
+            if processes.most > 1:
+                team = helpers.Team(resolve, sources, dest, settings, cancel=cancel)
+                helpers_cpu_s, used = team.run(stores, batches, processes, manifest=record, progress=progress)
+            else:
+                _download_here(stores, todo, dest, settings, record=record, progress=progress, cancel=cancel)
+            progress.finish()
+    except BaseException:
+        remove_temp_files(dest, todo.fetch)  # finished files stay, for the next staging to resume from
+        raise
     stats = kit.StageStats(
         files=len(todo.fetch),
         bytes=todo.fetch_bytes,
@@ -90,6 +94,14 @@ def _plan(
     _preflight(dest, todo.fetch_bytes, settings.min_free_bytes)
     _make_dirs(dest, todo.directories)
     return todo
+
+
+def remove_temp_files(dest: Path, tasks: Sequence[plan.FileTask]) -> None:
+    """Delete the temporary files ``tasks`` may have left under ``dest`` (a failed or cancelled staging): every
+    process that wrote them has stopped by now."""
+    for task in tasks:
+        with contextlib.suppress(OSError):
+            os.unlink(download.part_path(dest, task))
 
 
 def _download_here(
@@ -159,7 +171,7 @@ def chunk_size(total_bytes: int, settings: StagingSettings) -> int:
 def _preflight(dest: Path, needed: int, min_free: int) -> None:
     free = shutil.disk_usage(dest).free
     if needed + min_free > free:
-        raise errors.StorageError(
+        raise errors.LocalDiskError(
             f"not enough disk space in {dest}: staging needs {needed:,} bytes plus {min_free:,} bytes kept free "
             f"(staging.min_free_bytes), but only {free:,} bytes are free"
         )
@@ -172,4 +184,4 @@ def _make_dirs(dest: Path, directories: Sequence[str]) -> None:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(dest / rel)
     except OSError as exc:
-        raise errors.StorageError(f"{dest}: cannot create directories ({exc.strerror})") from exc
+        raise download.local_disk_error(dest, exc) from exc

@@ -131,6 +131,64 @@ def test_max_delivery_count_moves_message_to_dead_letter(queue_factory) -> None:
     assert [(d.message_id, d.reason) for d in dead] == [("job-1", "MaxDeliveryCountExceeded")]
 
 
+def _same_job(got: base.ReceivedMessage | None, first: base.ReceivedMessage) -> base.ReceivedMessage:
+    """A released job comes back with its body; its id may be the derived one of a copy."""
+    assert got is not None and got.body == first.body
+    assert got.message_id in (first.message_id, base.requeued_message_id(first.message_id, first.sequence_number))
+    return got
+
+
+def test_release_later_hides_the_job_for_the_delay_and_spends_no_delivery(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, depth = queue_factory(max_delivery_count=2)
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None and (got.delivery_count, got.released) == (1, 0)
+    released_at = time.monotonic()
+    queue.release_later(got, delay_s=3.0)
+    assert queue.receive(max_wait_s=1.5) is None  # hidden for the delay
+    sample = _wait_for_depth(depth, lambda s: s.scheduled == 1)
+    assert (sample.active, sample.scheduled) == (0, 1)
+    got = _same_job(queue.receive(max_wait_s=15), got)
+    assert time.monotonic() - released_at >= 2.5
+    assert (got.delivery_count, got.released) == (1, 1)
+    for released in (2, 3):  # more releases than the queue's max delivery count: none is dead-lettered
+        queue.release_later(got, delay_s=0.0)
+        got = _same_job(queue.receive(max_wait_s=15), got)
+        assert (got.delivery_count, got.released) == (1, released)
+    assert (got.delivery_count, got.released) == (1, 3)
+    assert queue.peek_dead_letters(max_count=10) == []
+    queue.complete(got)
+    assert queue.receive(max_wait_s=1.0) is None
+
+
+def test_released_job_keeps_its_own_deliveries_and_dead_letters_after_them(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory(max_delivery_count=2)
+    queue.send([_msg(1)])
+    first = queue.receive(max_wait_s=WAIT_S)
+    assert first is not None
+    queue.abandon(first)  # a failure of the job's own: counts
+    second = queue.receive(max_wait_s=WAIT_S)
+    assert second is not None and second.delivery_count == 2
+    queue.release_later(second, delay_s=0.0)  # the environment's: does not
+    third = _same_job(queue.receive(max_wait_s=WAIT_S), first)
+    assert (third.delivery_count, third.released) == (2, 1)
+    queue.abandon(third)
+    assert queue.receive(max_wait_s=1.5) is None
+    dead = queue.peek_dead_letters(max_count=10)
+    assert [d.reason for d in dead] == ["MaxDeliveryCountExceeded"]
+    assert dead[0].body == first.body
+
+
+def test_release_with_a_lost_lock_raises(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    queue, _ = queue_factory()
+    queue.send([_msg(1)])
+    got = queue.receive(max_wait_s=WAIT_S)
+    assert got is not None
+    queue.complete(got)
+    with pytest.raises(errors.LockLostError):
+        queue.release_later(got, delay_s=1.0)
+
+
 def test_depth_counts_active_and_in_flight(queue_factory) -> None:  # type: ignore[no-untyped-def]
     queue, depth = queue_factory()
     queue.send([_msg(i) for i in range(4)])

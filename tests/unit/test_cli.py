@@ -31,6 +31,7 @@ def config(tmp_path: Path) -> Path:
     path = tmp_path / "scalebus.toml"
     path.write_text(
         f'[queue]\nurl = "sqlite:///{tmp_path}/q.db?queue=jobs"\n[scale_set]\nstate_path = "{tmp_path}/pool.db"\n'
+        '[storage]\nlocal_roots = ["/lake", "/out"]\n'
     )
     return path
 
@@ -190,3 +191,11 @@ def test_requeue_puts_dead_letters_back_as_json(tmp_path: Path, config: Path) ->
     assert (status["depth"]["active"], status["depth"]["dead_lettered"], status["dead_letters"]) == (3, 0, [])
     help_text = scalebus("requeue", "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "--concurrency" in help_text.stdout and "duplicate" in help_text.stdout
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    import importlib.metadata
+
+    result = scalebus("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"scalebus {importlib.metadata.version('scalebus')}"

@@ -184,10 +184,21 @@ def test_a_path_that_is_both_file_and_directory_collides() -> None:
         make(plan.Listing(first, [obj(first, "f/g")]), plan.Listing("file:///z/d", [obj("file:///z/d", "f")]))
 
 
-def test_a_name_taking_another_files_temporary_name_collides() -> None:
+def test_a_name_with_the_shape_of_a_temporary_name_is_refused() -> None:
     source = "file:///lake/d"
+    taken = plan.temp_name("x")
+    assert make(plan.Listing(source, [obj(source, "x"), obj(source, "x.part")])).fetch
     with pytest.raises(errors.UnsafePathError, match="temporary download name"):
-        make(plan.Listing(source, [obj(source, "x"), obj(source, "x.part")]))
+        make(plan.Listing(source, [obj(source, "x"), obj(source, taken)]))
+
+
+@pytest.mark.parametrize("length", [1, 250, 251, 255])
+def test_temporary_names_fit_name_max_whatever_the_name(length: int) -> None:
+    name = "é" * (length // 2) + "a" * (length % 2)
+    assert len(name.encode()) == length
+    temp = plan.temp_name(f"dir/{name}")
+    assert temp.startswith("dir/") and len(temp.removeprefix("dir/").encode()) <= 32
+    assert plan.is_temp_name(temp.removeprefix("dir/")) and temp != plan.temp_name(f"dir/{name}x")
 
 
 def test_the_manifest_name_is_reserved() -> None:

@@ -231,6 +231,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "SCALEBUS_WORKER__IDLE_TIMEOUT_S": "1",
         "SCALEBUS_WORKER__RECEIVE_WAIT_S": "0.5",
         "SCALEBUS_LOG__FORMAT": "json",
+        "SCALEBUS_STORAGE__LOCAL_ROOTS": json.dumps([str(tmp_path / "lake"), str(tmp_path / "out")]),
         **extra,
     }
 

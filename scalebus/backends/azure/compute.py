@@ -357,6 +357,7 @@ class VmssScaleSet:
                     ),
                     protected=bool(policy is not None and policy.protect_from_scale_in),
                     name=str(vm.name or ""),
+                    model=_image_of(props),
                 )
             )
         return found
@@ -382,6 +383,7 @@ class VmssScaleSet:
                     created_at=self._created_at(name, props.time_created if props is not None else None),
                     protected=self._flexible_protection(name),
                     name=name,
+                    model=_image_of(props),
                 )
             )
         return found
@@ -483,6 +485,38 @@ class VmssScaleSet:
         )
         self._protection[instance_id] = protected
 
+    # -- the model (what ``scalebus rollout`` replaces) ------------------------------------------------------
+
+    def model(self) -> str:
+        """The image reference new instances boot (``virtualMachineProfile.storageProfile.imageReference``)."""
+        vmss = self._read_scale_set()
+        profile = vmss.properties.virtual_machine_profile if vmss.properties is not None else None
+        return _image_of(profile)
+
+    def update_model(self, image: str) -> None:
+        """PATCH the scale set's image reference, once, after checking that Azure will not apply it to running
+        instances itself (a ``Manual`` upgrade policy, no automatic OS upgrades): the instances that exist keep
+        their image and retire when their worker does."""
+        vmss = self._read_scale_set()
+        _refuse_self_upgrading(vmss, self._ref)
+        reference = compute_models.ImageReference(id=image) if image.startswith("/") else _marketplace(image)
+        body = compute_models.VirtualMachineScaleSetUpdate(
+            properties=compute_models.VirtualMachineScaleSetUpdateProperties(
+                virtual_machine_profile=compute_models.VirtualMachineScaleSetUpdateVMProfile(
+                    storage_profile=compute_models.VirtualMachineScaleSetUpdateStorageProfile(
+                        image_reference=reference
+                    )
+                )
+            )
+        )
+        self._run_operation(
+            "update model",
+            lambda **kw: self._client.virtual_machine_scale_sets.begin_update(
+                self._ref.resource_group, self._ref.name, body, polling_interval=self._polling_interval_s, **kw
+            ),
+        )
+        self._log.info("model_updated", image=image)
+
     # -- plumbing ---------------------------------------------------------------------------------------------
 
     def _read(self, what: str, call: Callable[[], Any]) -> Any:
@@ -558,3 +592,234 @@ def _operation_ended(exc: HttpResponseError) -> _OperationEnded | None:
     if status.lower() == "canceled" or code.lower() in _RESENT_CODES:
         return _OperationEnded(status or "Failed", code or "none")
     return None
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _image_of(holder: Any) -> str:
+    """The image a VM, a scale-set VM or a scale set's VM profile names in ``storageProfile.imageReference``: a
+    resource id (managed image, gallery image version or definition) or ``publisher:offer:sku:version``."""
+    storage = getattr(holder, "storage_profile", None) if holder is not None else None
+    ref = getattr(storage, "image_reference", None) if storage is not None else None
+    if ref is None:
+        return ""
+    for key in ("id", "shared_gallery_image_id", "community_gallery_image_id"):
+        value = getattr(ref, key, None)
+        if value:
+            return str(value)
+    parts = [getattr(ref, key, None) or "" for key in ("publisher", "offer", "sku", "version")]
+    return ":".join(parts) if any(parts) else ""
+
+
+def _marketplace(image: str) -> Any:
+    parts = image.split(":")
+    if len(parts) != 4 or not all(parts):
+        raise errors.UserInputError(
+            f"{image!r} is neither an image resource id (/subscriptions/...) nor publisher:offer:sku:version"
+        )
+    publisher, offer, sku, version = parts
+    return compute_models.ImageReference(publisher=publisher, offer=offer, sku=sku, version=version)
+
+
+def _refuse_self_upgrading(vmss: Any, ref: ScaleSetRef) -> None:
+    """Azure's Automatic and Rolling upgrade policies, and automatic OS upgrades, reimage running instances to
+    the new model ("Upgrade policies for Virtual Machine Scale Sets", https://learn.microsoft.com/en-us/azure/
+    virtual-machine-scale-sets/virtual-machine-scale-sets-upgrade-policy): a busy worker would lose its job.
+    Only ``Manual`` leaves them alone."""
+    props = vmss.properties
+    policy = props.upgrade_policy if props is not None else None
+    mode = getattr(policy, "mode", None) if policy is not None else None
+    mode = str(getattr(mode, "value", mode) or "Manual")
+    os_policy = getattr(policy, "automatic_os_upgrade_policy", None) if policy is not None else None
+    automatic_os = bool(getattr(os_policy, "enable_automatic_os_upgrade", False))
+    if mode.lower() != "manual" or automatic_os:
+        what = f"upgrade policy {mode}" + (" with automatic OS upgrades" if automatic_os else "")
+        raise errors.ConfigError(
+            "scale_set.url",
+            f"scale set {ref.name} has {what}: Azure would reimage running instances, busy ones too",
+            f"az vmss update -g {ref.resource_group} -n {ref.name} --set upgradePolicy.mode=Manual "
+            "upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade=false",
+        )
+
+
+# --------------------------------------------------------------------------------------------- image bake
+
+_VM_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/\s]+)/resourceGroups/(?P<rg>[^/\s]+)"
+    r"/providers/Microsoft\.Compute/virtualMachines/(?P<name>[^/\s]+)/?$",
+    re.IGNORECASE,
+)
+_GALLERY_IMAGE_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/\s]+)/resourceGroups/(?P<rg>[^/\s]+)"
+    r"/providers/Microsoft\.Compute/galleries/(?P<gallery>[^/\s]+)/images/(?P<image>[^/\s]+)/?$",
+    re.IGNORECASE,
+)
+_IMAGE_VERSION = re.compile(r"^\d{1,9}\.\d{1,9}\.\d{1,9}$")
+"""A gallery image version name: MajorVersion.MinorVersion.Patch, each a 32-bit integer."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BakedImage:
+    """What ``scalebus image bake`` prints: the image version the scale set model can name."""
+
+    image_version_id: str
+    source_vm_id: str
+    provisioning_state: str
+    already_existed: bool = False
+
+
+def _match(pattern: re.Pattern[str], value: str, *, option: str, shape: str) -> re.Match[str]:
+    match = pattern.match(value.strip())
+    if match is None:
+        raise errors.UserInputError(f"{option} {value!r} is not {shape}")
+    return match
+
+
+class GalleryImageBaker:
+    """Captures a prepared VM into an Azure Compute Gallery image version: deallocate, generalize, create the
+    version from the VM ("Create an image definition and an image version", https://learn.microsoft.com/en-us/
+    azure/virtual-machines/image-version, "VM as the source"). Each step is one write whose long-running
+    operation is polled to its end; running it again for a version that this VM already made returns that
+    version (a retried pipeline step), another source's version of the same name is refused."""
+
+    def __init__(
+        self,
+        *,
+        subscription_id: str,
+        credential: TokenCredential,
+        arm_endpoint: str = DEFAULT_ARM_ENDPOINT,
+        connection_verify: str = "",
+        polling_interval_s: float = 15.0,
+    ) -> None:
+        self._subscription_id = subscription_id
+        self._polling_interval_s = polling_interval_s
+        self._client = ComputeManagementClient(
+            credential,
+            subscription_id,
+            base_url=arm_endpoint.rstrip("/"),
+            credential_scopes=[arm_token_scope(arm_endpoint)],
+            connection_verify=connection_verify or True,
+            retry_total=0,
+            logging_enable=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def bake(self, *, vm_id: str, image_definition_id: str, version: str) -> BakedImage:
+        vm = _match(_VM_ID, vm_id, option="--vm", shape="a VM resource id (az vm show --query id)")
+        image = _match(
+            _GALLERY_IMAGE_ID,
+            image_definition_id,
+            option="--gallery-image",
+            shape="a gallery image definition id (az sig image-definition show --query id)",
+        )
+        if _IMAGE_VERSION.match(version) is None:
+            raise errors.UserInputError(f"--version {version!r} is not MAJOR.MINOR.PATCH (for example 1.4.0)")
+        names = (image["rg"], image["gallery"], image["image"], version)
+        existing = self._existing_version(names, vm_id)
+        if existing is not None:
+            return existing
+        definition = self._read(
+            "read gallery image", lambda: self._client.gallery_images.get(image["rg"], image["gallery"], image["image"])
+        )
+        self._operation(
+            f"deallocate {vm['name']}",
+            lambda **kw: self._client.virtual_machines.begin_deallocate(
+                vm["rg"], vm["name"], polling_interval=self._polling_interval_s, **kw
+            ),
+        )
+        self._write(f"generalize {vm['name']}", lambda: self._client.virtual_machines.generalize(vm["rg"], vm["name"]))
+        body = compute_models.GalleryImageVersion(
+            location=str(definition.location),
+            properties=compute_models.GalleryImageVersionProperties(
+                storage_profile=compute_models.GalleryImageVersionStorageProfile(
+                    source=compute_models.GalleryArtifactVersionFullSource(virtual_machine_id=vm_id.strip())
+                )
+            ),
+        )
+        made = self._operation(
+            f"create image version {version}",
+            lambda **kw: self._client.gallery_image_versions.begin_create_or_update(
+                *names, body, polling_interval=self._polling_interval_s, **kw
+            ),
+        )
+        log.info("image_version_created", image_version_id=made.id, source_vm_id=vm_id)
+        return BakedImage(str(made.id), vm_id.strip(), _provisioning(made))
+
+    def _existing_version(self, names: tuple[str, str, str, str], vm_id: str) -> BakedImage | None:
+        try:
+            found = self._read("read image version", lambda: self._client.gallery_image_versions.get(*names))
+        except errors.InstanceNotFoundError:
+            return None
+        storage = found.properties.storage_profile if found.properties is not None else None
+        source = getattr(getattr(storage, "source", None), "virtual_machine_id", None) or ""
+        if source.lower() != vm_id.strip().lower():
+            raise errors.UserInputError(
+                f"image version {names[3]} of {names[2]} already exists from another source ({source or 'unknown'}); "
+                "pick a new --version"
+            )
+        return BakedImage(str(found.id), vm_id.strip(), _provisioning(found), already_existed=True)
+
+    def _read(self, what: str, call: Callable[[], Any]) -> Any:
+        @_retry.retry_control_plane_read
+        def attempt() -> Any:
+            with _errors.translated(_errors.SCALE_SET, what=what):
+                return call()
+
+        return attempt()
+
+    def _write(self, what: str, call: Callable[[], Any]) -> Any:
+        @_retry.retry_control_plane_write
+        def attempt() -> Any:
+            with _errors.translated(_errors.SCALE_SET, what=what):
+                return call()
+
+        return attempt()
+
+    def _operation(self, what: str, begin: Callable[..., LROPoller[Any]]) -> Any:
+        """One write, then its operation polled to the end (a failed poll resumes from the continuation token)."""
+        poller: LROPoller[Any] = self._write(what, begin)
+        token = poller.continuation_token()
+        pending = [poller]
+
+        @_retry.retry_long_running_poll
+        def wait() -> Any:
+            current = pending.pop() if pending else None
+            with _errors.translated(_errors.SCALE_SET, what=what):
+                return (current or begin(continuation_token=token)).result()
+
+        return wait()
+
+
+def _provisioning(version: Any) -> str:
+    props = version.properties
+    state = getattr(props, "provisioning_state", None) if props is not None else None
+    return str(getattr(state, "value", state) or "")
+
+
+def open_image_baker(
+    cfg: settings.ScaleSetSettings, *, subscription_id: str, credential: TokenCredential | None = None
+) -> GalleryImageBaker:
+    """A baker for one subscription, at ``scale_set.arm_endpoint``, with ``DefaultAzureCredential`` unless told
+    otherwise (a pipeline's workload identity, or a VM's managed identity)."""
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return GalleryImageBaker(
+        subscription_id=subscription_id,
+        credential=credential,
+        arm_endpoint=cfg.arm_endpoint,
+        connection_verify=cfg.connection_verify,
+        polling_interval_s=cfg.polling_interval_s,
+    )
+
+
+def subscription_of(resource_id: str) -> str:
+    """The subscription a resource id names (``--vm``'s, for the baker's client)."""
+    match = re.match(r"^/subscriptions/([^/\s]+)/", resource_id.strip(), re.IGNORECASE)
+    if match is None:
+        raise errors.UserInputError(f"{resource_id!r} is not an ARM resource id (/subscriptions/...)")
+    return match.group(1)

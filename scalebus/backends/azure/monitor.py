@@ -73,7 +73,11 @@ class MonitorDepth:
             )
         at, value = newest
         return base.DepthSample(
-            active=int(value), in_flight=None, dead_lettered=0, sampled_at=at, source="azure-monitor",
+            active=int(value),
+            in_flight=None,
+            dead_lettered=0,
+            sampled_at=at,
+            source="azure-monitor",
             active_includes_locked=True,
         )
 

@@ -14,6 +14,22 @@ has no locked count (``MessageCount`` is the sum of the other counters, so subtr
 admin API cannot tell waiting from in-flight work: ``in_flight`` is ``None`` and ``active`` includes locked
 messages. The controller learns in-flight work from worker heartbeats instead.
 
+Releasing a job for a failure that is not its own (``release_later``): Service Bus has no abandon with a delay,
+and abandoning counts a delivery ("The count is incremented when a message lock expires, or the message is
+explicitly abandoned": https://learn.microsoft.com/dotnet/api/azure.messaging.servicebus.servicebusreceivedmessage.
+deliverycount). Holding the lock through the back-off and then abandoning would spend the job's budget on an
+outage; deferral sets the message aside until someone receives it by sequence number, which no other worker
+knows (https://learn.microsoft.com/azure/service-bus-messaging/message-deferral). So the adapter sends a copy
+scheduled for later ("Service Bus will hide the message from receivers until the requested time":
+https://learn.microsoft.com/dotnet/api/azure.messaging.servicebus.servicebusreceivedmessage.scheduledenqueuetime)
+carrying two application properties, the releases so far and the job's own deliveries so far, then completes the
+original: send first, complete second, so a crash in between duplicates the job, never loses it (the copy's id is
+:func:`base.requeued_message_id` of the original, the same on a retried send, so duplicate detection drops a
+second copy). A copy starts a fresh broker count; the port adds the carried deliveries back, and with
+``max_delivery_count`` known the adapter dead-letters a copy that carries deliveries once it is past that count (``MaxDeliveryCountExceeded``),
+as the broker would have the original; a queue whose own MaxDeliveryCount is higher than ``queue.max_delivery_count``
+dead-letters such copies earlier than it would the original.
+
 Requeueing dead letters settles many messages at once, and since 7.15 every settlement waits for the broker's
 echo. A message settles only through the link that received it and an SDK receiver is not thread-safe, so
 ``requeue_dead_letters`` runs K receivers on the dead-letter queue, one thread each with its own sender: N dead
@@ -24,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import os
 import threading
 import time
@@ -137,10 +154,24 @@ def _body(message: ServiceBusReceivedMessage) -> bytes:
     return b"".join(bytes(part) for part in body)
 
 
+RELEASES_PROPERTY = "scalebus-releases"
+"""Application property of a released copy: how many times the job was released so far."""
+PRIOR_DELIVERIES_PROPERTY = "scalebus-prior-deliveries"
+"""Application property of a released copy: the job's own deliveries before the copy was sent."""
+
+
+def _carried(message: ServiceBusReceivedMessage, name: str) -> int:
+    """An integer application property of ours (the SDK may hand keys back as bytes); 0 when absent."""
+    properties = message.application_properties or {}
+    value = properties.get(name, properties.get(name.encode(), 0))  # type: ignore[call-overload]
+    return int(value) if isinstance(value, int | str | bytes) and str(value).isdigit() else 0
+
+
 def _port_delivery_count(message: ServiceBusReceivedMessage) -> int:
     """Service Bus puts prior deliveries on the wire (AMQP semantics) and the Python SDK reports that as-is;
-    the port counts this delivery too, as the .NET and Java SDKs do."""
-    return int(message.delivery_count or 0) + 1
+    the port counts this delivery too, as the .NET and Java SDKs do, and the deliveries a released copy
+    carries over from the message it replaced."""
+    return int(message.delivery_count or 0) + 1 + _carried(message, PRIOR_DELIVERIES_PROPERTY)
 
 
 # --------------------------------------------------------------------------------------------- job queue
@@ -222,9 +253,12 @@ class ServiceBusJobQueue:
     message objects of received messages are kept by lock token until settled: the SDK settles through them.
     """
 
-    def __init__(self, client: ServiceBusClient, *, queue_name: str) -> None:
+    def __init__(
+        self, client: ServiceBusClient, *, queue_name: str, max_delivery_count: int | None = None
+    ) -> None:
         self._client = client
         self._queue_name = queue_name
+        self._max_delivery_count = max_delivery_count
         self._sender: Any = None
         self._receiver: Any = None
         self._dead_letter_receiver: Any = None
@@ -282,11 +316,34 @@ class ServiceBusJobQueue:
     # ------------------------------------------------------------------ receive and settle
 
     def receive(self, *, max_wait_s: float) -> base.ReceivedMessage | None:
-        with self._receiver_lock, _translated(what=f"receive from {self._queue_name}"):
-            got = self._get_receiver().receive_messages(max_message_count=1, max_wait_time=max(max_wait_s, 0.001))
-        if not got:
-            return None
-        sdk_message = got[0]
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            with self._receiver_lock, _translated(what=f"receive from {self._queue_name}"):
+                got = self._get_receiver().receive_messages(
+                    max_message_count=1, max_wait_time=max(deadline - time.monotonic(), 0.001)
+                )
+            if not got:
+                return None
+            if not self._exceeded(got[0]):
+                return self._taken(got[0])
+            if time.monotonic() >= deadline:
+                return None
+
+    def _exceeded(self, sdk_message: ServiceBusReceivedMessage) -> bool:
+        """A released copy past the job's budget goes where the broker would have sent the original."""
+        count = _port_delivery_count(sdk_message)
+        carried = _carried(sdk_message, PRIOR_DELIVERIES_PROPERTY)
+        if self._max_delivery_count is None or not carried or count <= self._max_delivery_count:
+            return False
+        reason = "MaxDeliveryCountExceeded"
+        with self._receiver_lock, _translated(what=f"dead-letter on {self._queue_name}"):
+            self._get_receiver().dead_letter_message(
+                sdk_message, reason=reason, error_description=f"delivered {count - 1} times without being completed"
+            )
+        self._log.warning("servicebus.dead_lettered", message_id=sdk_message.message_id, reason=reason)
+        return True
+
+    def _taken(self, sdk_message: ServiceBusReceivedMessage) -> base.ReceivedMessage:
         token = str(sdk_message.lock_token)
         with self._lock:
             self._received[token] = sdk_message
@@ -298,6 +355,7 @@ class ServiceBusJobQueue:
             sequence_number=int(sdk_message.sequence_number or 0),
             enqueued_at=_epoch(sdk_message.enqueued_time_utc),
             locked_until=_epoch(sdk_message.locked_until_utc),
+            released=_carried(sdk_message, RELEASES_PROPERTY),
         )
 
     def _sdk_message(self, message: base.ReceivedMessage, *, what: str) -> ServiceBusReceivedMessage:
@@ -352,6 +410,29 @@ class ServiceBusJobQueue:
     def abandon(self, message: base.ReceivedMessage) -> None:
         receiver = self._get_receiver()
         self._settle(message, what=f"abandon on {self._queue_name}", settle=receiver.abandon_message)
+
+    def release_later(self, message: base.ReceivedMessage, *, delay_s: float) -> None:
+        """Send a copy scheduled ``delay_s`` from now, then complete the original (see the module docstring)."""
+        sdk_message = self._sdk_message(message, what=f"release on {self._queue_name}")
+        copy = ServiceBusMessage(
+            message.body,
+            message_id=base.requeued_message_id(message.message_id, message.sequence_number),
+            content_type=str(sdk_message.content_type or "application/json"),
+            application_properties={
+                RELEASES_PROPERTY: message.released + 1,
+                PRIOR_DELIVERIES_PROPERTY: max(message.delivery_count - 1, 0),
+            },
+            scheduled_enqueue_time_utc=datetime.datetime.now(datetime.UTC)
+            + datetime.timedelta(seconds=max(delay_s, 0.0)),
+        )
+        self._send_release(copy)
+        self.complete(message)
+        self._log.info("servicebus.released", message_id=message.message_id, delay_s=delay_s)
+
+    @_retry.retry_messaging
+    def _send_release(self, copy: ServiceBusMessage) -> None:
+        with _translated(what=f"release to {self._queue_name}"):
+            self._get_sender().send_messages(copy)
 
     def dead_letter(self, message: base.ReceivedMessage, *, reason: str, description: str) -> None:
         receiver = self._get_receiver()
@@ -699,7 +780,9 @@ def open_servicebus(
     auth = _resolve_auth(
         settings, target, environ=os.environ if environ is None else environ, credential=credential
     )
-    queue = ServiceBusJobQueue(_data_plane_client(auth), queue_name=target.queue_name)
+    queue = ServiceBusJobQueue(
+        _data_plane_client(auth), queue_name=target.queue_name, max_delivery_count=settings.max_delivery_count
+    )
     log.info(
         "servicebus.opened",
         namespace=auth.namespace,

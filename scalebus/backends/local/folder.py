@@ -1,16 +1,38 @@
 """``FolderStore``: the object-store port over a local folder (``file:///abs/path`` URIs).
 
 The embedded default data lake, and the reference the Azure adapter's contract tests are held to. An object's
-etag is ``f"{mtime_ns}-{size}"``: cheap to compute and it changes whenever the file is rewritten. Writes go to a
-temporary file beside the target and are renamed into place, so readers never see half a file.
+etag is ``f"{mtime_ns}-{size}"``: cheap to compute and it changes whenever the file is rewritten.
+
+A job names the paths this store reads and writes, so the store enforces where they may be, whatever the intake
+already checked:
+
+* **Confinement.** Every path is resolved to its real path (symlinks followed) and must lie below one of the
+  configured ``roots`` (``None``: anywhere, for the CLI run by the user on their own files; ``()``: nowhere) and
+  outside every ``reserved`` folder (the worker's work dir and secrets). ``/proc``, ``/dev`` and ``/sys`` are
+  never read or written. A symlink in a listed tree that leads out of the roots is refused, not skipped.
+* **Only regular files.** Files are opened by their real path with ``O_NOFOLLOW`` (a symlink swapped in after the
+  check fails the open) and must be regular files (no devices, FIFOs or sockets).
+* **The file read is the file listed.** Its size and ``mtime_ns`` are compared with the listed etag before and
+  after the read; a difference is a transient ``SourceChangedError`` (listed again on the next attempt).
+* **Writes never leave a temporary file in the folder written to.** A write goes to a temporary file and is
+  renamed into place, so readers never see half a file. The temporary file lives in a hidden folder at the top
+  of the root (``.scalebus-tmp``, never inside a job's output, which lies strictly below a root) when the root
+  is on the same file system, else beside the target under a short hidden name (``.sb-<random>.part``), so a
+  target name of any legal length still has a temporary name. Files are created with mode 0666 less the umask,
+  never a source's mode.
+
+Refusals are ``UnsafePathError``: permanent, so the job is dead-lettered with the reason.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
+import stat
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +41,11 @@ from scalebus.backends import base
 
 _SCHEME = "file://"
 _COPY_BLOCK_BYTES = 1024 * 1024
+SYSTEM_DIRS = ("/proc", "/dev", "/sys")
+"""Never read or written, whatever the roots say: pseudo-files of the kernel and devices."""
+TEMP_DIR_NAME = ".scalebus-tmp"
+"""The hidden folder at the top of a root where writes are prepared."""
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 def path_of(uri: str) -> Path:
@@ -35,25 +62,76 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns}-{st.st_size}"
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """Where the store may read and write (module docstring). Paths are kept as real paths."""
+
+    roots: tuple[str, ...] | None = None
+    reserved: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, roots: Sequence[str] | None, reserved: Sequence[str]) -> Confinement:
+        real = os.path.realpath
+        return cls(None if roots is None else tuple(real(r) for r in roots), tuple(real(r) for r in reserved))
+
+    def resolve(self, path: Path | str, *, shown: str) -> str:
+        """The real path of ``path``; ``UnsafePathError`` unless it is allowed (``shown`` names it)."""
+        real = os.path.realpath(path)
+        reason = self.refusal(real)
+        if reason is not None:
+            raise errors.UnsafePathError(f"{uris.shown(shown)}: {reason}")
+        return real
+
+    def refusal(self, real: str) -> str | None:
+        """Why the real path ``real`` may not be touched, or ``None``."""
+        if any(_inside(real, system) for system in SYSTEM_DIRS):
+            return "system folders (/proc, /dev, /sys) are never read or written"
+        if any(_inside(real, folder) for folder in self.reserved):
+            return "inside the worker's own folders"
+        if self.roots is None:
+            return None
+        if not self.roots:
+            return "local files are not accepted here (storage.local_roots is empty)"
+        root = self.root_of(real)
+        if root is None:
+            return f"resolves to {real!r}, outside storage.local_roots"
+        if TEMP_DIR_NAME in Path(real).relative_to(root).parts[:1]:
+            return f"{TEMP_DIR_NAME} is reserved for the store's temporary files"
+        return None
+
+    def root_of(self, real: str) -> str | None:
+        return next((root for root in self.roots or () if _inside(real, root)), None)
+
+
 class FolderStore:
-    """``base.ObjectStore`` over the local file system."""
+    """``base.ObjectStore`` over the local file system, confined to ``roots`` and outside ``reserved``."""
+
+    _confinement = Confinement()
+
+    def __init__(self, *, roots: Sequence[str] | None = None, reserved: Sequence[str] = ()) -> None:
+        self._confinement = Confinement.of(roots, reserved)
 
     def close(self) -> None:
         """Nothing to release."""
 
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
-        root = path_of(uri)
+        real = self._confinement.resolve(path_of(uri), shown=uri)
         try:
-            st = root.stat()
+            st = os.stat(real)
         except FileNotFoundError:
-            raise errors.ObjectNotFoundError(f"{uri}: not found") from None
+            raise errors.ObjectNotFoundError(f"{uris.shown(uri)}: not found") from None
         except OSError as exc:
-            raise errors.StorageError(f"{uri}: cannot stat ({exc.strerror})") from exc
-        if not root.is_dir():
-            yield base.RemoteObject(uri=uri, rel_path=root.name, size=st.st_size, etag=_etag(st))
+            raise errors.StorageError(f"{uris.shown(uri)}: cannot stat ({exc.strerror})") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            _check_regular(st, uri)
+            yield base.RemoteObject(uri=uri, rel_path=path_of(uri).name, size=st.st_size, etag=_etag(st))
             return
         prefix = uri.rstrip("/") + "/"
-        for rel_path, entry_st in _walk(root, ""):
+        for rel_path, entry_st in _walk(Path(real), "", self._confinement):
             yield base.RemoteObject(
                 uri=prefix + urllib.parse.quote(rel_path),
                 rel_path=rel_path,
@@ -64,36 +142,48 @@ class FolderStore:
     def read_into(
         self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
     ) -> int:
-        path = path_of(obj.uri)
+        real = self._confinement.resolve(path_of(obj.uri), shown=obj.uri)
         try:
-            with path.open("rb", buffering=0) as src:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.ObjectNotFoundError(f"{uris.shown(obj.uri)}: not found") from None
+        except OSError as exc:
+            raise _read_error(obj, exc) from exc
+        with os.fdopen(fd, "rb", buffering=0) as src:
+            try:
+                _check_same(os.fstat(fd), obj)
                 if offset:
                     src.seek(offset)
-                return _copy(src, sink, length)
-        except FileNotFoundError:
-            raise errors.ObjectNotFoundError(f"{obj.uri}: not found") from None
-        except OSError as exc:
-            raise errors.StorageError(f"{obj.uri}: read failed ({exc.strerror})") from exc
+                got = _copy(src, sink, length)
+                _check_same(os.fstat(fd), obj)
+            except OSError as exc:
+                raise _read_error(obj, exc) from exc
+        return got
 
     def write_file(self, source: Path, uri: str) -> None:
-        target = path_of(uri)
         try:
-            with source.open("rb", buffering=0) as src:
-                self._write_atomically(target, lambda fh: _copy(src, fh, None))
+            src = source.open("rb", buffering=0)
         except FileNotFoundError:
             raise errors.StorageError(f"{source}: local file not found") from None
+        except OSError as exc:
+            raise errors.StorageError(f"{source}: cannot read ({exc.strerror})") from exc
+        with src:
+            self._write_atomically(uri, lambda fh: _copy(src, fh, None))
 
     def write_bytes(self, data: bytes, uri: str) -> None:
-        self._write_atomically(path_of(uri), lambda fh: fh.write(data))
+        self._write_atomically(uri, lambda fh: fh.write(data))
 
     def exists(self, uri: str) -> bool:
-        return path_of(uri).is_file()
+        return os.path.isfile(self._confinement.resolve(path_of(uri), shown=uri))
 
-    @staticmethod
-    def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    def _write_atomically(self, uri: str, write: Callable[[BinaryIO], object]) -> None:
+        target = self._confinement.resolve(path_of(uri), shown=uri)
+        parent = os.path.dirname(target)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.makedirs(parent, exist_ok=True)
+            self._confinement.resolve(parent, shown=uri)  # nobody slipped a symlink into the new folders
+            tmp = self._temp_path(parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     write(fh)
@@ -102,34 +192,82 @@ class FolderStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            raise errors.StorageError(f"{target}: write failed ({exc.strerror})") from exc
+            kind = errors.TransientStorageError if exc.errno in _DISK_ERRNOS else errors.StorageError
+            raise kind(f"{uris.shown(uri)}: write failed ({exc.strerror})") from exc
+
+    def _temp_path(self, parent: str) -> str:
+        """A fresh temporary path on ``parent``'s file system, outside ``parent`` when a root holds it."""
+        name = f".sb-{secrets.token_hex(8)}.part"
+        root = self._confinement.root_of(parent)
+        if root is not None:
+            temp_dir = os.path.join(root, TEMP_DIR_NAME)
+            os.makedirs(temp_dir, mode=0o700, exist_ok=True)
+            if os.stat(temp_dir).st_dev == os.stat(parent).st_dev:
+                return os.path.join(temp_dir, name)
+        return os.path.join(parent, name)
 
 
-def _walk(root: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Files under ``root`` in sorted order, with '/'-separated paths; symlinks to directories not followed."""
+def _check_regular(st: os.stat_result, uri: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.UnsafePathError(f"{uris.shown(uri)}: not a regular file (a device, FIFO or socket)")
+
+
+def _check_same(st: os.stat_result, obj: base.RemoteObject) -> None:
+    """The open file is a regular file and, when the listing gave its etag, still the one listed."""
+    _check_regular(st, obj.uri)
+    if obj.etag and _etag(st) != obj.etag:
+        raise errors.SourceChangedError(
+            f"{uris.shown(obj.uri)}: changed since it was listed (size and mtime {_etag(st)}, listed {obj.etag})"
+        )
+
+
+def _read_error(obj: base.RemoteObject, exc: OSError) -> errors.StorageError:
+    if exc.errno == errno.ELOOP:
+        return errors.UnsafePathError(f"{uris.shown(obj.uri)}: became a symlink after it was checked")
+    return errors.StorageError(f"{uris.shown(obj.uri)}: read failed ({exc.strerror})")
+
+
+def _walk(root: Path, rel: str, confinement: Confinement) -> Iterator[tuple[str, os.stat_result]]:
+    """Files under ``root`` in sorted order, with '/'-separated paths; symlinks to directories not followed, a
+    symlink leading out of the confinement refused."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise errors.StorageError(f"{root}: cannot list ({exc.strerror})") from exc
     for entry in entries:
         child = f"{rel}{entry.name}"
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), child + "/")
-        elif entry.is_file():
-            yield child, entry.stat()
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name != TEMP_DIR_NAME:
+                    yield from _walk(Path(entry.path), child + "/", confinement)
+                continue
+            if entry.is_symlink():
+                reason = confinement.refusal(os.path.realpath(entry.path))
+                if reason is not None:
+                    raise errors.UnsafePathError(f"{child!r}: a symlink that {reason}")
+            if entry.is_file():
+                yield child, entry.stat()
+        except OSError as exc:
+            raise errors.StorageError(f"{entry.path}: cannot stat ({exc.strerror})") from exc
 
 
 def _copy(src: BinaryIO, sink: BinaryIO, length: int | None) -> int:
-    if length is not None and length <= _COPY_BLOCK_BYTES:
-        data = src.read(length)
-        sink.write(data)
-        return len(data)
+    """Copy from ``src`` into ``sink``; the sink's own failures are the local disk's, not the source's."""
     written = 0
     while length is None or written < length:
         want = _COPY_BLOCK_BYTES if length is None else min(_COPY_BLOCK_BYTES, length - written)
         data = src.read(want)
         if not data:
             break
-        sink.write(data)
+        _write_sink(sink, data)
         written += len(data)
     return written
+
+
+def _write_sink(sink: BinaryIO, data: bytes) -> None:
+    try:
+        sink.write(data)
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
+            raise errors.LocalDiskError(f"local disk error writing what was read ({exc.strerror})") from exc
+        raise errors.StorageError(f"local write failed ({exc.strerror})") from exc

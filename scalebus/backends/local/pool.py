@@ -11,6 +11,8 @@ deleted (a crash or SIGKILL), which is what a VM that failed provisioning or die
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +31,10 @@ log = structlog.get_logger(__name__)
 
 INSTANCE_ID_ENV = "SCALEBUS_INSTANCE_ID"
 SCALE_SET_ENV = "SCALEBUS_SCALE_SET"
+MODEL_ENV = "SCALEBUS_MODEL"
+"""The model (image) an instance was created from, as its worker process sees it."""
+DEFAULT_MODEL = "local"
+"""The pool's model until ``update_model`` names another: the worker command the pool was opened with."""
 _KILL_AFTER_S = 30.0
 
 _SCHEMA = """
@@ -50,6 +56,18 @@ CREATE TABLE IF NOT EXISTS fleet_hint (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     idle_grace_s REAL NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fleet_retire (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    instance_ids TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pool_model (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    image TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instance_models (
+    instance_id TEXT PRIMARY KEY,
+    image TEXT NOT NULL
 );
 """
 
@@ -93,7 +111,7 @@ class LocalScaleSet:
             else:
                 state = base.InstanceState.STARTING
             instances.append(base.Instance(instance_id, state, created_at, name=f"pid {pid}"))
-        return instances
+        return self._with_models(instances)
 
     def set_capacity(self, capacity: int) -> None:
         if capacity < 0:
@@ -131,6 +149,36 @@ class LocalScaleSet:
     def heartbeats(self) -> SqliteHeartbeatStore:
         return SqliteHeartbeatStore(self._db)
 
+    # -- the model (what ``scalebus rollout`` replaces) ------------------------------------------------------
+
+    def model(self) -> str:
+        with self._db.read() as conn:
+            row = conn.execute("SELECT image FROM pool_model WHERE id = 1").fetchone()
+        return str(row[0]) if row else DEFAULT_MODEL
+
+    def update_model(self, image: str) -> None:
+        """New instances are started with ``image`` in their environment (``SCALEBUS_MODEL``); running ones keep
+        theirs, as VMs keep the image they booted."""
+        if not image.strip():
+            raise errors.UserInputError("the new model (image) must not be empty")
+        with self._db.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO pool_model (id, image) VALUES (1, ?)", (image,))
+        log.info("model_updated", image=image)
+
+    def _record_model(self, instance_id: str) -> dict[str, str]:
+        """Book the current model for a new instance; returns what its worker's environment gains."""
+        image = self.model()
+        with self._db.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO instance_models (instance_id, image) VALUES (?, ?)", (instance_id, image)
+            )
+        return {MODEL_ENV: image}
+
+    def _with_models(self, instances: list[base.Instance]) -> list[base.Instance]:
+        with self._db.read() as conn:
+            models = dict(conn.execute("SELECT instance_id, image FROM instance_models").fetchall())
+        return [dataclasses.replace(i, model=models.get(i.instance_id, DEFAULT_MODEL)) for i in instances]
+
     def _spawn(self) -> None:
         with self._db.write() as conn:
             # never reuse an id (as VMSS instance ids are not): heartbeats, notices and logs name one machine
@@ -142,6 +190,7 @@ class LocalScaleSet:
                 (seq, instance_id, time.time()),
             )
         env = {**os.environ, **self._env, INSTANCE_ID_ENV: instance_id, SCALE_SET_ENV: self.url}
+        env.update(self._record_model(instance_id))
         proc = subprocess.Popen(self._argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._children[proc.pid] = proc
         started = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else time.time()
@@ -260,11 +309,20 @@ class SqliteHeartbeatStore:
                 "INSERT OR REPLACE INTO fleet_hint (id, idle_grace_s, at) VALUES (1, ?, ?)",
                 (hint.idle_grace_s, hint.at),
             )
+            if hint.retire_instance_ids is not None:  # None: keep the list a rollout stored
+                conn.execute(
+                    "INSERT OR REPLACE INTO fleet_retire (id, instance_ids) VALUES (1, ?)",
+                    (json.dumps(list(hint.retire_instance_ids)),),
+                )
 
     def read_hint(self) -> base.FleetHint | None:
         with self._db.read() as conn:
             row = conn.execute("SELECT idle_grace_s, at FROM fleet_hint WHERE id = 1").fetchone()
-        return base.FleetHint(idle_grace_s=row[0], at=row[1]) if row else None
+            retire = conn.execute("SELECT instance_ids FROM fleet_retire WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        ids = tuple(str(i) for i in json.loads(retire[0])) if retire else None
+        return base.FleetHint(idle_grace_s=row[0], at=row[1], retire_instance_ids=ids)
 
     def close(self) -> None:
         self._db.close()

@@ -7,6 +7,11 @@ message delivered more than ``max_delivery_count`` times goes to the dead-letter
 ``MaxDeliveryCountExceeded``. Settling with a lock that expired or moved to another receiver raises
 ``LockLostError``, as Service Bus does.
 
+``release_later`` (a failure of the environment, not of the job) hides the message until ``visible_at`` and
+counts the release in its own column, ``released``, giving back the delivery it had taken: the job's budget of
+``max_delivery_count`` is spent only on deliveries that were the job's own (or crashes). A message waiting out
+its delay is reported as ``scheduled`` by the depth, as Service Bus reports a scheduled message.
+
 URL: ``sqlite:///relative/path.db?queue=name`` or ``sqlite:////absolute/path.db?queue=name``.
 """
 
@@ -41,10 +46,14 @@ CREATE TABLE IF NOT EXISTS messages (
     dead INTEGER NOT NULL DEFAULT 0,
     dl_reason TEXT,
     dl_description TEXT,
+    released INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL,
     UNIQUE (queue, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, dead, seq);
 """
+_ADDED_COLUMNS = {"released": "INTEGER NOT NULL DEFAULT 0", "visible_at": "REAL"}
+"""Columns newer than the first schema, added to a queue file made before them."""
 _POLL_S = 0.05
 _MAX_POLL_S = 0.5
 
@@ -67,6 +76,7 @@ class SqliteJobQueue:
 
     def __init__(self, path: Path, *, queue: str, lock_duration_s: float, max_delivery_count: int) -> None:
         self._db = _sqlite.Database(path, _SCHEMA)
+        _add_missing_columns(self._db)
         self._queue = queue
         self._lock_duration_s = lock_duration_s
         self._max_delivery_count = max_delivery_count
@@ -111,14 +121,14 @@ class SqliteJobQueue:
         with self._db.write() as conn:
             while True:
                 row = conn.execute(
-                    "SELECT seq, message_id, body, enqueued_at, delivery_count FROM messages "
-                    "WHERE queue = ? AND dead = 0 AND (locked_until IS NULL OR locked_until < ?) "
-                    "ORDER BY seq LIMIT 1",
-                    (self._queue, now),
+                    "SELECT seq, message_id, body, enqueued_at, delivery_count, released FROM messages "
+                    "WHERE queue = :queue AND dead = 0 AND (locked_until IS NULL OR locked_until < :now) "
+                    "AND (visible_at IS NULL OR visible_at <= :now) ORDER BY seq LIMIT 1",
+                    {"queue": self._queue, "now": now},
                 ).fetchone()
                 if row is None:
                     return None
-                seq, message_id, body, enqueued_at, count = row
+                seq, message_id, body, enqueued_at, count, released = row
                 if count >= self._max_delivery_count:
                     _dead_letter_row(conn, seq, "MaxDeliveryCountExceeded", _exceeded(count))
                     log.warning("message_dead_lettered", message_id=message_id, reason="MaxDeliveryCountExceeded")
@@ -136,6 +146,7 @@ class SqliteJobQueue:
                     sequence_number=seq,
                     enqueued_at=enqueued_at,
                     locked_until=until,
+                    released=released,
                 )
 
     def renew_lock(self, message: base.ReceivedMessage) -> float:
@@ -155,6 +166,15 @@ class SqliteJobQueue:
 
     def abandon(self, message: base.ReceivedMessage) -> None:
         self._update_locked(message, "UPDATE messages SET lock_token = NULL, locked_until = NULL", ())
+
+    def release_later(self, message: base.ReceivedMessage, *, delay_s: float) -> None:
+        """Unlock, give back this delivery's count, count a release, and hide the message for ``delay_s``."""
+        self._update_locked(
+            message,
+            "UPDATE messages SET lock_token = NULL, locked_until = NULL, visible_at = ?, "
+            "delivery_count = MAX(delivery_count - 1, 0), released = released + 1",
+            (time.time() + max(delay_s, 0.0),),
+        )
 
     def dead_letter(self, message: base.ReceivedMessage, *, reason: str, description: str) -> None:
         self._update_locked(
@@ -213,19 +233,35 @@ class SqliteJobQueue:
     def read_depth(self) -> base.DepthSample:
         now = time.time()
         with self._db.read() as conn:
-            active, in_flight, dead = conn.execute(
+            active, in_flight, dead, scheduled = conn.execute(
                 "SELECT "
-                "COALESCE(SUM(dead = 0 AND (locked_until IS NULL OR locked_until < :now)), 0), "
+                "COALESCE(SUM(dead = 0 AND (locked_until IS NULL OR locked_until < :now) "
+                "AND (visible_at IS NULL OR visible_at <= :now)), 0), "
                 "COALESCE(SUM(dead = 0 AND locked_until >= :now), 0), "
-                "COALESCE(SUM(dead = 1), 0) FROM messages WHERE queue = :queue",
+                "COALESCE(SUM(dead = 1), 0), "
+                "COALESCE(SUM(dead = 0 AND (locked_until IS NULL OR locked_until < :now) "
+                "AND visible_at > :now), 0) FROM messages WHERE queue = :queue",
                 {"now": now, "queue": self._queue},
             ).fetchone()
         return base.DepthSample(
-            active=active, in_flight=in_flight, dead_lettered=dead, sampled_at=now, source="sqlite"
+            active=active,
+            in_flight=in_flight,
+            dead_lettered=dead,
+            sampled_at=now,
+            scheduled=scheduled,
+            source="sqlite",
         )
 
     def close(self) -> None:
         self._db.close()
+
+
+def _add_missing_columns(db: _sqlite.Database) -> None:
+    with db.write() as conn:
+        present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        for column, declaration in _ADDED_COLUMNS.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {declaration}")
 
 
 def _first_present(conn: sqlite3.Connection, queue: str, ids: list[str]) -> str | None:
