@@ -13,7 +13,7 @@ CHECKOV := $(CHECKOV_DIR)/bin/checkov
 IMAGE ?= localhost/scalebus:dev
 IMAGE_BASE ?= localhost/debian:12-slim
 
-.PHONY: demo test lint bench bench-staging bench-policy bench-settle clean wheel checkov image image-base test-deploy
+.PHONY: demo test lint bench bench-staging bench-policy bench-settle bench-scale clean wheel checkov image image-base test-deploy chaos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,17 @@ bench-reaction: $(DEV_STAMP)
 
 bench-settle: $(DEV_STAMP)
 	$(PY) bench/settle.py
+
+# Ingest at 10k and 100k synthetic objects (add BENCH_SCALE_FLAGS=--million for 1M; minutes).
+bench-scale: $(DEV_STAMP)
+	$(PY) bench/scale.py --readme $(BENCH_SCALE_FLAGS)
+
+# The long chaos run (tests/e2e/test_chaos.py is its bounded version in `make test`); figures in docs/reliability.md.
+CHAOS_JOBS ?= 400
+CHAOS_KILLS ?= 50
+CHAOS_ROOT ?= /tmp/scalebus-chaos
+chaos: $(DEV_STAMP)
+	rm -rf $(CHAOS_ROOT) && $(PY) -m tests.e2e._chaos --jobs $(CHAOS_JOBS) --kills $(CHAOS_KILLS) --root $(CHAOS_ROOT)
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,8 @@ measured is the cost of observing. Per poll it reports
 * response bytes (the JSON the fake served, measured at its request handler).
 
 Targets: at 1,000 instances ≤ 0.2 s of controller CPU and ≤ 1 instance-list call per poll (plus its pages)
-without ``instanceView``, which only instances without a fresh heartbeat need.
+without ``instanceView``, which only instances without a fresh heartbeat need. It also times the policy alone
+(``policy.decide``, pure) at 10,000 instances, half of them busy, over 60 rounds: target ≤ 10 ms.
 
 Writes the ``## Controller at fleet scale`` section of bench/README.md and prints it. Reproduce with
 ``.venv/bin/python bench/controller.py`` (``--sizes 10,100`` for a quicker look).
@@ -40,7 +41,7 @@ import _readme  # noqa: E402  (bench/ is on sys.path when a benchmark runs as a 
 
 from scalebus.backends import base  # noqa: E402  (after the path set-up, as a script)
 from scalebus.backends.azure import compute  # noqa: E402
-from scalebus.controller import step  # noqa: E402
+from scalebus.controller import policy, step  # noqa: E402
 from scalebus.settings import ControllerSettings  # noqa: E402
 from tests.fakes.arm_compute import ArmComputeFake  # noqa: E402
 from tests.fakes.compute_plugin import StaticTokenCredential  # noqa: E402
@@ -180,7 +181,43 @@ def measure(fake: ArmComputeFake, tally: _Tally, *, mode: str, instances: int, r
     )
 
 
-def render(costs: Sequence[PollCost], elapsed_s: float) -> str:
+DECIDE_INSTANCES = 10_000
+DECIDE_ROUNDS = 60
+TARGET_DECIDE_S = 0.010
+
+
+def decide_cost() -> tuple[float, float, int]:
+    """Median and p95 CPU seconds of one ``decide`` at ``DECIDE_INSTANCES`` (half busy, a quarter idle, a
+    quarter starting; jobs turn over every 10 minutes), and the jobs remembered at the end."""
+    settings = ControllerSettings(max_instances=2 * DECIDE_INSTANCES)
+    state = policy.initial_state()
+    start, times = 1_000_000.0, []
+    for n in range(DECIDE_ROUNDS):
+        now = start + 2.0 * n
+        views = tuple(_decide_view(i, now) for i in range(DECIDE_INSTANCES))
+        depth = base.DepthSample(
+            DECIDE_INSTANCES // 2 + 3000, None, 0, sampled_at=now - 1, active_includes_locked=True
+        )
+        obs = policy.Observation(now=now, depth=depth, capacity=DECIDE_INSTANCES, instances=views)
+        cpu0 = time.thread_time()
+        _, state = policy.decide(obs, state, settings)
+        times.append(time.thread_time() - cpu0)
+    ordered = sorted(times)
+    return statistics.median(times), ordered[int(0.95 * len(ordered))], len(state.jobs) + len(state.finished)
+
+
+def _decide_view(i: int, now: float) -> policy.InstanceView:
+    if i % 2 == 0:
+        job = f"job-{i}-{int(now - i) // 600}"
+        return policy.InstanceView(
+            f"i{i}", base.InstanceState.RUNNING, now - 900, base.WorkerState.BUSY, now - 1, job
+        )
+    if i % 4 == 1:
+        return policy.InstanceView(f"i{i}", base.InstanceState.RUNNING, now - 900, base.WorkerState.IDLE, now - 2)
+    return policy.InstanceView(f"i{i}", base.InstanceState.STARTING, now - 30)
+
+
+def render(costs: Sequence[PollCost], elapsed_s: float, decide: tuple[float, float, int] | None = None) -> str:
     lines = [
         HEADING,
         "",
@@ -211,6 +248,17 @@ def render(costs: Sequence[PollCost], elapsed_s: float) -> str:
                 f"{expanded:g} listing request(s) with `instanceView` per poll "
                 f"{'✅' if expanded == 0 else '❌'}"
             )
+    if decide is not None:
+        median, p95, remembered = decide
+        verdict = "✅" if p95 <= TARGET_DECIDE_S else "❌"
+        lines += [
+            "",
+            f"`policy.decide` alone at {DECIDE_INSTANCES:,} instances (half busy, jobs turning over every 10 "
+            f"minutes, {DECIDE_ROUNDS} rounds): median {1000 * median:.1f} ms, p95 {1000 * p95:.1f} ms of CPU "
+            f"{verdict} (target ≤ {1000 * TARGET_DECIDE_S:.0f} ms); {remembered:,} jobs remembered at the end "
+            "(busy ones, plus finished ones for at most `Tunables.max_sample_age_s`, at most "
+            f"{policy.DEFAULT_TUNABLES.job_memory_max:,}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +283,9 @@ def main() -> int:
                     print(f"{mode} {size}: {cost.cpu_s:.3f} s CPU / poll", file=sys.stderr, flush=True)
         finally:
             fake.stop()
-    section = render(costs, time.perf_counter() - started)
+    decide = decide_cost()
+    print(f"decide: {1000 * decide[0]:.1f} ms median", file=sys.stderr, flush=True)
+    section = render(costs, time.perf_counter() - started, decide)
     if not args.no_readme:
         _readme.write_section(HEADING, section)
     print(section)

@@ -10,8 +10,10 @@ structlog use :func:`redact`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,7 +64,8 @@ def current() -> LogConfig | None:
 def configure(
     *, fmt: Literal["auto", "console", "json"] = "auto", level: str = "info", stream: object = None
 ) -> None:
-    """Set up structlog (and stdlib logging for SDK messages) for this process."""
+    """Set up structlog, and stdlib logging (the Azure SDKs' warnings) rendered by the same chain, for this
+    process: in JSON mode an SDK warning is one JSON line like every other."""
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
     _configured[:] = [LogConfig("json" if use_json else "console", level)]
@@ -71,39 +74,92 @@ def configure(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=_isatty(out), pad_event_to=28)
     )
-    processors: list[structlog.types.Processor] = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso" if use_json else "%H:%M:%S", utc=use_json),
     ]
     # Exceptions are rendered to text here for both formats (the console's pretty tracebacks would bypass
     # redaction, and can show local variables), so redact_event sees every traceback as a string.
-    processors += [structlog.processors.format_exc_info, redact_event, _redacting(renderer)]
+    rendering: list[structlog.types.Processor] = [
+        structlog.processors.format_exc_info,
+        redact_event,
+        _redacting(renderer),
+    ]
+    sink = _Sink(out)
+    _sinks[:] = [sink]
     structlog.configure(
-        processors=processors,
+        processors=[*shared, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         # One write per line (print() writes the newline separately): worker processes share the controller's
         # stderr in the local pool, and lines under PIPE_BUF then never interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=out),  # type: ignore[arg-type]
+        logger_factory=structlog.WriteLoggerFactory(file=sink),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
-    # The Azure SDKs log through stdlib logging and can be chatty (and quote URLs): warnings only.
-    logging.basicConfig(level=logging.WARNING, stream=out)  # type: ignore[arg-type]
+    _route_stdlib(
+        sink,
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+        ),
+    )
+
+
+def _route_stdlib(sink: _Sink, formatter: logging.Formatter) -> None:
+    """One root handler of ours (replacing the one an earlier call installed) writes stdlib records through
+    ``formatter``. The SDKs are chatty and quote URLs: warnings only."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _SinkHandler)]:
+        root.removeHandler(handler)
+    handler = _SinkHandler(sink)
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
     logging.getLogger("azure").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        if getattr(handler, "stream", None) is out and not isinstance(handler.formatter, _RedactingFormatter):
-            handler.setFormatter(_RedactingFormatter(handler.formatter))
 
 
-class _RedactingFormatter(logging.Formatter):
-    """Stdlib log records (the SDKs quote request URLs and headers) redacted like structlog's lines."""
+class _Sink:
+    """Where this process's log lines go: the stream, or while a live progress bar holds the terminal, the
+    bar's console (:func:`diverted`), which prints them above the bar instead of through it."""
 
-    def __init__(self, inner: logging.Formatter | None) -> None:
-        super().__init__()
-        self._inner = inner or logging.Formatter(logging.BASIC_FORMAT)
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+        self.divert: Callable[[str], None] | None = None
 
-    def format(self, record: logging.LogRecord) -> str:
-        return _redact.redact(self._inner.format(record))
+    def write(self, text: str) -> None:
+        divert = self.divert
+        if divert is not None:
+            divert(text)
+        else:
+            self.stream.write(text)  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        if self.divert is None and hasattr(self.stream, "flush"):
+            self.stream.flush()
+
+    def isatty(self) -> bool:
+        return _isatty(self.stream)
+
+
+class _SinkHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler :func:`configure` installs (told apart from pytest's or an application's)."""
+
+
+_sinks: list[_Sink] = []  # at most one: the sink configure() last set up in this process
+
+
+@contextlib.contextmanager
+def diverted(write: Callable[[str], None]) -> Iterator[None]:
+    """Send this process's log lines (structlog's and stdlib's) to ``write`` while the block runs."""
+    sink = _sinks[-1] if _sinks else None
+    if sink is None:
+        yield
+        return
+    previous, sink.divert = sink.divert, write
+    try:
+        yield
+    finally:
+        sink.divert = previous
 
 
 def _isatty(stream: object) -> bool:

@@ -301,6 +301,23 @@ class SecretsSettings(_Section):
     guard against sending tokens elsewhere). Turn off only for an emulator served on another host name."""
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics and health endpoints (``/metrics``, ``/healthz``, ``/readyz``), off by default."""
+
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port the controller serves metrics and health on (0: off)."""
+    worker_port: int = Field(default=0, ge=0, le=65535)
+    """Port each worker serves them on (0: off). On a VM there is one worker, so one port fits the fleet; on the
+    embedded default workers share this machine and only the first one to bind it serves (the others log
+    ``metrics_port_busy`` and run without)."""
+    bind: str = "127.0.0.1"
+    """Address to listen on. ``0.0.0.0`` lets a Prometheus server elsewhere scrape (keep the port closed to the
+    internet: the endpoints have no authentication)."""
+    stall_s: float = Field(default=60.0, gt=0)
+    """How long a loop may stay silent beyond the wait it announced (its poll interval, a back-off, a receive)
+    before ``/healthz`` answers 503. (The systemd watchdog is fed by each controller round itself.)"""
+
+
 class IdentitySettings(_Section):
     imds_endpoint: str = "http://169.254.169.254"
     """Instance Metadata Service (changed only for tests)."""
@@ -320,19 +337,23 @@ class Settings(_Section):
     log: LogSettings = LogSettings()
     identity: IdentitySettings = IdentitySettings()
     secrets: SecretsSettings = SecretsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (if any) and the ``SCALEBUS_*`` environment, once."""
     environ = os.environ if environ is None else environ
     tree: dict[str, Any] = _read_toml(path) if path is not None else {}
+    from_env: dict[tuple[str, str], str] = {}
     for key, value in environ.items():
         if key.startswith(ENV_PREFIX) and "__" in key:
-            _apply_env(tree, key, value)
+            where = _apply_env(tree, key, value)
+            if where is not None:
+                from_env[where] = key
     try:
         return Settings.model_validate(tree)
     except pydantic.ValidationError as exc:
-        raise _config_error(exc, path) from None
+        raise _config_error(exc, path, from_env) from None
 
 
 def dump_toml(cfg: Settings) -> str:
@@ -368,14 +389,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise errors.ConfigError("--config", f"{path} is not valid TOML ({exc})", "fix the syntax") from None
 
 
-def _apply_env(tree: dict[str, Any], key: str, raw: str) -> None:
+def _apply_env(tree: dict[str, Any], key: str, raw: str) -> tuple[str, str] | None:
+    """Set the key one variable names; where in the tree it went, or ``None`` if it names none."""
     section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
     if not section or not field:
-        return
+        return None
     node = tree.setdefault(section, {})
     if not isinstance(node, dict):
-        return
+        return None
     node[field] = _parse_env_value(raw)
+    return section, field
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -386,11 +409,23 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _config_error(exc: pydantic.ValidationError, path: Path | None) -> errors.ConfigError:
+def _config_error(
+    exc: pydantic.ValidationError, path: Path | None, from_env: Mapping[tuple[str, str], str]
+) -> errors.ConfigError:
+    """The first problem, naming the key and where it was set: the whole variable when the environment set it
+    (``SCALEBUS_WORKR__X`` for an unknown section ``workr``), else the file."""
     first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc)
+    variable = next((name for where, name in from_env.items() if where[: len(loc[:2])] == loc[:2]), None)
+    unknown = first["type"] == "extra_forbidden"
+    problem = "unknown setting" if unknown else str(first["msg"])
+    if variable is not None:
+        fix = "unset it or check its spelling" if unknown else "set a valid value"
+        return errors.ConfigError(key, f"{problem} (from the environment variable {variable})", fix)
+    if unknown:
+        where = f"remove it from {path} or check" if path else "check"
+        return errors.ConfigError(key, problem, f"{where} its spelling")
+    env = ENV_PREFIX + "__".join(loc[:2]).upper()
     where = f"in {path} or " if path else ""
-    env = ENV_PREFIX + "__".join(str(part) for part in first["loc"][:2]).upper()
-    if first["type"] == "extra_forbidden":
-        return errors.ConfigError(key, "unknown setting", f"remove it {where}check its spelling (env {env})")
-    return errors.ConfigError(key, first["msg"], f"set a valid value {where}via {env}")
+    return errors.ConfigError(key, problem, f"set a valid value {where}via {env}")

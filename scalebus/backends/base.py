@@ -418,7 +418,6 @@ class ObjectSource(Protocol):
 # --------------------------------------------------------------------------------------------- secrets
 
 
-
 class SecretSource(Protocol):
     """Named secrets for the analytics: Key Vault, or a folder of files on the embedded default.
 

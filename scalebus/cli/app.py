@@ -2,7 +2,8 @@
 
 Commands live by what they touch: :mod:`~scalebus.cli.fleet` (controller run, worker run, selfdestroy,
 status), :mod:`~scalebus.cli.jobs` (submit, requeue), :mod:`~scalebus.cli.data` (stage, ingest) and
-:mod:`~scalebus.cli.tools` (demo, simulate). They are thin: build what they need through
+:mod:`~scalebus.cli.tools` (demo, simulate), :mod:`~scalebus.cli.rollout` (rollout), :mod:`~scalebus.cli.image`
+(image bake) and :mod:`~scalebus.cli.config` (config from-deployment). They are thin: build what they need through
 :mod:`~scalebus.cli.wiring`, call into the subsystem, print with :mod:`~scalebus.cli.output` (``-o table`` for
 people, ``-o json`` for pipelines).
 
@@ -20,13 +21,13 @@ from typing import Annotated
 import typer
 
 from scalebus import errors, logs
-from scalebus.cli import data, fleet, jobs, tools
+from scalebus.cli import config, data, fleet, image, jobs, rollout, secret, tools
 
 app = typer.Typer(
     name="scalebus",
     help="Turn a job queue (Azure Service Bus, or SQLite locally) into a self-sizing fleet of worker machines.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help is plain text: "[controller]" or "<queue>" must print as written
 )
@@ -50,8 +51,14 @@ def _root(
 
 controller_app = typer.Typer(help="The controller: sizes the scale set to the queue.", no_args_is_help=True)
 worker_app = typer.Typer(help="The worker: runs jobs, then retires its own instance.", no_args_is_help=True)
+config_app = typer.Typer(help="Config files for scalebus, from what a deployment made.", no_args_is_help=True)
+image_app = typer.Typer(help="Node images: capture a prepared VM for the scale set.", no_args_is_help=True)
+secret_app = typer.Typer(help="Secrets as workers read them: find one across Key Vaults.", no_args_is_help=True)
 app.add_typer(controller_app, name="controller")
 app.add_typer(worker_app, name="worker")
+app.add_typer(config_app, name="config")
+app.add_typer(image_app, name="image")
+app.add_typer(secret_app, name="secret")
 
 # In the order ``scalebus --help`` lists them; the module says which group a command belongs to.
 controller_app.command("run")(fleet.controller_run)
@@ -64,6 +71,10 @@ app.command("stage")(data.stage_cmd)
 app.command("ingest")(data.ingest_cmd)
 app.command("demo")(tools.demo_cmd)
 app.command("simulate")(tools.simulate_cmd)
+app.command("rollout")(rollout.rollout_cmd)
+config_app.command("from-deployment")(config.from_deployment_cmd)
+image_app.command("bake")(image.bake_cmd)
+secret_app.command("get")(secret.get_cmd)
 
 _USER_ERRORS = (
     errors.ConfigError,

@@ -51,11 +51,16 @@ def _config_object(outputs: Any, *, source: str) -> dict[str, Any]:
         entry = outputs[CONFIG_OUTPUT]
         outputs = entry.get("value") if isinstance(entry, dict) and "value" in entry else entry
     if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, dict) for v in outputs.values()):
+        outputs = None
+    elif all({"type", "value"} <= set(v) for v in outputs.values()):
+        outputs = None  # deployment outputs, but not this template's
+    if outputs is None:
         raise errors.UserInputError(
             f"{source} holds no {CONFIG_OUTPUT} output: pass the deployment's outputs "
             "(az deployment group show -g RG -n NAME --query properties.outputs -o json)"
         )
-    return outputs
+    tree: dict[str, Any] = outputs
+    return tree
 
 
 def render(cfg: settings.Settings, fmt: ConfigFormat) -> str:
@@ -82,8 +87,12 @@ def _read_outputs(path: Path) -> Any:
 
 def from_deployment_cmd(
     outputs: Annotated[
-        Path, typer.Argument(help="The deployment's outputs as JSON (az deployment group show ... "
-                             "--query properties.outputs -o json), or - for stdin.", show_default=False)
+        Path,
+        typer.Argument(
+            help="The deployment's outputs as JSON (az deployment group show ... "
+            "--query properties.outputs -o json), or - for stdin.",
+            show_default=False,
+        ),
     ],
     output: Annotated[ConfigFormat, typer.Option("--output", "-o", help="toml (a config file) or json.")] = (
         ConfigFormat.TOML

@@ -40,9 +40,20 @@ def stage_cmd(
     with contextlib.ExitStack() as stack:
         resolver = wiring.StoreResolver(cfg)
         wiring.close_on_exit(stack, resolver)
+        _require_sources(resolver, src)
         on_progress = stack.enter_context(progress.progress_reporter())
         stats = stage.stage_in(resolver, src, dest, cfg.staging, on_progress=on_progress)
     out.emit(stats.as_dict(), output, lambda d: out.kv_table("staged", d))
+
+
+def _require_sources(resolver: wiring.StoreResolver, src: list[str]) -> None:
+    """A source with nothing at it is the caller's mistake (exit 2), told before any file is staged; a file
+    that vanishes while staging runs stays a storage failure."""
+    for uri in src:
+        try:
+            next(iter(resolver(uri).list_files(uri)), None)
+        except errors.ObjectNotFoundError:
+            raise errors.UserInputError(f"{uri!r}: no such file or folder") from None
 
 
 def ingest_cmd(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 import rich.console
+import rich.live
 import rich.table
+import rich.text
 
 from scalebus import redact
 
@@ -24,12 +27,52 @@ class Output(StrEnum):
     JSON = "json"
 
 
-def emit(data: Any, output: Output, table: Callable[[Any], rich.table.Table] | None = None) -> None:
-    """Print ``data`` as JSON, or as ``table(data)`` on ``-o table`` (JSON when a command has no table)."""
+Renderer = Callable[[Any], rich.console.RenderableType]
+"""Lays out one command's record for people: a table, or several in a group."""
+
+
+def emit(
+    data: Any, output: Output, table: Renderer | None = None, *, verbatim: dict[str, Any] | None = None
+) -> None:
+    """Print ``data`` as JSON, or as ``table(data)`` on ``-o table`` (JSON when a command has no table).
+
+    ``verbatim`` fields are added after redaction, as they are: only for a value the user asked to see (a
+    secret with ``--show``), which redaction would otherwise mask as it masks every registered secret.
+    """
+    if verbatim is not None:
+        shown = {**_redacted(data), **verbatim}
+        if output is Output.JSON or table is None:
+            sys.stdout.write(json.dumps(shown, indent=2, default=str) + "\n")
+        else:
+            rich.console.Console().print(table(shown))
+        return
     if output is Output.JSON or table is None:
         sys.stdout.write(redact.redact(json.dumps(data, indent=2, default=str)) + "\n")
         return
     rich.console.Console().print(table(redact.default.redact_value(data)))
+
+
+def _redacted(data: Any) -> dict[str, Any]:
+    redacted = redact.default.redact_value(json.loads(json.dumps(data, default=str)))
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def watch(read: Callable[[], Any], output: Output, table: Renderer, *, interval_s: float) -> None:
+    """Read and show again every ``interval_s`` until Ctrl-C: the table redrawn in place on a terminal, one
+    JSON line per reading on ``-o json`` (so a pipeline can follow it). Ctrl-C ends it normally."""
+    try:
+        if output is Output.JSON:
+            while True:
+                sys.stdout.write(redact.redact(json.dumps(read(), default=str)) + "\n")
+                sys.stdout.flush()
+                time.sleep(interval_s)
+        with rich.live.Live(auto_refresh=False, console=rich.console.Console()) as live:
+            while True:
+                live.update(table(redact.default.redact_value(read())), refresh=True)
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return
 
 
 def kv_table(title: str, rows: dict[str, Any]) -> rich.table.Table:
@@ -42,21 +85,82 @@ def kv_table(title: str, rows: dict[str, Any]) -> rich.table.Table:
     return table
 
 
-def status_table(data: dict[str, Any]) -> rich.table.Table:
-    """Instances with their workers; the depth in the title; dead letters and what could not be read below."""
-    table = rich.table.Table(title=f"queue {data['queue']}: {_depth_line(data['depth'])}")
-    for col in ("instance", "state", "worker", "job", "age s"):
-        table.add_column(col)
-    for inst in data["instances"] or []:
-        table.add_row(inst["instance_id"], inst["state"], inst["worker"], inst["job_id"], str(inst["age_s"]))
-    notes = [
-        f"dead letter {d['message_id']}: {d['reason']} {d['description'] or ''}".rstrip()
-        for d in data["dead_letters"]
-    ]
-    notes += [f"not shown: {what}" for what in data.get("unavailable", [])]
+def status_table(data: dict[str, Any]) -> rich.console.RenderableType:
+    """Instances with their workers (the depth in the title), then dead letters by reason, then what could not
+    be read."""
+    parts: list[rich.console.RenderableType] = [_instances_table(data)]
+    if data.get("dead_letters"):
+        parts.append(_dead_letters_table(data))
+    notes = _status_notes(data)
     if notes:
-        table.caption = "\n".join(notes)
+        parts.append(rich.text.Text("\n".join(notes)))
+    return rich.console.Group(*parts)
+
+
+def _instances_table(data: dict[str, Any]) -> rich.table.Table:
+    table = rich.table.Table(title=f"queue {data['queue']}: {_depth_line(data['depth'])}")
+    for col in ("instance", "state", "worker", "job", "age s", "model"):
+        table.add_column(col)
+    if data["instances"] is None:
+        table.caption = "instances could not be read"
+    for inst in data["instances"] or []:
+        table.add_row(
+            inst["instance_id"],
+            inst["state"],
+            _or_dash(inst["worker"]),
+            _or_dash(inst["job_id"]),
+            str(inst["age_s"]),
+            _short_model(inst.get("model") or "-"),
+        )
     return table
+
+
+def _dead_letters_table(data: dict[str, Any]) -> rich.table.Table:
+    """One row per reason, most frequent first: how many, an example description, the first message ids."""
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for dead in data["dead_letters"]:
+        by_reason.setdefault(dead["reason"] or "(no reason)", []).append(dead)
+    table = rich.table.Table(title=f"dead letters by reason ({_dead_count_line(data)})")
+    for col, justify in (("reason", "left"), ("count", "right"), ("description", "left"), ("messages", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+        ids = ", ".join(d["message_id"] for d in group[:3]) + (", …" if len(group) > 3 else "")
+        table.add_row(reason, str(len(group)), _or_dash(group[0]["description"]), ids)
+    return table
+
+
+def _dead_count_line(data: dict[str, Any]) -> str:
+    read = len(data["dead_letters"])
+    total = (data.get("depth") or {}).get("dead_lettered")
+    if data.get("dead_letters_capped"):
+        of = f" of {total}" if total is not None else ""
+        return f"the first {read}{of}, capped by --max-dead-letters {data['max_dead_letters']}"
+    if total is not None and total > read:
+        return f"{read} of {total} read"
+    return f"{read}"
+
+
+def _status_notes(data: dict[str, Any]) -> list[str]:
+    notes: list[str] = []
+    models: dict[str, int] = {}
+    for inst in data["instances"] or []:
+        models[inst.get("model") or "-"] = models.get(inst.get("model") or "-", 0) + 1
+    if len(models) > 1:  # a rollout in progress: how far it has come
+        notes += [f"model {_short_model(m)}: {n} instances" for m, n in sorted(models.items())]
+    return notes + [f"not shown: {what}" for what in data.get("unavailable", [])]
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _short_model(model: str) -> str:
+    """A gallery image version as ``<image>/<version>``, a managed image as its name: the part that differs
+    between two models of one fleet (``-o json`` has the whole id)."""
+    parts = model.split("/")
+    if len(parts) > 4 and parts[-2].lower() == "versions":
+        return f"{parts[-3]}/{parts[-1]}"
+    return parts[-1] if model.startswith("/") else model
 
 
 def _depth_line(depth: dict[str, Any] | None) -> str:

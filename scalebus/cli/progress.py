@@ -1,5 +1,8 @@
 """Showing staging progress: a rich bar on a terminal, throttled structlog events otherwise.
 
+While the bar is live, this process's log lines go through the bar's console, which prints them above the bar:
+written straight to the terminal they would land inside the bar's line and break it.
+
 Both are ``on_progress`` callbacks for :func:`scalebus.transfer.stage.stage_in` / ``publish``. The engine already
 calls them at most every :data:`~scalebus.transfer.kit.PROGRESS_INTERVAL_S`; the log reporter thins that
 further so a long staging writes an event every ``interval_s``, not a flood.
@@ -25,7 +28,9 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
+from scalebus import logs
 from scalebus.transfer import kit
 
 log = structlog.get_logger(__name__)
@@ -76,13 +81,20 @@ class BarProgress:
         )
         self._description = description
         self._task: TaskID | None = None
+        self._logs = contextlib.ExitStack()
 
     def __enter__(self) -> BarProgress:
         self._bar.start()
+        self._logs.enter_context(logs.diverted(self._print_log))
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        self._logs.close()
         self._bar.stop()
+
+    def _print_log(self, text: str) -> None:
+        """One rendered log line (ANSI colours kept), printed above the live bar."""
+        self._bar.console.print(Text.from_ansi(text.rstrip("\n")), soft_wrap=True, highlight=False)
 
     def __call__(self, progress: kit.Progress) -> None:
         files = f"{progress.files_done:,}/{progress.files_total:,} files"

@@ -73,6 +73,19 @@ def open_queue(cfg: settings.Settings) -> tuple[base.JobQueue, base.QueueDepth]:
     )
 
 
+def open_queue_to_inspect(cfg: settings.Settings) -> tuple[base.JobQueue, base.QueueDepth]:
+    """:func:`open_queue` for a command that only reads (``status``): an embedded queue database that does not
+    exist is the caller's mistake (a wrong path or working directory), never created empty and shown as zeros."""
+    if urllib.parse.urlsplit(cfg.queue.url).scheme == "sqlite":
+        path, _queue = sqlite_queue.parse_url(cfg.queue.url)
+        if not path.is_file():
+            raise errors.UserInputError(
+                f"queue database {path} does not exist (queue.url {cfg.queue.url!r}); check the path and the "
+                "working directory, or submit a job to create it"
+            )
+    return open_queue(cfg)
+
+
 def is_local_pool(cfg: settings.Settings) -> bool:
     return cfg.scale_set.url.startswith("local://")
 
@@ -170,6 +183,23 @@ def open_secrets(cfg: settings.Settings) -> base.SecretSource:
     )
 
 
+def open_vault_search(cfg: settings.Settings, *, subscription: str = "") -> Any:
+    """What ``scalebus secret get`` reads vaults with (``backends.azure.vaults.VaultSearch``): vaults listed in
+    ``subscription`` (default: the one ``scale_set.url`` names) at ``scale_set.arm_endpoint``, secrets read with
+    the ``[secrets]`` TLS settings. Typed ``Any``: only ``backends/azure`` names azure types."""
+    from scalebus.backends.azure import compute, vaults
+
+    if not subscription and cfg.scale_set.url.lower().startswith("/subscriptions/"):
+        subscription = compute.subscription_of(cfg.scale_set.url)
+    return vaults.open_vault_search(
+        cfg.secrets,
+        subscription_id=subscription,
+        arm_endpoint=cfg.scale_set.arm_endpoint,
+        arm_connection_verify=cfg.scale_set.connection_verify,
+        credential=_managed_identity(cfg),
+    )
+
+
 def open_secret_env(cfg: settings.Settings) -> worker_secrets.SecretEnv | None:
     """The analytics' secrets (``worker.secret_env``), or ``None`` when it maps none (no source is opened)."""
     if not cfg.worker.secret_env:
@@ -184,8 +214,9 @@ class StoreResolver:
     from the same settings, so credentials are looked up again in each process, never sent over a pipe.
     """
 
-    def __init__(self, cfg: settings.Settings) -> None:
+    def __init__(self, cfg: settings.Settings, *, limits: jobs.Limits | None = None) -> None:
         self._cfg = cfg
+        self._limits = limits  # the worker's: its file:// stores confined to the roots, outside its own folders
         self._cache: dict[tuple[str, str], base.ObjectStore] = {}
         self._lock = threading.Lock()
 
@@ -194,7 +225,7 @@ class StoreResolver:
         key = (parts.scheme, parts.netloc)
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = _open_store(parts.scheme, uri, self._cfg)
+                self._cache[key] = _open_store(parts.scheme, uri, self._cfg, self._limits)
             return self._cache[key]
 
     def close(self) -> None:
@@ -205,15 +236,17 @@ class StoreResolver:
             store.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self._cfg}
+        return {"cfg": self._cfg, "limits": self._limits}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["cfg"])  # type: ignore[misc]
+        self.__init__(state["cfg"], limits=state.get("limits"))  # type: ignore[misc]
 
 
-def _open_store(scheme: str, uri: str, cfg: settings.Settings) -> base.ObjectStore:
+def _open_store(scheme: str, uri: str, cfg: settings.Settings, limits: jobs.Limits | None) -> base.ObjectStore:
     if scheme == "file":
-        return folder.FolderStore()
+        if limits is None:
+            return folder.FolderStore()
+        return folder.FolderStore(roots=limits.local_roots, reserved=limits.reserved)
     if scheme == "abfss":
         from scalebus.backends.azure import datalake
 

@@ -21,6 +21,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.controller import policy, step
 from scalebus.controller.step import ControllerStats
+from scalebus.observability import recorder
 from scalebus.settings import ControllerSettings
 
 log = structlog.get_logger(__name__)
@@ -43,8 +44,10 @@ class Controller:
         clock: Callable[[], float] = time.time,
         max_consecutive_failures: int = 30,
         protect_busy: bool = False,
+        metrics: recorder.ControllerMetrics = recorder.NO_CONTROLLER_METRICS,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._max_failures = max_consecutive_failures
         self._step = step.ControllerStep(
             depth=depth,
@@ -72,7 +75,7 @@ class Controller:
         failures = 0
         while not stop.is_set():
             try:
-                obs, _ = self._step.run_round()
+                obs, decision = self._step.run_round()
                 failures = 0
             except errors.BackendError as exc:
                 failures += 1
@@ -80,8 +83,11 @@ class Controller:
                 log.warning("controller_round_failed", error=str(exc), transient=exc.transient, failures=failures)
                 if failures >= self._max_failures:
                     raise
-                stop.wait(min(_MAX_BACKOFF_S, self._settings.poll_interval_s * 2**failures))
+                backoff_s = min(_MAX_BACKOFF_S, self._settings.poll_interval_s * 2**failures)
+                self._metrics.round_failed(exc, next_in_s=backoff_s)
+                stop.wait(backoff_s)
                 continue
+            self._metrics.round_done(obs, decision, next_in_s=self._settings.poll_interval_s)
             if self._step.failure_streak >= self._max_failures:
                 raise errors.BackendError(
                     f"{self._step.failure_streak} failures in a row without a success of the same kind; "
@@ -94,4 +100,6 @@ class Controller:
 
 
 def _drained(obs: policy.Observation) -> bool:
-    return obs.depth.active == 0 and not obs.depth.in_flight and not obs.instances
+    """Nothing waiting, running or due later (a job given back with a delay counts as scheduled), no instance."""
+    depth = obs.depth
+    return depth.active == 0 and not depth.in_flight and not depth.scheduled and not obs.instances

@@ -74,6 +74,9 @@ class World:
     its new VMs are provisioned)."""
     delete_lro_s: float = 60.0
     """How long deleting instances runs before ARM reports it done."""
+    writes_wait_for_provisioning: bool = True
+    """A capacity write's operation runs until its new VMs are provisioned (as ARM's does); off: it ends at the
+    first poll, for measuring what serialising writes behind it costs."""
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     """scalebus's controller settings (``scalebus simulate --config``); ``max_instances`` comes from the trace."""
 

@@ -119,7 +119,7 @@ class SimWriteRunner:
         before = set(sim.vms)
         outcome = write()
         ready = [vm.ready_at for vid, vm in sim.vms.items() if vid not in before]
-        runs = max(ready, default=sim.now) - sim.now
+        runs = max(ready, default=sim.now) - sim.now if sim.world.writes_wait_for_provisioning else 0.0
         if outcome.deleted:
             runs = max(runs, sim.world.delete_lro_s)
         poll = sim.world.lro_poll_s

@@ -22,8 +22,10 @@ The job path is where a message's fate is decided, so its rules live here and no
 * **A lost lock ends the job here.** The analytics are stopped and nothing is published or settled: the job
   belongs to whoever holds it now. Found at the final check, after publishing, it is the same: the next
   delivery finds the committed outputs and completes the message.
-* **Outputs are committed once.** A job whose ``_SUCCESS`` marker already exists (an earlier delivery
-  published, then crashed before completing) is just completed.
+* **Outputs are committed once, by their job.** A job whose own ``_SUCCESS`` marker already exists (an earlier
+  delivery published, then crashed before completing) is just completed; a marker that names another job is an
+  ``OutputConflict`` dead letter, never taken as this job's. Publishing is fenced by the lock: before every
+  upload and the marker it checks that this delivery still holds the job (:mod:`scalebus.transfer.publish`).
 * **A released job is given back.** When the instance is being evicted (:mod:`scalebus.worker.liveness`) the
   job stops at its next checkpoint and is abandoned, nothing published.
 
@@ -46,8 +48,9 @@ import structlog
 
 from scalebus import errors, jobs, logs
 from scalebus.backends import base
+from scalebus.observability import recorder
 from scalebus.settings import StagingSettings, WorkerSettings
-from scalebus.transfer import kit, publish, stage
+from scalebus.transfer import download, kit, publish, stage
 from scalebus.worker import backoff, eviction, recovery, runner
 from scalebus.worker.secrets import SecretEnv
 
@@ -65,6 +68,8 @@ class WorkerStats:
     completed: int = 0
     dead_lettered: int = 0
     abandoned: int = 0
+    released: int = 0
+    """Given back with a delay for a failure of the environment (their delivery count not spent)."""
     lock_lost: int = 0
     bytes_staged: int = 0
     staging_seconds: float = 0.0
@@ -183,6 +188,8 @@ def settlement_for(exc: Exception) -> Settlement:
         return Settlement(Verdict.DEAD_LETTER, exc.reason, exc.description)
     if isinstance(exc, errors.PermanentBackendError):
         return Settlement(Verdict.DEAD_LETTER, type(exc).__name__.removesuffix("Error"), str(exc))
+    if isinstance(exc, errors.LocalDiskError):  # this machine's disk: on the last delivery, say so
+        return Settlement(Verdict.ABANDON, "LocalDiskError", str(exc), cause=Cause.ENVIRONMENT)
     if isinstance(exc, runner.CommandUnusable):
         return Settlement(Verdict.ABANDON, description=str(exc), cause=Cause.WORKER)
     if isinstance(exc, (runner.AnalyticsKilled, runner.LaunchFailed, errors.BackendError)):
@@ -202,13 +209,21 @@ def intake_settlement(exc: Exception) -> Settlement:
 
 
 def final_settlement(
-    settlement: Settlement, *, delivery_count: int, max_deliveries: int | None, lock_lost: BaseException | None
+    settlement: Settlement,
+    *,
+    delivery_count: int,
+    max_deliveries: int | None,
+    lock_lost: BaseException | None,
+    released: int = 0,
 ) -> Settlement:
     """The settlement to apply: a lock gone by now lets go of what would complete or abandon; a failure of the
-    job's own on its last delivery is dead-lettered with its cause."""
+    job's own on its last delivery is dead-lettered with its cause (an environment failure that will be
+    released spends no delivery, so it is never the last)."""
     if lock_lost is not None and settlement.verdict in (Verdict.COMPLETE, Verdict.ABANDON):
         return Settlement(Verdict.LET_GO, description=f"job lock lost: {lock_lost}")
     last = max_deliveries is not None and delivery_count >= max_deliveries
+    if settlement.cause is Cause.ENVIRONMENT and backoff.releasable(released):
+        last = False
     if settlement.verdict is Verdict.ABANDON and settlement.reason and last:
         return replace(settlement, verdict=Verdict.DEAD_LETTER)
     return settlement
@@ -231,7 +246,9 @@ class JobRunner:
         interrupts: Interrupts,
         on_job: Callable[[str | None], None],
         rules: JobRules | None = None,
+        metrics: recorder.WorkerMetrics = recorder.NO_WORKER_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._ports = ports
         self._instance_id = instance_id
         self._settings = settings
@@ -240,7 +257,6 @@ class JobRunner:
         self._on_job = on_job
         self._rules = rules or JobRules()
         self._running: eviction.RunningJob | None = None
-        self._backoff = backoff.Backoff(cap_s=settings.env_backoff_max_s)
         self._launch_failures = 0
         self.cannot_run: str | None = None
         self.stats = WorkerStats()
@@ -310,13 +326,14 @@ class JobRunner:
 
     def _execute(self, message: base.ReceivedMessage, job: jobs.Job, keeper: base.LockKeeper) -> None:
         output_uri = jobs.output_uri_for(job)
-        if publish.is_published(self._ports.resolve(output_uri), output_uri):
+        commit = publish.Commit(job.job_id, message.message_id, message.delivery_count)
+        if publish.committed(self._ports.resolve(output_uri), output_uri, commit):
             log.info("job_already_published", output=output_uri)
             return
         dirs = recovery.JobDir.claim(self._settings.work_dir, job.job_id, message.delivery_count)
         try:
             report = self._stage_and_run(message, job, dirs, keeper)
-            self._publish(report, dirs.output, output_uri, keeper)
+            self._publish(report, dirs.output, output_uri, keeper, commit=commit)
         finally:
             dirs.release()
 
@@ -348,6 +365,7 @@ class JobRunner:
             raise
         self.stats.bytes_staged += staged.bytes
         self.stats.staging_seconds += staged.seconds
+        self._metrics.job_staged(files=staged.files, size_bytes=staged.bytes, seconds=staged.seconds)
         log.info(
             "job_staged",
             files=staged.files,
@@ -379,19 +397,28 @@ class JobRunner:
             cancel=self._interrupts.cancel,
             pid_file=dirs.pid_file,
         )
+        self._metrics.job_ran(seconds=result.seconds)
         self._checkpoint(keeper)
         secrets = self._ports.secrets
         _check_result(result, dirs.root, mask=secrets.mask if secrets is not None else str)
         log.info("job_ran", seconds=round(result.seconds, 2))
         return result
 
-    def _publish(self, report: JobReport, out_dir: Path, output_uri: str, keeper: base.LockKeeper) -> None:
-        try:
-            (out_dir / JOB_REPORT).write_text(json.dumps(asdict(report), indent=2))
-        except OSError as exc:
-            raise errors.StorageError(f"{out_dir}: cannot write the job report ({exc.strerror})") from exc
+    def _publish(
+        self, report: JobReport, out_dir: Path, output_uri: str, keeper: base.LockKeeper, *, commit: publish.Commit
+    ) -> None:
+        report_path = out_dir / JOB_REPORT
+        with download.local_io(report_path):
+            report_path.write_text(json.dumps(asdict(report), indent=2))
         self._checkpoint(keeper)
-        published = publish.publish(self._ports.resolve, out_dir, output_uri, self._staging)
+        published = publish.publish(
+            self._ports.resolve,
+            out_dir,
+            output_uri,
+            self._staging,
+            commit=commit,
+            check=lambda: _raise_if_lost(keeper),
+        )
         log.info("job_published", output=output_uri, files=published.files, bytes=published.bytes)
 
     def _checkpoint(self, keeper: base.LockKeeper) -> None:
@@ -410,19 +437,13 @@ class JobRunner:
     ) -> Settlement:
         """Apply ``settlement`` to the message; returns what was done (an abandon whose lock is gone lets go)."""
         self._note_launch(settlement)
-        environment = settlement.verdict is Verdict.ABANDON and settlement.cause is Cause.ENVIRONMENT
-        delay = self._backoff.after(environment=environment)
-        if delay > 0 and not self._interrupts.stop.is_set():
-            log.warning(
-                "job_held_back", seconds=delay, failures=self._backoff.failures, why=_shown(settlement.description)
-            )
-            self._interrupts.wait(delay)  # the lock is still renewed: nobody else takes it meanwhile
         keeper.stop()
         settlement = final_settlement(
             settlement,
             delivery_count=message.delivery_count,
             max_deliveries=self._rules.max_deliveries,
             lock_lost=keeper.lost,
+            released=message.released,
         )
         try:
             self._apply(message, settlement)
@@ -439,6 +460,16 @@ class JobRunner:
                 log.info("job_completed", delivery_count=message.delivery_count)
             case Verdict.DEAD_LETTER:
                 self._dead_letter(message, settlement)
+            case Verdict.ABANDON if settlement.cause is Cause.ENVIRONMENT and backoff.releasable(message.released):
+                delay = backoff.release_delay(message.released, cap_s=self._settings.env_backoff_max_s)
+                self._ports.queue.release_later(message, delay_s=delay)
+                self.stats.released += 1
+                log.warning(
+                    "job_released",
+                    delay_s=delay,
+                    released=message.released + 1,
+                    why=_shown(settlement.description),
+                )
             case Verdict.ABANDON:
                 self._ports.queue.abandon(message)
                 self.stats.abandoned += 1

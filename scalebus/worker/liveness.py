@@ -6,7 +6,8 @@ draining) to the heartbeat store, which is how the controller counts supply, and
 next arrival against a boot and publishes the answer in the hint. The worker's own ``idle_timeout_s`` is the
 fallback, used while there is no hint younger than ``base.HINT_MAX_AGE_S`` (no controller, a controller that
 died, no heartbeat store). The hint is not capped by ``idle_timeout_s``: the controller's ``idle_grace_max_s``
-bounds it, and a cap here would undo prewarming (a worker booted to wait minutes for a periodic job).
+bounds it, and a cap here would undo prewarming (a worker booted to wait minutes for a periodic job). A hint
+that names this instance in ``retire_instance_ids`` (``scalebus rollout``) makes it take no more work.
 
 **Eviction.** A Spot eviction or deletion notice (the policy is :mod:`scalebus.worker.eviction`) stops the
 worker taking work and releases a job that cannot end in time: the job is stopped and abandoned at once,
@@ -70,6 +71,12 @@ class HeartbeatReporter:
         if hint is None or not fresh or not (math.isfinite(hint.idle_grace_s) and hint.idle_grace_s >= 0):
             return fallback
         return hint.idle_grace_s
+
+    def retire_requested(self) -> bool:
+        """Whether the fleet hint names this instance for retirement (a rollout's old model): take no more work.
+        Honoured whatever the hint's age: the operator decided it, no forecast went stale."""
+        hint = self._hint
+        return hint is not None and self._instance_id in (hint.retire_instance_ids or ())
 
     def _beat(self) -> None:
         if self._store is None:

@@ -10,10 +10,16 @@
   retired (draining, no job) and waits for the controller to delete it: the controller deletes retired
   instances in batches, which spares the scale set's delete budget. If nobody has within ``retire_wait_s``,
   it deletes itself (``on_idle``).
+* **Replaced.** Once the controller's hint names this instance for retirement (a rollout: its image is
+  the old model), it takes no more work and retires as if idle; a job it holds is finished first.
 * **Evicted.** Once a notice says the instance is going, a message received meanwhile is given back at once, and
   the worker ends without self-destroy, acknowledging the event when it holds no job.
+* **Backing off.** After a job failed for the environment's reasons (storage or the disk unavailable) the
+  worker waits a doubling delay before it takes another (:class:`scalebus.worker.backoff.Backoff`), so a fleet
+  does not hammer a store that is down; the job itself went back with a delay of its own.
 * **Unable.** Before taking any work it checks that ``worker.command`` can be launched (else ``ConfigError``:
-  one line, exit 2) and sweeps what dead deliveries left in ``worker.work_dir`` (:mod:`scalebus.worker.recovery`).
+  one line, exit 2) and sweeps what dead deliveries left in ``worker.work_dir`` (:mod:`scalebus.worker.recovery`);
+  it sweeps again as it leaves, since workers sharing a work dir may have died after the last one started.
   If the command stops being launchable later (the binary removed), it takes no more work and retires.
 """
 
@@ -29,8 +35,9 @@ import structlog
 
 from scalebus import errors
 from scalebus.backends import base
+from scalebus.observability import recorder
 from scalebus.settings import StagingSettings, WorkerSettings
-from scalebus.worker import job, liveness, recovery, runner
+from scalebus.worker import backoff, job, liveness, recovery, runner
 from scalebus.worker.secrets import SecretEnv
 
 log = structlog.get_logger(__name__)
@@ -67,13 +74,16 @@ class Worker:
         staging_settings: StagingSettings,
         on_idle: Callable[[], None] | None = None,
         rules: job.JobRules | None = None,
+        metrics: recorder.WorkerMetrics = recorder.NO_WORKER_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._ports = ports
         self._instance_id = instance_id
         self._settings = settings
         self._on_idle = on_idle
         self._interrupts = job.Interrupts()
         self._drain_timer: threading.Timer | None = None
+        self._pause = backoff.Backoff(cap_s=settings.env_backoff_max_s)
         self._heartbeat = liveness.HeartbeatReporter(
             ports.heartbeats, instance_id=instance_id, interval_s=settings.heartbeat_interval_s
         )
@@ -85,6 +95,7 @@ class Worker:
             interrupts=self._interrupts,
             on_job=self._on_job,
             rules=rules,
+            metrics=metrics,
         )
         self._eviction = liveness.EvictionResponse(
             self._interrupts, heartbeat=self._heartbeat, running=self._jobs.running, instance_id=instance_id
@@ -117,6 +128,7 @@ class Worker:
         watch = self._eviction.watch(self._ports.notices, settings=self._settings)
         try:
             idle_for = self._loop()
+            recovery.sweep(self._settings.work_dir)  # the last worker out leaves no dead delivery's folder
             notice = self._interrupts.eviction
             if notice is not None and watch is not None:
                 watch.acknowledge_released()  # no job held any more
@@ -144,21 +156,43 @@ class Worker:
         while not self._interrupts.stop.is_set():
             idle_for = time.monotonic() - idle_since
             timeout = self.idle_timeout_s()
-            if idle_for >= timeout:
+            if idle_for >= timeout or self._heartbeat.retire_requested():
                 return idle_for
             wait = min(self._settings.receive_wait_s, max(0.1, timeout - idle_for))
+            self._metrics.loop_tick(next_in_s=wait)
             message = self._receive(wait)
             if message is None:
                 continue
+            self._metrics.job_received(message)
             if self._interrupts.eviction is not None:  # received as the notice came: give it back
                 self._jobs.give_back(message, why="instance being evicted")
+                self._metrics.job_settled(verdict="given_back", reason="", cause="environment", seconds=0.0)
                 continue
-            self._jobs.handle(message)
+            self._back_off(self._handle_counted(message))
             idle_since = time.monotonic()
             if self._jobs.cannot_run is not None:
                 log.error("worker_cannot_run_analytics", error=self._jobs.cannot_run)
                 return 0.0
         return None
+
+    def _handle_counted(self, message: base.ReceivedMessage) -> job.Settlement:
+        started = time.monotonic()
+        settlement = self._jobs.handle(message)
+        self._metrics.job_settled(
+            verdict=settlement.verdict.value,
+            reason=settlement.reason,
+            cause=settlement.cause.value,
+            seconds=time.monotonic() - started,
+        )
+        return settlement
+
+    def _back_off(self, settlement: job.Settlement) -> None:
+        """Wait before the next job when this one failed for the environment (interrupted by SIGTERM)."""
+        environment = settlement.verdict is job.Verdict.ABANDON and settlement.cause is job.Cause.ENVIRONMENT
+        delay = self._pause.after(environment=environment)
+        if delay > 0:
+            log.warning("worker_backing_off", seconds=delay, failures=self._pause.failures)
+            self._interrupts.stop.wait(delay)
 
     def _receive(self, wait: float) -> base.ReceivedMessage | None:
         try:

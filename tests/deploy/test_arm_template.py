@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,8 @@ OUTPUTS = {
     "scalebusConfig",
 }
 
-JQ_TO_TOML = (
-    '.properties.outputs.scalebusConfig.value | to_entries[] | "[\\(.key)]",'
-    ' (.value | to_entries[] | "\\(.key) = \\(.value | tojson)")'
-)
-"""The quickstart's config step: ARM's object output to TOML (JSON strings, numbers and arrays are TOML)."""
+CONFIG_STEP = "scalebus config from-deployment outputs.json --out scalebus.toml"
+"""The quickstart's config step: the deployment's outputs to a complete TOML config."""
 
 
 @cache
@@ -242,8 +239,7 @@ def test_outputs_hold_what_the_config_needs() -> None:
         assert set(keys) <= set(model.model_fields), section
 
 
-def test_jq_one_liner_turns_the_outputs_into_a_loadable_config(tmp_path: Path) -> None:
-    jq = shutil.which("jq") or _tools.missing("jq is not installed (apt-get install jq)")
+def test_config_step_turns_the_outputs_into_a_loadable_config(tmp_path: Path) -> None:
     sample = {
         "queue": {
             "url": _tools.SAMPLE_VALUES["QUEUE_URL"],
@@ -261,15 +257,15 @@ def test_jq_one_liner_turns_the_outputs_into_a_loadable_config(tmp_path: Path) -
         },
     }
     assert set(sample) == set(_tools.template()["outputs"]["scalebusConfig"]["value"])
-    deployment = json.dumps({"properties": {"outputs": {"scalebusConfig": {"type": "Object", "value": sample}}}})
-    toml = subprocess.run(
-        [jq, "-r", JQ_TO_TOML], input=deployment, capture_output=True, text=True, check=True
-    ).stdout
-    (tmp_path / "scalebus.toml").write_text(toml)
+    outputs = json.dumps({"scalebusConfig": {"type": "Object", "value": sample}})
+    (tmp_path / "outputs.json").write_text(outputs)
+    subprocess.run(
+        [sys.executable, "-m", "scalebus", *CONFIG_STEP.split()[1:]], cwd=tmp_path, capture_output=True, check=True
+    )
     cfg = settings.load(tmp_path / "scalebus.toml", environ={})
     assert cfg.worker.command == ["/opt/a b/run", 'say "hi"']
     assert cfg.controller.max_instances == 10
-    assert JQ_TO_TOML in (_tools.ROOT / "docs/azure-quickstart.md").read_text()
+    assert CONFIG_STEP in (_tools.ROOT / "docs/azure-quickstart.md").read_text()
 
 
 def test_assignments_are_the_expected_ones() -> None:

@@ -12,7 +12,26 @@ operation polling and error mapping:
   on Flexible only from api-version 2023-09-01, as Azure documents);
 - ``POST .../virtualMachineScaleSets/<n>/delete`` with ``{"instanceIds": [...]}``;
 - ``GET /subscriptions/<s>/providers/Microsoft.Compute/locations/<loc>/operations/<op>`` — the
-  ``Azure-AsyncOperation`` status monitor, and with ``monitor=true`` the ``Location`` result URL.
+  ``Azure-AsyncOperation`` status monitor, and with ``monitor=true`` the ``Location`` result URL;
+- image capture (``scalebus image bake``): ``POST .../virtualMachines/<vm>/deallocate`` (202 + LRO headers, as
+  ``ComputeRP/stable/2026-04-01/examples/virtualMachineExamples/VirtualMachine_Deallocate_MaximumSet_Gen.json``),
+  ``POST .../virtualMachines/<vm>/generalize`` (200, no body, ``.../virtualMachineExamples/
+  VirtualMachine_Generalize.json``; refused with 409 ``OperationNotAllowed`` while the VM runs, as "Create a
+  legacy managed image of a generalized VM" https://learn.microsoft.com/en-us/azure/virtual-machines/
+  capture-image-resource says it must be deallocated first), ``GET .../galleries/<g>/images/<i>`` (the
+  definition: ``GalleryRP/stable/2022-08-03/examples/galleryExamples/GalleryImage_Get.json``) and
+  ``GET|PUT .../galleries/<g>/images/<i>/versions/<v>`` with ``storageProfile.source.virtualMachineId``
+  (``.../galleryExamples/GalleryImageVersion_Create_WithVmAsSource.json``: 201 + ``Azure-AsyncOperation``,
+  ``provisioningState`` Creating then Succeeded; an ungeneralized source is refused, a missing definition is
+  404 ``ParentResourceNotFound``). The version's source VM needs ``virtualMachines/read`` too: ARM's linked
+  access check, ``LinkedAuthorizationFailed`` in "Troubleshoot common Azure deployment errors";
+- the scale set's model: ``properties.virtualMachineProfile.storageProfile.imageReference.id`` on GET and
+  PATCH (``virtualMachineScaleSetExamples/VirtualMachineScaleSet_Update_MaximumSet_Gen.json``) and
+  ``properties.upgradePolicy`` (``mode``, ``automaticOSUpgradePolicy``); every instance reports the image it
+  booted in ``properties.storageProfile.imageReference`` (``id``, and ``exactVersion`` for a gallery version,
+  as ``VirtualMachineScaleSetVM_Get_WithUserData.json`` and ``virtualMachineExamples/VirtualMachine_Get.json``
+  show), and Uniform instances ``latestModelApplied``. A model PATCH leaves existing instances on their image
+  (the ``Manual`` upgrade policy; the fake does not play Automatic or Rolling upgrades).
 
 Bodies follow the Azure/azure-rest-api-specs examples for api-version **2026-04-01** (the default of
 azure-mgmt-compute 39.0), under ``specification/compute/resource-manager/Microsoft.Compute/Compute/Compute/
@@ -95,7 +114,22 @@ API_VERSION_FLEX_PROTECTION = "2023-09-01"
 DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
 DEFAULT_RESOURCE_GROUP = "rg-scalebus"
 
-WRITE_KINDS = frozenset({"PATCH scaleset", "PUT scaleset", "POST delete", "PUT instance"})
+WRITE_KINDS = frozenset(
+    {
+        "PATCH scaleset",
+        "PUT scaleset",
+        "POST delete",
+        "PUT instance",
+        "POST vm_deallocate",
+        "POST vm_generalize",
+        "PUT image_version",
+    }
+)
+DEFAULT_IMAGE = (
+    f"/subscriptions/{DEFAULT_SUBSCRIPTION}/resourceGroups/{DEFAULT_RESOURCE_GROUP}/providers/"
+    "Microsoft.Compute/galleries/scalebus/images/scalebus-node/versions/1.0.0"
+)
+"""The image a scale set's model names unless ``create_scale_set(image=...)`` says otherwise."""
 
 _PROVIDER = r"/providers/Microsoft\.Compute"
 _RG = r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)" + _PROVIDER
@@ -108,6 +142,15 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ),
     ("delete", re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/delete$", re.I)),
     ("vms", re.compile(_RG + r"/virtualMachines$", re.I)),
+    ("vm_deallocate", re.compile(_RG + r"/virtualMachines/(?P<vm>[^/]+)/deallocate$", re.I)),
+    ("vm_generalize", re.compile(_RG + r"/virtualMachines/(?P<vm>[^/]+)/generalize$", re.I)),
+    ("gallery_image", re.compile(_RG + r"/galleries/(?P<gallery>[^/]+)/images/(?P<image>[^/]+)$", re.I)),
+    (
+        "image_version",
+        re.compile(
+            _RG + r"/galleries/(?P<gallery>[^/]+)/images/(?P<image>[^/]+)/versions/(?P<version>[^/]+)$", re.I
+        ),
+    ),
     (
         "operation",
         re.compile(
@@ -134,6 +177,8 @@ class FakeInstance:
     protected: bool = False
     gone_at: float | None = None
     time_created_known: bool = True
+    image: str = DEFAULT_IMAGE
+    """The image this instance booted (its ``storageProfile.imageReference.id``): the model when it was made."""
 
 
 @dataclasses.dataclass
@@ -148,6 +193,10 @@ class FakeScaleSet:
     provisioning_delay_s: float = 0.0
     next_index: int = 0
     unique_id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    image: str = DEFAULT_IMAGE
+    """The model's ``virtualMachineProfile.storageProfile.imageReference.id``: what new instances boot."""
+    upgrade_mode: str = "Manual"
+    """``upgradePolicy.mode``: Manual, Automatic or Rolling."""
     instances: dict[str, FakeInstance] = dataclasses.field(default_factory=dict)
 
     @property
@@ -213,7 +262,28 @@ _ACTIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("delete", "POST"): ("Microsoft.Compute/virtualMachineScaleSets/delete/action", "resource"),
     ("vms", "GET"): ("Microsoft.Compute/virtualMachines/read", "group"),
     ("operation", "GET"): ("Microsoft.Compute/locations/operations/read", "subscription"),
+    ("vm_deallocate", "POST"): ("Microsoft.Compute/virtualMachines/deallocate/action", "vm"),
+    ("vm_generalize", "POST"): ("Microsoft.Compute/virtualMachines/generalize/action", "vm"),
+    ("gallery_image", "GET"): ("Microsoft.Compute/galleries/images/read", "gallery_image"),
+    ("image_version", "GET"): ("Microsoft.Compute/galleries/images/versions/read", "image_version"),
+    ("image_version", "PUT"): ("Microsoft.Compute/galleries/images/versions/write", "image_version"),
 }
+
+
+@dataclasses.dataclass
+class FakeVm:
+    """A standalone VM prepared for capture: running until deallocated, then generalized."""
+
+    name: str
+    power_state: str = "running"
+    generalized: bool = False
+
+
+@dataclasses.dataclass
+class FakeImageVersion:
+    source_vm_id: str
+    location: str
+    ready_at: float
 
 
 class ArmComputeFake(ServedFake):
@@ -242,6 +312,15 @@ class ArmComputeFake(ServedFake):
         self.ratelimit_remaining: int | None = None
         """Set to start the ``x-ms-ratelimit-remaining-*`` countdown from this many requests."""
         self._outcomes: dict[str, collections.deque[_Outcome]] = collections.defaultdict(collections.deque)
+        self._vms: dict[str, FakeVm] = {}
+        """Standalone VMs by lowercased resource id (image capture)."""
+        self._gallery_images: dict[str, str] = {}
+        """Gallery image definitions: lowercased resource id -> location."""
+        self._image_versions: dict[str, FakeImageVersion] = {}
+        self.capture_delay_s = 0.0
+        self._principal = ""
+        """The caller of the request being handled (set and read under ``_lock``)."""
+        """How long an image version stays ``Creating`` (its operation in progress)."""
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -264,11 +343,14 @@ class ArmComputeFake(ServedFake):
         location: str = "westus",
         provisioning_delay_s: float = 0.0,
         overprovision: bool = False,
+        image: str = DEFAULT_IMAGE,
+        upgrade_mode: str = "Manual",
     ) -> str:
         """Add a scale set (instances already running if ``capacity`` > 0); returns its ARM resource id."""
         assert mode in ("Uniform", "Flexible")
         name = name or f"vmss-{secrets.token_hex(4)}"
         vmss = FakeScaleSet(subscription, resource_group, name, mode, location, overprovision=overprovision)
+        vmss.image, vmss.upgrade_mode = image, upgrade_mode
         vmss.provisioning_delay_s = provisioning_delay_s
         now = time.time()
         with self._lock:
@@ -279,6 +361,46 @@ class ArmComputeFake(ServedFake):
             vmss.capacity = capacity
             self._advance(vmss, now)
         return vmss.resource_id
+
+    def create_vm(
+        self, name: str, *, subscription: str = DEFAULT_SUBSCRIPTION, resource_group: str = DEFAULT_RESOURCE_GROUP
+    ) -> str:
+        """Add a running standalone VM (a machine prepared for capture); returns its resource id."""
+        vm_id = (
+            f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Compute/"
+            f"virtualMachines/{name}"
+        )
+        with self._lock:
+            self._vms[vm_id.lower()] = FakeVm(name)
+        return vm_id
+
+    def vm(self, vm_id: str) -> FakeVm:
+        with self._lock:
+            return self._vms[vm_id.lower()]
+
+    def create_gallery_image(
+        self,
+        gallery: str,
+        image: str,
+        *,
+        location: str = "westus",
+        subscription: str = DEFAULT_SUBSCRIPTION,
+        resource_group: str = DEFAULT_RESOURCE_GROUP,
+    ) -> str:
+        """Add a gallery image definition (the gallery is implied); returns its resource id."""
+        image_id = (
+            f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Compute/"
+            f"galleries/{gallery}/images/{image}"
+        )
+        with self._lock:
+            self._gallery_images[image_id.lower()] = location
+        return image_id
+
+    def image_version_source(self, version_id: str) -> str | None:
+        """The VM an image version was captured from, or ``None`` if there is no such version."""
+        with self._lock:
+            found = self._image_versions.get(version_id.lower())
+            return found.source_vm_id if found else None
 
     def scale_set(self, resource_id: str) -> FakeScaleSet:
         sub, rg, name = _parse_id(resource_id)
@@ -424,6 +546,7 @@ class ArmComputeFake(ServedFake):
             if outcome is not None:
                 result = self._ended_operation(route or "", match.groupdict(), query, now, outcome)
             else:
+                self._principal = auth[len("Bearer ") :]  # for linked access checks, read under the lock
                 result = handler(match.groupdict(), query, payload_in, now)
             status, headers_out, payload = self._page(result, parsed.path, query)
             return status, {**headers_out, **self._ratelimit_headers(method)}, payload
@@ -444,7 +567,11 @@ class ArmComputeFake(ServedFake):
             return None
         p = match.groupdict()
         group = f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}"
+        gallery_image = f"{group}/providers/Microsoft.Compute/galleries/{p.get('gallery')}/images/{p.get('image')}"
         scope = {
+            "vm": f"{group}/providers/Microsoft.Compute/virtualMachines/{p.get('vm')}",
+            "gallery_image": gallery_image,
+            "image_version": f"{gallery_image}/versions/{p.get('version')}",
             "group": group,
             "resource": f"{group}/providers/Microsoft.Compute/virtualMachineScaleSets/{p.get('name')}",
             "instance": f"{group}/providers/Microsoft.Compute/virtualMachineScaleSets/{p.get('name')}"
@@ -515,9 +642,12 @@ class ArmComputeFake(ServedFake):
         self._advance(vmss, now)
         done_at = now
         capacity = (b.get("sku") or {}).get("capacity")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+            return _error(400, "InvalidParameter", "sku.capacity must be a non-negative integer.")
+        image = _model_image(b)
+        if image is not None:
+            vmss.image = image  # existing instances keep theirs: the upgrade policy is Manual
         if capacity is not None:
-            if not isinstance(capacity, int) or capacity < 0:
-                return _error(400, "InvalidParameter", "sku.capacity must be a non-negative integer.")
             done_at = self._resize(vmss, capacity, now)
         op = self._new_operation(vmss, now, done_at)
         body = self._scale_set_body(vmss, provisioning_state="Updating" if done_at > now else "Succeeded")
@@ -629,6 +759,132 @@ class ArmComputeFake(ServedFake):
         self._advance(vmss, now)
         return 202, self._lro_headers(op, q, with_location=True), None
 
+    # image capture: deallocate, generalize, gallery image versions ---------------------------------------
+
+    def _vm_of(self, p: dict[str, str]) -> FakeVm | None:
+        vm_id = (
+            f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/Microsoft.Compute/"
+            f"virtualMachines/{p['vm']}"
+        )
+        return self._vms.get(vm_id.lower())
+
+    def _vm_not_found(self, p: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        return _error(
+            404,
+            "ResourceNotFound",
+            f"The Resource 'Microsoft.Compute/virtualMachines/{p['vm']}' under resource group '{p['rg']}' "
+            "was not found.",
+        )
+
+    def _do_post_vm_deallocate(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
+        vm = self._vm_of(p)
+        if vm is None:
+            return self._vm_not_found(p)
+        vm.power_state = "deallocated"
+        op = self._bare_operation(p["sub"], "westus", now, now)
+        return 202, self._lro_headers(op, q, with_location=True), None
+
+    def _do_post_vm_generalize(self, p: dict[str, str], _q: dict[str, str], _b: Any, _now: float) -> Any:
+        vm = self._vm_of(p)
+        if vm is None:
+            return self._vm_not_found(p)
+        if vm.power_state not in ("deallocated", "stopped"):
+            return _error(
+                409,
+                "OperationNotAllowed",
+                f"Operation 'generalize' is not allowed on VM '{vm.name}' since the VM is running. "
+                "Please stop or deallocate the VM and retry the operation.",
+            )
+        vm.generalized = True
+        return 200, {}, None
+
+    def _do_get_gallery_image(self, p: dict[str, str], _q: dict[str, str], _b: Any, _now: float) -> Any:
+        image_id = self._gallery_image_id(p)
+        location = self._gallery_images.get(image_id.lower())
+        if location is None:
+            return _error(404, "ResourceNotFound", f"The gallery image '{p['image']}' was not found.")
+        body = {
+            "id": image_id,
+            "name": p["image"],
+            "type": "Microsoft.Compute/galleries/images",
+            "location": location,
+            "properties": {
+                "osType": "Linux",
+                "osState": "Generalized",
+                "hyperVGeneration": "V2",
+                "identifier": {"publisher": "scalebus", "offer": "node", "sku": p["image"]},
+                "provisioningState": "Succeeded",
+            },
+        }
+        return 200, {}, body
+
+    def _do_get_image_version(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
+        version_id = f"{self._gallery_image_id(p)}/versions/{p['version']}"
+        found = self._image_versions.get(version_id.lower())
+        if found is None:
+            return _error(404, "ResourceNotFound", f"The gallery image version '{p['version']}' was not found.")
+        return 200, {}, self._image_version_body(version_id, found, now)
+
+    def _do_put_image_version(self, p: dict[str, str], q: dict[str, str], b: Any, now: float) -> Any:
+        image_id = self._gallery_image_id(p)
+        if image_id.lower() not in self._gallery_images:
+            return _error(404, "ParentResourceNotFound", f"The gallery image '{p['image']}' was not found.")
+        source = (((b.get("properties") or {}).get("storageProfile") or {}).get("source")) or {}
+        vm_id = str(source.get("virtualMachineId") or source.get("id") or "")
+        vm = self._vms.get(vm_id.lower())
+        if vm is None:
+            return _error(400, "InvalidParameter", f"The source virtual machine '{vm_id}' was not found.")
+        if not vm.generalized:
+            return _error(
+                409,
+                "OperationNotAllowed",
+                "The source virtual machine must be generalized before it is captured into a gallery image "
+                "definition whose osState is Generalized.",
+            )
+        denial = self._linked_read(self._principal, vm_id)
+        if denial is not None:
+            return denial
+        version_id = f"{image_id}/versions/{p['version']}"
+        found = FakeImageVersion(vm_id, str(b.get("location") or "westus"), ready_at=now + self.capture_delay_s)
+        self._image_versions[version_id.lower()] = found
+        op = self._bare_operation(p["sub"], found.location, now, found.ready_at)
+        return 201, self._lro_headers(op, q, with_location=False), self._image_version_body(version_id, found, now)
+
+    def _linked_read(self, principal: str, vm_id: str) -> tuple[int, dict[str, str], Any] | None:
+        """ARM's linked access check: a write that names another resource needs read on it too."""
+        action = "Microsoft.Compute/virtualMachines/read"
+        if self.access is None or self.access.allows(principal, action, vm_id):
+            return None
+        status, headers, payload = rbac.arm_denial(principal, action, vm_id)
+        payload["error"]["code"] = "LinkedAuthorizationFailed"
+        return status, headers, payload
+
+    @staticmethod
+    def _gallery_image_id(p: dict[str, str]) -> str:
+        return (
+            f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/Microsoft.Compute/"
+            f"galleries/{p['gallery']}/images/{p['image']}"
+        )
+
+    @staticmethod
+    def _image_version_body(version_id: str, found: FakeImageVersion, now: float) -> dict[str, Any]:
+        return {
+            "id": version_id,
+            "name": version_id.rsplit("/", 1)[-1],
+            "type": "Microsoft.Compute/galleries/images/versions",
+            "location": found.location,
+            "properties": {
+                "publishingProfile": {"targetRegions": [{"name": found.location, "regionalReplicaCount": 1}]},
+                "storageProfile": {"source": {"virtualMachineId": found.source_vm_id}},
+                "provisioningState": "Succeeded" if now >= found.ready_at else "Creating",
+            },
+        }
+
+    def _bare_operation(self, subscription: str, location: str, now: float, done_at: float) -> _Operation:
+        op = _Operation(str(uuid.uuid4()), subscription, location, started_at=now, done_at=done_at)
+        self._operations[op.op_id] = op
+        return op
+
     # operations -----------------------------------------------------------------------------------------
 
     def _do_get_operation(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
@@ -678,6 +934,7 @@ class ArmComputeFake(ServedFake):
         else:
             iid = name = f"{vmss.name}_{secrets.token_hex(4)}"
         inst = FakeInstance(iid, name, str(uuid.uuid4()), created_at=now, ready_at=now + vmss.provisioning_delay_s)
+        inst.image = vmss.image
         vmss.instances[iid] = inst
         return inst
 
@@ -732,8 +989,12 @@ class ArmComputeFake(ServedFake):
             "singlePlacementGroup": False,
             "timeCreated": _iso(time.time()),
         }
+        props["upgradePolicy"] = {
+            "mode": vmss.upgrade_mode,
+            "automaticOSUpgradePolicy": {"enableAutomaticOSUpgrade": False},
+        }
+        props["virtualMachineProfile"] = {"storageProfile": {"imageReference": {"id": vmss.image}}}
         if vmss.mode == "Uniform":
-            props["upgradePolicy"] = {"mode": "Manual"}
             props["overprovision"] = vmss.overprovision
         else:
             props["platformFaultDomainCount"] = 1
@@ -761,6 +1022,7 @@ class ArmComputeFake(ServedFake):
             "vmId": inst.vm_id,
             "provisioningState": inst.provisioning_state,
             "hardwareProfile": {"vmSize": "Standard_D2s_v5"},
+            "storageProfile": {"imageReference": _image_reference(inst.image)},
         }
         if inst.time_created_known:
             props["timeCreated"] = _iso(inst.created_at)
@@ -793,7 +1055,7 @@ class ArmComputeFake(ServedFake):
                 "sku": {"name": "Standard_D2s_v5", "tier": "Standard"},
                 "properties": {
                     **props,
-                    "latestModelApplied": True,
+                    "latestModelApplied": inst.image == vmss.image,
                     "protectionPolicy": {
                         "protectFromScaleIn": inst.protected,
                         "protectFromScaleSetActions": False,
@@ -808,6 +1070,22 @@ class ArmComputeFake(ServedFake):
             "location": vmss.location,
             "properties": props,
         }
+
+
+def _model_image(body: Any) -> str | None:
+    """The image id a scale-set PATCH puts in its model, if it names one."""
+    profile = (body.get("properties") or {}).get("virtualMachineProfile") or {}
+    reference = (profile.get("storageProfile") or {}).get("imageReference") or {}
+    return reference.get("id") if isinstance(reference, dict) else None
+
+
+def _image_reference(image: str) -> dict[str, str]:
+    """``storageProfile.imageReference`` of a VM booted from ``image``: a gallery image version also reports its
+    ``exactVersion`` (as in ``virtualMachineExamples/VirtualMachine_Get.json``)."""
+    reference = {"id": image}
+    if "/versions/" in image.lower():
+        reference["exactVersion"] = image.rsplit("/", 1)[-1]
+    return reference
 
 
 def _route(path: str) -> tuple[str | None, re.Match[str] | None]:

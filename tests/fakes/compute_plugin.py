@@ -5,8 +5,9 @@ never leaks between tests. ``vmss_scale_set_factory`` / ``vmss_flexible_scale_se
 ``factory() -> ScaleSet`` (capacity 0, a new scale set per call) for the contract suite.
 
 ARM enforces the shipped roles: the controller's token (``CONTROLLER_TOKEN``, what ``StaticTokenCredential``
-hands out) holds ``docker/roles/scalebus-controller.json`` and the VM's managed identity (the IMDS fake's token)
-holds ``docker/roles/scalebus-worker.json``, each at the scope its ``AssignableScopes`` names, for the default
+hands out) holds ``docker/roles/scalebus-controller.json``, the VM's managed identity (the IMDS fake's token)
+holds ``docker/roles/scalebus-worker.json`` and the release pipeline's (``PIPELINE_TOKEN``)
+``docker/roles/scalebus-pipeline.json``, each at the scope its ``AssignableScopes`` names, for the default
 subscription and resource group. A call the role does not grant is a 403 ``AuthorizationFailed``, so a test fails.
 """
 
@@ -28,6 +29,8 @@ from tests.fakes.imds import ImdsFake
 
 TEST_POLLING_INTERVAL_S = 0.02
 CONTROLLER_TOKEN = "arm-test-token"
+PIPELINE_TOKEN = "arm-pipeline-token"
+"""The release pipeline's token: holds ``docker/roles/scalebus-pipeline.json`` (image bake, rollout)."""
 
 
 class StaticTokenCredential:
@@ -78,10 +81,14 @@ def imds_fake(imds_server: ImdsFake) -> Iterator[ImdsFake]:
     imds_server.token_status = 200
 
 
-def shipped_access(*, controller: str, worker: str) -> rbac.AccessPolicy:
-    """The shipped custom roles assigned to the two principals, at their own ``AssignableScopes``."""
+def shipped_access(*, controller: str, worker: str, pipeline: str = PIPELINE_TOKEN) -> rbac.AccessPolicy:
+    """The shipped custom roles assigned to the three principals, at their own ``AssignableScopes``."""
     access = rbac.AccessPolicy()
-    for principal, stem in ((controller, "scalebus-controller"), (worker, "scalebus-worker")):
+    for principal, stem in (
+        (controller, "scalebus-controller"),
+        (worker, "scalebus-worker"),
+        (pipeline, "scalebus-pipeline"),
+    ):
         role = rbac.shipped_role(stem)
         for template in role.assignable_scopes[:1]:
             scope = rbac.fill_scope(
@@ -104,6 +111,7 @@ def arm_fake(arm_compute_fake: ArmComputeFake, imds_server: ImdsFake) -> Iterato
     arm_compute_fake.reset_counts()
     arm_compute_fake.delete_delay_s = 0.0
     arm_compute_fake.scale_in_delay_s = 0.0
+    arm_compute_fake.capture_delay_s = 0.0
     _reset(arm_compute_fake)
     arm_compute_fake.access = shipped_access(controller=CONTROLLER_TOKEN, worker=imds_server.token)
     yield arm_compute_fake

@@ -258,6 +258,9 @@ def _delivery_message(entity: Entity, msg: StoredMessage, *, with_lock: bool) ->
     annotations: dict[Any, Any] = dict(original.message_annotations or {})
     annotations[b"x-opt-sequence-number"] = _long(msg.sequence_number)
     annotations[b"x-opt-enqueued-time"] = _timestamp(_now_ms(msg.enqueued_at))
+    scheduled = annotations.get(b"x-opt-scheduled-enqueue-time")
+    if isinstance(scheduled, int):  # decoded to a bare int: sent back as the timestamp it was
+        annotations[b"x-opt-scheduled-enqueue-time"] = _timestamp(scheduled)
     if with_lock:
         annotations[b"x-opt-locked-until"] = _timestamp(_now_ms(msg.locked_until))
     if msg.dead_letter_source is not None:

@@ -137,7 +137,7 @@ def servicebus_queue_factory(
             max_delivery_count=max_delivery_count,
             requires_duplicate_detection=True,
         )
-        settings, environ = servicebus_settings(name)
+        settings, environ = servicebus_settings(name, max_delivery_count=max_delivery_count)
         queue, depth = servicebus.open_servicebus(settings, environ=environ)
         opened.extend([queue, depth])
         return queue, depth

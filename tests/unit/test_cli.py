@@ -61,6 +61,11 @@ def config(tmp_path: Path) -> Path:
         pytest.param(["selfdestroy"], {}, "not running in a scale set", id="selfdestroy-outside-pool"),
         pytest.param(["requeue", "--max", "0"], {}, "--max 0: give 1 or more", id="requeue-max-zero"),
         pytest.param(["requeue", "--concurrency", "99"], {}, "give 1 to 32", id="requeue-concurrency"),
+        pytest.param(["status"], {}, "q.db does not exist", id="status-without-queue-database"),
+        pytest.param(["status", "--max-dead-letters", "0"], {}, "give 1 or more", id="status-max-dead-letters"),
+        pytest.param(
+            ["stage", "file:///nonexistent/run1/", "out"], {}, "no such file or folder", id="stage-missing-source"
+        ),
     ],
 )
 def test_user_mistakes_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:

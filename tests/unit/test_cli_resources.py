@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from scalebus.backends.local import sqlite_queue
 from scalebus.cli import app
 
 Leaks = Callable[[], list[str]]
@@ -81,7 +82,10 @@ def config(tmp_path: Path) -> Path:
         "[worker]\nidle_timeout_s = 0\nreceive_wait_s = 0.1\nself_destroy = false\n"
         "[staging]\nmin_free_bytes = 0\n"
         "[ingest]\nscratch_min_free_bytes = 0\n"
+        f'[storage]\nlocal_roots = ["/lake", "/out", "{tmp_path}"]\n'
     )
+    # The queue database exists, as after a first submit: status refuses to invent one.
+    sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5).close()
     return path
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from scalebus.backends import base
 from scalebus.ingest import engine, plan
+from scalebus.transfer import paths
 
 
 def obj(rel_path: str, etag: str = "e1", size: int = 10) -> base.RemoteObject:
@@ -18,6 +19,13 @@ def obj(rel_path: str, etag: str = "e1", size: int = 10) -> base.RemoteObject:
 
 def entry(rel_path: str, etag: str = "e1", size: int = 10) -> plan.CopiedEntry:
     return plan.CopiedEntry(rel_path, etag, size)
+
+
+def decide(
+    listing: list[base.RemoteObject], *, copied: dict[str, plan.CopiedEntry], present: dict[str, int] | None
+) -> plan.IngestPlan:
+    index = plan.index_of(copied.values(), present=None if present is None else present.items())
+    return plan.plan_ingest(iter(listing), index=index)
 
 
 @pytest.mark.parametrize(
@@ -36,12 +44,12 @@ def test_decision_for_one_object(
     recorded: plan.CopiedEntry | None, present: dict[str, int] | None, expected: str
 ) -> None:
     copied = {"a": recorded} if recorded else {}
-    result = plan.plan_ingest([obj("a")], copied=copied, present=present)
+    result = decide([obj("a")], copied=copied, present=present)
     if expected == "skip":
-        assert (result.skip, result.copy) == ((obj("a"),), ())
+        assert (result.skip_files, result.skip_bytes, result.copy) == (1, 10, ())
     else:
         assert result.copy == (plan.CopyTask(obj("a"), expected),)
-        assert result.skip == ()
+        assert result.skip_files == 0
 
 
 @pytest.mark.parametrize(
@@ -61,13 +69,13 @@ def test_decision_for_one_object(
     ],
 )
 def test_unsafe_names_are_refused_with_a_reason(rel_path: str, reason: str) -> None:
-    result = plan.plan_ingest([obj(rel_path), obj("fine.txt")], copied={}, present={})
+    result = decide([obj(rel_path), obj("fine.txt")], copied={}, present={})
     assert result.refused == (plan.Refusal(rel_path, reason),)
     assert [task.obj.rel_path for task in result.copy] == ["fine.txt"]
 
 
 def test_an_object_that_is_also_a_folder_is_refused_and_its_children_copied() -> None:
-    result = plan.plan_ingest([obj("d"), obj("d/e"), obj("d/f/g")], copied={}, present={})
+    result = decide([obj("d"), obj("d/e"), obj("d/f/g")], copied={}, present={})
     assert [r.rel_path for r in result.refused] == ["d"]
     assert "folder" in result.refused[0].reason
     assert [task.obj.rel_path for task in result.copy] == ["d/e", "d/f/g"]
@@ -75,16 +83,16 @@ def test_an_object_that_is_also_a_folder_is_refused_and_its_children_copied() ->
 
 def test_recorded_objects_no_longer_listed_are_reported_not_deleted() -> None:
     copied = {"a": entry("a"), "gone": entry("gone"), "also/gone": entry("also/gone")}
-    result = plan.plan_ingest([obj("a")], copied=copied, present={"a": 10, "gone": 10})
-    assert result.deleted_at_source == ("also/gone", "gone")
-    assert result.skip == (obj("a"),)
+    result = decide([obj("a")], copied=copied, present={"a": 10, "gone": 10})
+    assert result.deleted_at_source == 2
+    assert (result.skip_files, result.copy) == (1, ())
 
 
 def test_manifest_round_trip_and_bad_lines() -> None:
     entries = {"a": plan.CopiedEntry("a", "e1", 10, 1.5, 2.5), "ü/b c": plan.CopiedEntry("ü/b c", "x-2", 0)}
-    data = plan.render_manifest(entries, source="s3://b/p", now=3.0)
+    data = plan.render_manifest(entries.values(), source="s3://b/p", now=3.0)
     header = data.splitlines()[0]
-    assert b'"schema": 1' in header and b'"source": "s3://b/p"' in header
+    assert b'"schema": 2' in header and b'"source": "s3://b/p"' in header
     assert plan.parse_manifest(data) == entries
     damaged = data + b'{"path": "x", "etag": "e"}\nnot json\n[1, 2]\n{"path": "y", "etag": "e", "size": "NaN?"}\n'
     assert plan.parse_manifest(damaged) == entries
@@ -105,18 +113,20 @@ def test_every_object_is_decided_once_and_nothing_escapes(
     listing = list({path: obj(path, etag, size) for path, etag, size in listed}.values())
     copied = {path: entry(path, etag, size) for path, etag, size in recorded}
     present = {path: size for path, _etag, size in recorded}
-    result = plan.plan_ingest(listing, copied=copied, present=present)
-    decided = [t.obj.rel_path for t in result.copy] + [o.rel_path for o in result.skip]
-    decided += [r.rel_path for r in result.refused]
-    assert sorted(decided) == sorted(o.rel_path for o in listing)
-    for path in [t.obj.rel_path for t in result.copy] + [o.rel_path for o in result.skip]:
+    result = decide(listing, copied=copied, present=present)
+    refused = [r.rel_path for r in result.refused]
+    assert len(result.copy) + result.skip_files + len(refused) == len(listing)
+    assert {t.obj.rel_path for t in result.copy}.isdisjoint(refused)
+    for path in [t.obj.rel_path for t in result.copy]:
         landed = posixpath.normpath(posixpath.join("/dest", path))
         assert landed.startswith("/dest/") and landed != "/dest/" + plan.MANIFEST_NAME
         assert landed == "/dest/" + path  # nothing is rewritten on the way
     # Applying the plan (record every copy) makes the next plan copy nothing.
     after = copied | {t.obj.rel_path: entry(t.obj.rel_path, t.obj.etag, t.obj.size) for t in result.copy}
     present_after = present | {t.obj.rel_path: t.obj.size for t in result.copy}
-    assert plan.plan_ingest(listing, copied=after, present=present_after).copy == ()
+    again = decide(listing, copied=after, present=present_after)
+    assert again.copy == ()
+    assert again.skip_files == len(listing) - len(refused)
 
 
 @pytest.mark.parametrize(
@@ -142,3 +152,53 @@ def test_checkpoints_are_spaced_to_bound_their_share_of_the_run(
 )
 def test_scratch_needed_is_the_largest_in_transit(sizes: list[int], concurrency: int, expected: int) -> None:
     assert plan.scratch_needed(sizes, concurrency=concurrency, in_memory_bytes=100) == expected
+
+
+def test_an_object_listed_twice_is_refused_the_second_time() -> None:
+    result = decide([obj("a"), obj("a"), obj("n"), obj("n")], copied={"a": entry("a")}, present={"a": 10})
+    assert [(r.rel_path, r.reason) for r in result.refused] == [("a", "listed twice"), ("n", "listed twice")]
+    assert (result.skip_files, [t.obj.rel_path for t in result.copy]) == (1, ["n"])
+
+
+def test_a_recorded_object_that_became_a_folder_is_refused_not_skipped() -> None:
+    result = decide([obj("d"), obj("d/e")], copied={"d": entry("d")}, present={"d": 10})
+    assert [r.rel_path for r in result.refused] == ["d"]
+    assert (result.skip_files, result.skip_bytes, [t.obj.rel_path for t in result.copy]) == (0, 0, ["d/e"])
+
+
+def test_the_last_line_per_path_wins() -> None:
+    lines = [
+        plan.header_line(source="s3://b/p", generation="g1", lineage=["g0"], now=1.0),
+        entry("a", etag="old").line(),
+        "torn {",
+        entry("a", etag="new").line(),
+    ]
+    assert [e.etag for e in plan.parse_lines(lines)] == ["old", "new"]
+    assert plan.parse_manifest("\n".join(lines).encode()) == {"a": entry("a", etag="new")}
+    assert plan.parse_header(lines[0])["lineage"] == ["g0"]
+
+
+_ascii_paths = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), min_size=0, max_size=12)
+
+
+@given(rel_path=_ascii_paths | _paths)
+def test_the_fast_path_check_agrees_with_staging_rules(rel_path: str) -> None:
+    if plan._plainly_safe(rel_path):
+        assert paths.unsafe_reason(rel_path) is None
+    assert plan.name_refusal(rel_path) == (
+        paths.unsafe_reason(rel_path)
+        or ("reserved for the ingest manifest" if rel_path == plan.MANIFEST_NAME else None)
+    )
+
+
+def test_loading_lines_in_batches_skips_damaged_ones_and_keeps_the_last() -> None:
+    lines = [entry("a", etag="old").line(), "{torn", entry("a", etag="new").line(), entry("b").line() + "\n"]
+    index = plan.ManifestIndex()
+    index.load(lines)
+    fresh = plan.index_of([entry("a", etag="new"), entry("b")], present=None)
+    assert len(index) == 2
+    for name in ("a", "b"):
+        index.mark_present(name, 10)
+    result = plan.plan_ingest([obj("a", etag="new"), obj("b")], index=index)
+    assert (result.skip_files, result.copy) == (2, ())
+    assert len(fresh) == 2

@@ -217,7 +217,9 @@ def test_md5_is_not_checked_when_turned_off(lake: tuple[Path, dict[str, bytes]],
 def test_preflight_refuses_when_the_disk_is_too_small(lake: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     root, _files = lake
     dest = tmp_path / "stage"
-    with pytest.raises(errors.LocalDiskError, match=r"staging needs [\d,]+ bytes plus [\d,]+ .* only [\d,]+ bytes"):
+    with pytest.raises(
+        errors.LocalDiskError, match=r"staging needs [\d,]+ bytes plus [\d,]+ .* only [\d,]+ bytes"
+    ):
         stage_into(FolderStore(), [uri_of(root)], dest, min_free_bytes=1 << 60)
     assert not (dest / "run1").exists()
 

@@ -155,7 +155,7 @@ def test_missing_input_is_dead_lettered(queue, lake, tmp_path) -> None:  # type:
 
 def test_already_published_job_is_completed_without_running(queue, lake, tmp_path) -> None:  # type: ignore[no-untyped-def]
     lake.out("j1").mkdir(parents=True)
-    (lake.out("j1") / "_SUCCESS").write_text("{}")
+    (lake.out("j1") / "_SUCCESS").write_text(json.dumps({"job_id": "j1"}))  # an earlier delivery committed
     submit(queue, lake.job("j1"))
     stats = make_worker(queue, tmp_path, "import sys; sys.exit(1)").run()
     assert stats.completed == 1 and stats.abandoned == 0

@@ -14,6 +14,9 @@ throttling codes and its retry quota, and a second layer would multiply attempts
 response body that breaks part-way: :meth:`S3Source.read_into` then resumes with a ranged GET from the last byte
 received (at most ``max_attempts`` times, and only while bytes keep arriving).
 
+For server-side copies (S3 → ADLS) :meth:`S3Source.copy_source` presigns a GET (SigV4, local computation, no
+request) that the destination service reads the object through.
+
 Whether an error is transient follows from the S3 error code and HTTP status, never from a message: throttling,
 5xx and connection errors become ``TransientStorageError``; NoSuchBucket ``BucketNotFoundError``; AccessDenied a
 permanent ``StorageError`` naming the permissions needed. Messages carry the bucket, key and error code only.
@@ -113,6 +116,7 @@ def open_source(settings: IngestSettings, *, endpoint_url: str = "") -> S3Source
         connect_timeout=min(settings.read_timeout_s, 10.0),
         max_pool_connections=settings.max_concurrency + 2,
         s3={"addressing_style": settings.addressing_style},
+        signature_version="s3v4",  # presigned URLs too (boto3 presigns with SigV2 otherwise, which S3 retires)
     )
     with _translated("s3 client"):
         client = session.client("s3", endpoint_url=endpoint_url or settings.endpoint_url or None, config=config)
@@ -225,6 +229,19 @@ class S3Source:
         if digest is not None and digest.hexdigest() != obj.etag:
             raise errors.IntegrityError(f"{what}: MD5 {digest.hexdigest()} does not match the ETag {obj.etag}")
         return position - offset
+
+    # ------------------------------------------------------------------------------------------ copy source
+
+    def copy_source(self, obj: base.RemoteObject, *, expires_s: int) -> tuple[str, bytes | None]:
+        """A presigned GET URL another service can read ``obj`` through (for server-side copies), and the MD5 of
+        its bytes when the ETag is one (single-part upload; a KMS-encrypted object's is not, which the reader's
+        MD5 check then reports)."""
+        where = S3Uri.parse(obj.uri)
+        with _translated(f"presign s3://{where.bucket}/{where.key}"):
+            url = self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": where.bucket, "Key": where.key}, ExpiresIn=expires_s
+            )
+        return str(url), bytes.fromhex(obj.etag) if md5_etag(obj.etag) else None
 
 
 def md5_etag(etag: str) -> bool:

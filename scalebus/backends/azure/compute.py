@@ -722,7 +722,8 @@ class GalleryImageBaker:
         if existing is not None:
             return existing
         definition = self._read(
-            "read gallery image", lambda: self._client.gallery_images.get(image["rg"], image["gallery"], image["image"])
+            "read gallery image",
+            lambda: self._client.gallery_images.get(image["rg"], image["gallery"], image["image"]),
         )
         self._operation(
             f"deallocate {vm['name']}",
@@ -730,7 +731,9 @@ class GalleryImageBaker:
                 vm["rg"], vm["name"], polling_interval=self._polling_interval_s, **kw
             ),
         )
-        self._write(f"generalize {vm['name']}", lambda: self._client.virtual_machines.generalize(vm["rg"], vm["name"]))
+        self._write(
+            f"generalize {vm['name']}", lambda: self._client.virtual_machines.generalize(vm["rg"], vm["name"])
+        )
         body = compute_models.GalleryImageVersion(
             location=str(definition.location),
             properties=compute_models.GalleryImageVersionProperties(
@@ -757,7 +760,8 @@ class GalleryImageBaker:
         source = getattr(getattr(storage, "source", None), "virtual_machine_id", None) or ""
         if source.lower() != vm_id.strip().lower():
             raise errors.UserInputError(
-                f"image version {names[3]} of {names[2]} already exists from another source ({source or 'unknown'}); "
+                f"image version {names[3]} of {names[2]} already exists from another source "
+                f"({source or 'unknown'}); "
                 "pick a new --version"
             )
         return BakedImage(str(found.id), vm_id.strip(), _provisioning(found), already_existed=True)

@@ -15,6 +15,10 @@ loudly instead of mixing versions. Writes and existence checks stay on the SDK.
 The SDK client is built on first use: a one-shot ``scalebus stage`` authenticated by key or SAS never imports
 ``azure.storage.blob`` (a fifth of a second of start-up, measured with ``-X importtime``).
 
+Server-side copies (:meth:`AdlsStore.copy_from_url`, used by ingest from S3) have the service read the source
+through a URL (Put Block From URL); Azurite 3.35 does not implement it (``501 APINotImplemented``), so the caller
+streams instead.
+
 Retries: the SDK's own retry policy is turned off (it would multiply with ours and ignores ``Retry-After``);
 every SDK call is wrapped in ``_errors.translated`` and ``_retry.retry_data_plane`` (lean reads:
 ``_retry.retry_blob_get``). A download retried after a partial write rewinds its sink to where it started.
@@ -24,6 +28,7 @@ not the URL.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import threading
@@ -412,6 +417,42 @@ class AdlsStore:
         found: bool = properties()
         return found
 
+    # ------------------------------------------------------------------------------------------ copy from URL
+
+    def copy_from_url(self, url: str, uri: str, *, size: int, content_md5: bytes | None) -> bool:
+        """Have the service read ``size`` bytes from ``url`` into ``uri`` (Put Block From URL, then Put Block
+        List): the bytes never pass through this machine. With ``content_md5`` the object goes as one block whose
+        MD5 the service checks as it reads (``IntegrityError`` when it differs). ``False`` when the service
+        cannot (not implemented, as in Azurite, or it cannot reach the URL): nothing was committed."""
+        from azure.storage.blob import BlobBlock, ContentSettings
+
+        where = AbfssPath.parse(uri)
+        blob = self._client.get_blob_client(where.filesystem, where.path)
+        what = f"copy from URL to {where.filesystem}/{where.path}"
+        blocks = from_url_blocks(size, block_bytes=size if content_md5 is not None else FROM_URL_BLOCK_BYTES)
+        try:
+            for block_id, offset, length in blocks:
+                _stage_from_url(blob, block_id, url, offset, length, content_md5=content_md5, what=what)
+        except errors.StorageError as exc:
+            code = str(getattr(exc.__cause__, "error_code", None) or "")
+            if getattr(exc.__cause__, "status_code", None) == 501 or code in _FROM_URL_UNAVAILABLE:
+                log.info("adls.copy_from_url_unavailable", blob=f"{where.filesystem}/{where.path}", code=code)
+                return False
+            if code == "Md5Mismatch":
+                raise errors.IntegrityError(f"{what}: the source's bytes do not match its MD5") from exc
+            raise
+        settings = ContentSettings(content_md5=bytearray(content_md5)) if content_md5 is not None else None
+
+        @_retry.retry_data_plane
+        def commit() -> None:
+            with _errors.translated(_errors.STORAGE, what=what):
+                blob.commit_block_list(
+                    [BlobBlock(block_id) for block_id, _, _ in blocks], content_settings=settings
+                )
+
+        commit()
+        return True
+
 
 def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterator[_blobget.ListedBlob]:
     """Every blob under ``prefix`` through the SDK, page by page; a page failing transiently is fetched again."""
@@ -439,6 +480,40 @@ def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterat
             )
         if not token:
             return
+
+
+FROM_URL_BLOCK_BYTES = 100 * 1024 * 1024
+"""Block size of server-side copies: the largest block Put Block From URL takes in every service version
+(https://learn.microsoft.com/rest/api/storageservices/put-block-from-url)."""
+_FROM_URL_UNAVAILABLE = frozenset({"APINotImplemented", "NotImplemented", "CannotVerifyCopySource"})
+"""Error codes meaning the service will not copy from this URL (Azurite; a source it cannot reach)."""
+
+
+def from_url_blocks(size: int, *, block_bytes: int) -> list[tuple[str, int, int]]:
+    """``(block id, offset, length)`` covering ``size`` bytes in blocks of at most ``block_bytes`` (ids of equal
+    length, as Put Block requires)."""
+    step = max(1, block_bytes)
+    return [
+        (base64.b64encode(f"{i:08d}".encode()).decode(), offset, min(step, size - offset))
+        for i, offset in enumerate(range(0, size, step))
+    ]
+
+
+def _stage_from_url(
+    blob: Any, block_id: str, url: str, offset: int, length: int, *, content_md5: bytes | None, what: str
+) -> None:
+    @_retry.retry_data_plane
+    def stage() -> None:
+        with _errors.translated(_errors.STORAGE, what=what):
+            blob.stage_block_from_url(
+                block_id,
+                url,
+                source_offset=offset,
+                source_length=length,
+                source_content_md5=bytearray(content_md5) if content_md5 is not None else None,
+            )
+
+    stage()
 
 
 def _remote(blob: _blobget.ListedBlob, *, uri: str, rel_path: str) -> base.RemoteObject:

@@ -57,8 +57,14 @@ class BlobHeartbeatStore:
         )
 
     def publish_hint(self, hint: base.FleetHint) -> None:
-        body = json.dumps({"idle_grace_s": hint.idle_grace_s, "at": hint.at}).encode()
-        self._upload("fleet hint", self._hint_name, body, {})
+        retire = hint.retire_instance_ids
+        if retire is None:  # keep a rollout's list (one landing between this read and write is lost: rerun it)
+            stored = self.read_hint()
+            retire = stored.retire_instance_ids if stored is not None else None
+        doc: dict[str, object] = {"idle_grace_s": hint.idle_grace_s, "at": hint.at}
+        if retire is not None:
+            doc["retire_instance_ids"] = list(retire)
+        self._upload("fleet hint", self._hint_name, json.dumps(doc).encode(), {})
 
     def read_hint(self) -> base.FleetHint | None:
         blob = self._container.get_blob_client(self._hint_name)
@@ -77,7 +83,12 @@ class BlobHeartbeatStore:
             return None
         try:
             raw = json.loads(data)
-            return base.FleetHint(idle_grace_s=float(raw["idle_grace_s"]), at=float(raw["at"]))
+            retire = raw.get("retire_instance_ids")
+            return base.FleetHint(
+                idle_grace_s=float(raw["idle_grace_s"]),
+                at=float(raw["at"]),
+                retire_instance_ids=tuple(str(i) for i in retire) if isinstance(retire, list) else None,
+            )
         except (ValueError, KeyError, TypeError):
             log.warning("fleet_hint.unreadable", blob=self._hint_name)
             return None

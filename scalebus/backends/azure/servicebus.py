@@ -26,9 +26,9 @@ carrying two application properties, the releases so far and the job's own deliv
 original: send first, complete second, so a crash in between duplicates the job, never loses it (the copy's id is
 :func:`base.requeued_message_id` of the original, the same on a retried send, so duplicate detection drops a
 second copy). A copy starts a fresh broker count; the port adds the carried deliveries back, and with
-``max_delivery_count`` known the adapter dead-letters a copy that carries deliveries once it is past that count (``MaxDeliveryCountExceeded``),
-as the broker would have the original; a queue whose own MaxDeliveryCount is higher than ``queue.max_delivery_count``
-dead-letters such copies earlier than it would the original.
+``max_delivery_count`` known the adapter dead-letters a copy that carries deliveries once it is past that count
+(``MaxDeliveryCountExceeded``), as the broker would have the original; a queue whose own MaxDeliveryCount is
+higher than ``queue.max_delivery_count`` dead-letters such copies earlier than it would the original.
 
 Requeueing dead letters settles many messages at once, and since 7.15 every settlement waits for the broker's
 echo. A message settles only through the link that received it and an SDK receiver is not thread-safe, so
@@ -163,7 +163,7 @@ PRIOR_DELIVERIES_PROPERTY = "scalebus-prior-deliveries"
 def _carried(message: ServiceBusReceivedMessage, name: str) -> int:
     """An integer application property of ours (the SDK may hand keys back as bytes); 0 when absent."""
     properties = message.application_properties or {}
-    value = properties.get(name, properties.get(name.encode(), 0))  # type: ignore[call-overload]
+    value = properties.get(name, properties.get(name.encode(), 0))
     return int(value) if isinstance(value, int | str | bytes) and str(value).isdigit() else 0
 
 
@@ -338,7 +338,9 @@ class ServiceBusJobQueue:
         reason = "MaxDeliveryCountExceeded"
         with self._receiver_lock, _translated(what=f"dead-letter on {self._queue_name}"):
             self._get_receiver().dead_letter_message(
-                sdk_message, reason=reason, error_description=f"delivered {count - 1} times without being completed"
+                sdk_message,
+                reason=reason,
+                error_description=f"delivered {count - 1} times without being completed",
             )
         self._log.warning("servicebus.dead_lettered", message_id=sdk_message.message_id, reason=reason)
         return True

@@ -18,8 +18,8 @@ already checked:
   renamed into place, so readers never see half a file. The temporary file lives in a hidden folder at the top
   of the root (``.scalebus-tmp``, never inside a job's output, which lies strictly below a root) when the root
   is on the same file system, else beside the target under a short hidden name (``.sb-<random>.part``), so a
-  target name of any legal length still has a temporary name. Files are created with mode 0666 less the umask,
-  never a source's mode.
+  target name of any legal length still has a temporary name; listings skip such leftovers. Files are created
+  with mode 0666 less the umask, never a source's mode.
 
 Refusals are ``UnsafePathError``: permanent, so the job is dead-lettered with the reason.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 import urllib.parse
@@ -46,6 +47,8 @@ SYSTEM_DIRS = ("/proc", "/dev", "/sys")
 TEMP_DIR_NAME = ".scalebus-tmp"
 """The hidden folder at the top of a root where writes are prepared."""
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+_TEMP_NAME = re.compile(r"\.sb-[0-9a-f]{16}\.part")
+"""The shape of a temporary name (here and in staging): listings skip such files."""
 
 
 def path_of(uri: str) -> Path:
@@ -240,6 +243,8 @@ def _walk(root: Path, rel: str, confinement: Confinement) -> Iterator[tuple[str,
             if entry.is_dir(follow_symlinks=False):
                 if entry.name != TEMP_DIR_NAME:
                     yield from _walk(Path(entry.path), child + "/", confinement)
+                continue
+            if _TEMP_NAME.fullmatch(entry.name):  # an interrupted write's leftover, never an object
                 continue
             if entry.is_symlink():
                 reason = confinement.refusal(os.path.realpath(entry.path))

@@ -6,6 +6,13 @@ the workers (which delete themselves) and ``scalebus status`` all see one truth.
 IMDS tells a VM. An instance is *starting* until its worker's first heartbeat, *running* after, *deleting* once
 deletion was asked for and the process has not exited yet, and *failed* if its process died without being
 deleted (a crash or SIGKILL), which is what a VM that failed provisioning or died looks like to the controller.
+
+Crash-only: an instance is recorded with the process that is starting it (``spawner_pid``) before its worker
+exists, and with the worker's pid once started. Every listing judges each row by a live process: a row whose
+worker died, or whose spawner died before recording a worker (a controller killed mid-spawn), is *failed* at
+once and its heartbeat forgotten, so the policy replaces it without waiting for the heartbeat timeout, and
+deleting it removes the row at the next listing. A worker that cannot be started at all (its command missing or
+not executable) raises ``ScaleSetError`` and leaves no row.
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ MODEL_ENV = "SCALEBUS_MODEL"
 DEFAULT_MODEL = "local"
 """The pool's model until ``update_model`` names another: the worker command the pool was opened with."""
 _KILL_AFTER_S = 30.0
+SPAWN_PAUSE_ENV = "SCALEBUS_FAULT_SPAWN_PAUSE_S"
+"""A fault hook: seconds to pause between recording an instance and starting its worker, so a test can kill the
+spawning process in between. Unset (or not a number) in production: no pause."""
+_ADDED_COLUMNS = {"spawner_pid": "INTEGER", "spawner_started": "REAL"}
+"""Columns newer than the first schema, added to a pool file made before them."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -44,7 +56,9 @@ CREATE TABLE IF NOT EXISTS instances (
     deleting_since REAL,
     pid INTEGER,
     pid_started REAL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    spawner_pid INTEGER,
+    spawner_started REAL
 );
 CREATE TABLE IF NOT EXISTS heartbeats (
     instance_id TEXT PRIMARY KEY,
@@ -82,6 +96,7 @@ class LocalScaleSet:
 
     def __init__(self, state_path: Path, *, worker_argv: Sequence[str], worker_env: Mapping[str, str]) -> None:
         self._db = _sqlite.Database(state_path, _SCHEMA)
+        _add_missing_columns(self._db)
         self._argv = list(worker_argv)
         self._env = dict(worker_env)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -94,17 +109,20 @@ class LocalScaleSet:
 
     def list_instances(self) -> list[base.Instance]:
         self._reap()
-        beats = {hb.instance_id for hb in SqliteHeartbeatStore(self._db).read_all()}
         with self._db.read() as conn:
             rows = conn.execute(
-                "SELECT instance_id, deleting_since, pid, pid_started, created_at FROM instances ORDER BY seq"
+                f"SELECT instance_id, deleting_since, created_at, {_PROCESS_COLUMNS} FROM instances ORDER BY seq"
             ).fetchall()
+        dead = [row[0] for row in rows if not _row_alive(*row[3:])]
+        if dead:  # a dead process's last heartbeat would count it as serving until the heartbeat timeout
+            with self._db.write() as conn:
+                conn.executemany("DELETE FROM heartbeats WHERE instance_id = ?", [(iid,) for iid in dead])
+        beats = {hb.instance_id for hb in SqliteHeartbeatStore(self._db).read_all()}
         instances = []
-        for instance_id, deleting_since, pid, pid_started, created_at in rows:
-            alive = _alive(pid, pid_started)
+        for instance_id, deleting_since, created_at, pid, *_ in rows:
             if deleting_since is not None:
                 state = base.InstanceState.DELETING
-            elif not alive:
+            elif instance_id in dead:
                 state = base.InstanceState.FAILED
             elif instance_id in beats:
                 state = base.InstanceState.RUNNING
@@ -180,18 +198,27 @@ class LocalScaleSet:
         return [dataclasses.replace(i, model=models.get(i.instance_id, DEFAULT_MODEL)) for i in instances]
 
     def _spawn(self) -> None:
+        me = psutil.Process()
         with self._db.write() as conn:
             # never reuse an id (as VMSS instance ids are not): heartbeats, notices and logs name one machine
             last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'instances'").fetchone()
             seq = (last[0] if last else 0) + 1
             instance_id = f"local-{seq}"
             conn.execute(
-                "INSERT INTO instances (seq, instance_id, created_at) VALUES (?, ?, ?)",
-                (seq, instance_id, time.time()),
+                "INSERT INTO instances (seq, instance_id, created_at, spawner_pid, spawner_started) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (seq, instance_id, time.time(), me.pid, me.create_time()),
             )
+        _fault_pause()
         env = {**os.environ, **self._env, INSTANCE_ID_ENV: instance_id, SCALE_SET_ENV: self.url}
         env.update(self._record_model(instance_id))
-        proc = subprocess.Popen(self._argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc = subprocess.Popen(self._argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            with self._db.write() as conn:
+                conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+            log.error("instance_start_failed", instance_id=instance_id, error=str(exc))
+            raise errors.ScaleSetError(f"cannot start a worker ({self._argv[0]}): {exc}") from exc
         self._children[proc.pid] = proc
         started = psutil.Process(proc.pid).create_time() if psutil.pid_exists(proc.pid) else time.time()
         with self._db.write() as conn:
@@ -233,11 +260,11 @@ class LocalScaleSet:
         now = time.time()
         with self._db.write() as conn:
             rows = conn.execute(
-                "SELECT instance_id, pid, pid_started, deleting_since FROM instances "
+                f"SELECT instance_id, deleting_since, {_PROCESS_COLUMNS} FROM instances "
                 "WHERE deleting_since IS NOT NULL"
             ).fetchall()
-            for instance_id, pid, pid_started, since in rows:
-                if not _alive(pid, pid_started):
+            for instance_id, since, pid, pid_started, *spawner in rows:
+                if not _row_alive(pid, pid_started, *spawner):
                     conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
                     conn.execute("DELETE FROM heartbeats WHERE instance_id = ?", (instance_id,))
                     log.info("instance_deleted", instance_id=instance_id)
@@ -259,9 +286,38 @@ class LocalScaleSet:
         self._db.close()
 
 
+_PROCESS_COLUMNS = "pid, pid_started, spawner_pid, spawner_started"
+
+
+def _add_missing_columns(db: _sqlite.Database) -> None:
+    with db.write() as conn:
+        present = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+        for column, declaration in _ADDED_COLUMNS.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE instances ADD COLUMN {column} {declaration}")
+
+
+def _fault_pause() -> None:
+    try:
+        pause = float(os.environ.get(SPAWN_PAUSE_ENV, "0"))
+    except ValueError:
+        return
+    if pause > 0:
+        time.sleep(pause)
+
+
+def _row_alive(
+    pid: int | None, started: float | None, spawner_pid: int | None, spawner_started: float | None
+) -> bool:
+    """A started instance lives while its worker does; one being started, while the process starting it does."""
+    if pid is not None:
+        return _alive(pid, started)
+    return spawner_pid is not None and _alive(spawner_pid, spawner_started)
+
+
 def _alive(pid: int | None, started: float | None) -> bool:
     if pid is None:
-        return True  # being spawned right now
+        return False
     try:
         proc = psutil.Process(pid)
         same = started is None or abs(proc.create_time() - started) < 1.0
