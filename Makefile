@@ -68,6 +68,11 @@ bench-settle: $(DEV_STAMP)
 bench-scale: $(DEV_STAMP)
 	$(PY) bench/scale.py --readme $(BENCH_SCALE_FLAGS)
 
+# One controller poll against the ARM fake at 10 / 100 / 1,000 / 5,000 instances (~1 min); table in bench/README.md.
+.PHONY: bench-controller
+bench-controller: $(DEV_STAMP)
+	$(PY) bench/controller.py
+
 # The long chaos run (tests/e2e/test_chaos.py is its bounded version in `make test`); figures in docs/reliability.md.
 CHAOS_JOBS ?= 400
 CHAOS_KILLS ?= 50

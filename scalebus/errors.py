@@ -172,6 +172,18 @@ class TransientNoticeError(NoticeError, TransientBackendError):
     """The notice source is throttled or briefly unavailable: the next poll asks again."""
 
 
+class LeaseError(BackendError):
+    """The controllers' lease could not be read, acquired, renewed or released."""
+
+
+class TransientLeaseError(LeaseError, TransientBackendError):
+    """The lease's store is throttled or briefly unavailable: the holder tries again while its lease lasts."""
+
+
+class LeaseLostError(LeaseError, PermanentBackendError):
+    """Another holder has the lease now (or it was released): this one must stop acting on it."""
+
+
 class SelfDestroyRefused(ScalebusError):
     """A guard stopped self-destroy (not in a scale set, identity mismatch, a job lock still held)."""
 

@@ -100,8 +100,18 @@ class Redactor:
 
 
 def looks_secret(name: str) -> bool:
-    """Whether an environment variable's name says its value is a secret (``*_KEY``, ``*TOKEN*``, ``*SAS*``…)."""
+    """Whether an environment variable's name says its value is a secret (``*_KEY``, ``*TOKEN*``, ``*SAS*``…).
+
+    Names that say where a secret is rather than holding one are not: scalebus's own settings variables
+    (``SCALEBUS_SECRETS__URL``, ``SCALEBUS_STORAGE__CONNECTION_STRING_ENV``: the settings never hold a secret
+    value) and names ending in ``_URL``, ``_ENV``, ``_PATH``, ``_DIR``, ``_FILE``, ``_SOCK`` or ``_NAME``."""
+    upper = name.upper()
+    if upper.startswith("SCALEBUS_") or upper.endswith(_LOCATION_SUFFIXES):
+        return False
     return bool(_SECRET_NAME.search(name))
+
+
+_LOCATION_SUFFIXES = ("_URL", "_ENV", "_PATH", "_DIR", "_FILE", "_SOCK", "_NAME")
 
 
 default = Redactor()

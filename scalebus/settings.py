@@ -207,6 +207,11 @@ class ControllerSettings(_Section):
     """Waiting jobs the busy workers will start within ``boot_estimate_s`` anyway (estimated from the learned
     job durations and how long each busy job has run, times this) get no new instance. 0 turns it off: every
     waiting job asks for an instance."""
+    lease_s: float = Field(default=30.0, ge=0)
+    """How long the controllers' lease lasts unless renewed (a row in the pool's database locally, a blob lease
+    in the heartbeat container on Azure: whole seconds from 15 to 60). Any number of controllers may run: the one
+    holding the lease acts, the others wait and one takes over within two lease periods of the leader's end.
+    0: no lease, a single controller."""
 
     @pydantic.field_validator("idle_grace_max_s")
     @classmethod

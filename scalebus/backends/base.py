@@ -230,6 +230,17 @@ class ScaleSet(Protocol):
 
 
 @runtime_checkable
+class InstanceViews(Protocol):
+    """A scale set whose listing reports only what is cheap to list (VMSS: the provisioning state, without
+    each VM's instance view) and that can tell more about a few instances on request."""
+
+    def instance_states(self, instance_ids: Sequence[str]) -> dict[str, InstanceState]:
+        """The state of some listed instances from their detailed view (a stopped or deallocated VM is failed, a
+        failed one that still runs is running). The backend bounds the calls this costs: an instance it left
+        out keeps its listed state."""
+
+
+@runtime_checkable
 class ModelledScaleSet(ScaleSet, Protocol):
     """A scale set whose model (the image new instances boot) can be read and replaced: what ``scalebus
     rollout`` needs. Replacing the model never touches existing instances: they keep their image until they
@@ -432,3 +443,57 @@ class SecretSource(Protocol):
 
     def close(self) -> None:
         """Release clients; safe to call twice."""
+
+
+# --------------------------------------------------------------------------------------------- leadership
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """What holding the lease gives: proof to renew or release it, and the fencing token of this tenure."""
+
+    holder: str
+    token: int
+    """Grows with each new holder (each new tenure), never with a renewal: a write stamped with a lower token
+    than the latest was made by a leader that had already been replaced."""
+    key: str = ""
+    """The backend's own proof of holding (a blob lease id); ``""`` where the holder and token suffice."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """Who holds the lease now, as anyone may read it (``status``)."""
+
+    holder: str
+    token: int
+    expires_at: float | None = None
+    """When the lease runs out unless renewed (epoch seconds); ``None`` where the backend does not tell."""
+
+
+class Lease(Protocol):
+    """One named lease for many would-be holders (controllers): at most one holds it at a time.
+
+    A lease runs out ``duration_s`` after it was acquired or last renewed unless renewed again; then anyone may
+    acquire it. The holder cannot know when the service started counting, only that it was after the call was
+    sent, so it counts from there and stops acting well before that time plus ``duration_s``.
+    """
+
+    @property
+    def duration_s(self) -> float: ...
+
+    def acquire(self, holder: str) -> LeaseGrant | None:
+        """Take the lease if nobody holds it (never held, released, or run out), with a token above every one
+        handed out before; ``None`` while it is held, by another holder or by this one."""
+
+    def renew(self, grant: LeaseGrant) -> LeaseGrant:
+        """Extend the lease by ``duration_s`` from now, keeping its token. Raises ``LeaseLostError`` once
+        someone else has acquired it (or it was released)."""
+
+    def release(self, grant: LeaseGrant) -> None:
+        """Give the lease up so another holder can acquire it at once; a lease already lost is left alone."""
+
+    def holder(self) -> LeaseHolder | None:
+        """Who holds the lease now, or ``None`` when nobody does."""
+
+    def close(self) -> None:
+        """Release clients (not the lease); safe to call twice."""

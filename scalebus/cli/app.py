@@ -3,7 +3,8 @@
 Commands live by what they touch: :mod:`~scalebus.cli.fleet` (controller run, worker run, selfdestroy,
 status), :mod:`~scalebus.cli.jobs` (submit, requeue), :mod:`~scalebus.cli.data` (stage, ingest) and
 :mod:`~scalebus.cli.tools` (demo, simulate), :mod:`~scalebus.cli.rollout` (rollout), :mod:`~scalebus.cli.image`
-(image bake) and :mod:`~scalebus.cli.config` (config from-deployment). They are thin: build what they need through
+(image bake), :mod:`~scalebus.cli.config` (config from-deployment) and :mod:`~scalebus.cli.secret` (secret get).
+Shell completion comes from typer (``--install-completion``). They are thin: build what they need through
 :mod:`~scalebus.cli.wiring`, call into the subsystem, print with :mod:`~scalebus.cli.output` (``-o table`` for
 people, ``-o json`` for pipelines).
 

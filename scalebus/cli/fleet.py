@@ -90,6 +90,8 @@ def run_controller(cfg: settings.Settings, config: Path | None) -> controller_lo
         wiring.close_on_exit(stack, report)
         heartbeats = wiring.open_heartbeats(cfg)
         wiring.close_on_exit(stack, heartbeats)
+        lease = wiring.open_lease(cfg)
+        wiring.close_on_exit(stack, lease)
         controller = controller_loop.Controller(
             depth=depth,
             scale_set=report.metered(scale_set),
@@ -97,6 +99,8 @@ def run_controller(cfg: settings.Settings, config: Path | None) -> controller_lo
             settings=cfg.controller,
             protect_busy=cfg.scale_set.protect_busy,
             metrics=report,
+            lease=lease,
+            holder=wiring.controller_holder(),
         )
         stop = threading.Event()
         with stop_on_signals(stop.set):
@@ -242,7 +246,9 @@ def status_cmd(
         wiring.close_on_exit(stack, scale_set)
         heartbeats = wiring.open_heartbeats(cfg)
         wiring.close_on_exit(stack, heartbeats)
-        ports = _StatusPorts(queue=queue, depth=depth, scale_set=scale_set, heartbeats=heartbeats)
+        lease = wiring.open_lease(cfg)
+        wiring.close_on_exit(stack, lease)
+        ports = _StatusPorts(queue=queue, depth=depth, scale_set=scale_set, heartbeats=heartbeats, lease=lease)
 
         def read() -> dict[str, Any]:
             return read_status(ports, max_dead_letters=max_dead_letters, now=time.time())
@@ -259,6 +265,8 @@ class _StatusPorts:
     depth: base.QueueDepth
     scale_set: base.ScaleSet
     heartbeats: base.HeartbeatStore
+    lease: base.Lease | None = None
+    """The controllers' lease, to name the leader; ``None`` when there is none (``controller.lease_s = 0``)."""
 
 
 def read_status(ports: _StatusPorts, *, max_dead_letters: int, now: float) -> dict[str, Any]:
@@ -272,6 +280,7 @@ def read_status(ports: _StatusPorts, *, max_dead_letters: int, now: float) -> di
     )
     beats = {hb.instance_id: hb for hb in _or_denied(ports.heartbeats.read_all, "heartbeats", unavailable) or []}
     listed = _or_denied(ports.scale_set.list_instances, "instances", unavailable)
+    leader = _or_denied(ports.lease.holder, "leader", unavailable) if ports.lease is not None else None
     unavailable.append(
         "throughput and waits over the last hour: the queue keeps no record of completed jobs to count them from"
     )
@@ -284,8 +293,14 @@ def read_status(ports: _StatusPorts, *, max_dead_letters: int, now: float) -> di
         "max_dead_letters": max_dead_letters,
         "instances": None if listed is None else [_instance_row(i, beats.get(i.instance_id), now) for i in listed],
         "throughput": None,
+        "leader": None if leader is None else _leader_record(leader),
         "unavailable": unavailable,
     }
+
+
+def _leader_record(leader: base.LeaseHolder) -> dict[str, Any]:
+    expires_at = None if leader.expires_at is None else iso(leader.expires_at)
+    return {"holder": leader.holder, "token": leader.token, "expires_at": expires_at}
 
 
 def iso(epoch_s: float) -> str:

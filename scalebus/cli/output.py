@@ -142,6 +142,8 @@ def _dead_count_line(data: dict[str, Any]) -> str:
 
 def _status_notes(data: dict[str, Any]) -> list[str]:
     notes: list[str] = []
+    if data.get("leader"):
+        notes.append(f"leader: {data['leader']['holder']} (token {data['leader']['token']})")
     models: dict[str, int] = {}
     for inst in data["instances"] or []:
         models[inst.get("model") or "-"] = models.get(inst.get("model") or "-", 0) + 1

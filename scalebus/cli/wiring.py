@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import urllib.parse
@@ -139,6 +140,25 @@ def open_heartbeats(cfg: settings.Settings) -> base.HeartbeatStore:
     from scalebus.backends.azure import heartbeats
 
     return heartbeats.open_heartbeats(cfg.storage, cfg.scale_set)
+
+
+def open_lease(cfg: settings.Settings) -> base.Lease | None:
+    """The controllers' lease (``controller.lease_s``): a row in the pool's database, or a blob lease beside the
+    fleet's heartbeats; ``None`` with ``lease_s = 0`` (a single controller, no lease)."""
+    if cfg.controller.lease_s <= 0:
+        return None
+    if is_local_pool(cfg):
+        from scalebus.backends.local import lease
+
+        return lease.SqliteLease.open(Path(cfg.scale_set.state_path), duration_s=cfg.controller.lease_s)
+    from scalebus.backends.azure import lease as blob_lease
+
+    return blob_lease.open_lease(cfg.storage, cfg.scale_set, duration_s=cfg.controller.lease_s)
+
+
+def controller_holder() -> str:
+    """How a controller is named as the lease's holder: its host and process."""
+    return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def open_identity(cfg: settings.Settings) -> base.InstanceIdentity:

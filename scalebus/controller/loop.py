@@ -7,6 +7,10 @@ our ``BackendError`` is logged, counted and retried with exponential back-off; t
 with no success of that kind in between (:attr:`ControllerStep.failure_streak`: rounds that try nothing do not end
 a streak). A write still running when the loop stops is waited for. With ``exit_when_drained`` it ends once the
 queue and the fleet are empty.
+
+Given a :class:`~scalebus.backends.base.Lease`, any number of controllers may run: each round starts only while
+this one leads (:mod:`scalebus.controller.leadership`), the others stand by and try to acquire the lease each
+poll, and the step checks :meth:`Leadership.still_leader` right before every write. Stopping releases the lease.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import structlog
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.controller import policy, step
+from scalebus.controller import leadership, policy, step
 from scalebus.controller.step import ControllerStats
 from scalebus.observability import recorder
 from scalebus.settings import ControllerSettings
@@ -45,8 +49,11 @@ class Controller:
         max_consecutive_failures: int = 30,
         protect_busy: bool = False,
         metrics: recorder.ControllerMetrics = recorder.NO_CONTROLLER_METRICS,
+        lease: base.Lease | None = None,
+        holder: str = "",
     ) -> None:
         self._settings = settings
+        self.leadership = leadership.Leadership(lease, holder=holder) if lease is not None else None
         self._metrics = metrics
         self._max_failures = max_consecutive_failures
         self._step = step.ControllerStep(
@@ -56,6 +63,7 @@ class Controller:
             settings=settings,
             clock=clock,
             protect_busy=protect_busy,
+            still_leader=self.leadership.still_leader if self.leadership is not None else None,
         )
 
     @property
@@ -69,11 +77,17 @@ class Controller:
             self._loop(stop)
         finally:
             self._step.close()
+            if self.leadership is not None:
+                self.leadership.close()
         return self.stats
 
     def _loop(self, stop: threading.Event) -> None:
         failures = 0
         while not stop.is_set():
+            if self.leadership is not None and not self.leadership.lead():
+                self._metrics.standing_by(next_in_s=self._settings.poll_interval_s)
+                stop.wait(self._settings.poll_interval_s)
+                continue
             try:
                 obs, decision = self._step.run_round()
                 failures = 0

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -57,6 +57,8 @@ class ControllerStats:
     failures: int = 0
     hints_published: int = 0
     delete_failures: int = 0
+    fenced_writes: int = 0
+    """Writes not made because this controller no longer held the lease when it was about to make them."""
     capacity_failures: int = 0
     heartbeat_failures: int = 0
     last_error: str = ""
@@ -74,6 +76,8 @@ class WriteOutcome:
     not_deleted: tuple[str, ...] = ()
     capacity: int | None = None
     capacity_error: errors.BackendError | None = None
+    fenced: bool = False
+    """A call was not made: this controller had stopped leading (what is not in ``deleted``/``capacity``)."""
 
 
 class PendingWrite(Protocol):
@@ -132,6 +136,7 @@ class ControllerStep:
         clock: Callable[[], float],
         protect_busy: bool = False,
         writes: WriteRunner | None = None,
+        still_leader: Callable[[], bool] | None = None,
         log: structlog.typing.FilteringBoundLogger = _log,
     ) -> None:
         self._depth = depth
@@ -140,6 +145,8 @@ class ControllerStep:
         self._settings = settings
         self._clock = clock
         self._protect_busy = protect_busy
+        self._still_leader = still_leader if still_leader is not None else _always
+        """The fence: asked right before each scale-set write (the controllers' lease still held)."""
         self._log = log
         self._state = policy.initial_state()
         self._hint: base.FleetHint | None = None
@@ -171,6 +178,8 @@ class ControllerStep:
         capacity = self._scale_set.get_capacity()
         instances = self._scale_set.list_instances()
         beats, heartbeats_ok = self._read_heartbeats()
+        if heartbeats_ok:
+            instances = _with_views(self._scale_set, instances, beats, now=self._clock(), settings=self._settings)
         views = tuple(_view(instance, beats.get(instance.instance_id)) for instance in instances)
         return policy.Observation(
             now=self._clock(),
@@ -229,6 +238,8 @@ class ControllerStep:
     def _write(self, delete: tuple[str, ...], capacity: int | None) -> WriteOutcome:
         """Runs on the write runner: the deletions, then the capacity write, whatever the deletions did."""
         delete_error = None
+        if delete and not self._still_leader():
+            return WriteOutcome(fenced=True)
         if delete:
             try:
                 self._scale_set.delete_instances(delete)
@@ -237,6 +248,8 @@ class ControllerStep:
         if capacity is None:
             return WriteOutcome(deleted=delete, delete_error=delete_error)
         target = capacity + len(delete) if delete_error is not None else capacity
+        if not self._still_leader():
+            return WriteOutcome(delete, delete_error, fenced=True)
         try:
             self._scale_set.set_capacity(target)
         except errors.BackendError as exc:
@@ -250,6 +263,9 @@ class ControllerStep:
             return
         self._pending = None
         outcome = pending.result()
+        if outcome.fenced:
+            self.stats.fenced_writes += 1
+            self._log.warning("write_fenced", deleted=len(outcome.deleted))
         if outcome.deleted:
             if outcome.delete_error is None:
                 self.stats.deletes += len(outcome.deleted)
@@ -305,12 +321,45 @@ class ControllerStep:
             if view.state is not base.InstanceState.RUNNING or view.instance_id in deleted:
                 continue
             busy = policy.is_busy(view, obs.now, self._settings)
-            if busy != view.protected:
+            if busy != view.protected and self._still_leader():
                 self._scale_set.set_protection(view.instance_id, protected=busy)
                 self.stats.protection_writes += 1
                 self._log.info(
                     "instance_protection", instance_id=view.instance_id, protected=busy, job_id=view.job_id
                 )
+
+
+def _with_views(
+    scale_set: base.ScaleSet,
+    instances: list[base.Instance],
+    beats: dict[str, base.Heartbeat],
+    *,
+    now: float,
+    settings: ControllerSettings,
+) -> list[base.Instance]:
+    """Where the listing is cheap but coarse (VMSS without instance views), ask for the detailed state of the
+    instances without a fresh heartbeat only: a fresh heartbeat is health whatever the scale set says. Optional:
+    a failure leaves the listed states."""
+    if not isinstance(scale_set, base.InstanceViews):
+        return instances
+    quiet = [
+        i.instance_id
+        for i in instances
+        if i.state is not base.InstanceState.DELETING
+        and ((beat := beats.get(i.instance_id)) is None or now - beat.at >= settings.heartbeat_timeout_s)
+    ]
+    if not quiet:
+        return instances
+    try:
+        states = scale_set.instance_states(quiet)
+    except errors.BackendError as exc:
+        _log.warning("instance_views_failed", error=str(exc), transient=exc.transient)
+        return instances
+    return [replace(i, state=states[i.instance_id]) if i.instance_id in states else i for i in instances]
+
+
+def _always() -> bool:
+    return True
 
 
 def _view(instance: base.Instance, beat: base.Heartbeat | None) -> policy.InstanceView:

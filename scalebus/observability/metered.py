@@ -56,6 +56,26 @@ class MeteredScaleSet:
         return result
 
 
+class MeteredScaleSetWithViews(MeteredScaleSet):
+    """The same, for a scale set that also reads instance views on request (``base.InstanceViews``): the
+    controller asks for views only where the wrapped scale set offers them, so the wrapper must not hide them."""
+
+    def __init__(self, inner: base.ScaleSet, recorder: CallRecorder) -> None:
+        super().__init__(inner, recorder)
+        assert isinstance(inner, base.InstanceViews)
+        self._views: base.InstanceViews = inner
+
+    def instance_states(self, instance_ids: Sequence[str]) -> dict[str, base.InstanceState]:
+        return self._timed("instance_states", lambda: self._views.instance_states(instance_ids))
+
+
+def meter_scale_set(inner: base.ScaleSet, recorder: CallRecorder) -> MeteredScaleSet:
+    """``inner`` with its calls booked, offering exactly the optional capabilities ``inner`` offers."""
+    if isinstance(inner, base.InstanceViews):
+        return MeteredScaleSetWithViews(inner, recorder)
+    return MeteredScaleSet(inner, recorder)
+
+
 class NoticeRecorder(Protocol):
     def notice_seen(self, kind: str) -> None: ...
 

@@ -30,7 +30,14 @@ JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 
 """Waits and runs of jobs: seconds to the 48 h default job timeout."""
 
 
-SCALE_SET_OPERATIONS = ("get_capacity", "list_instances", "set_capacity", "delete_instances", "set_protection")
+SCALE_SET_OPERATIONS = (
+    "get_capacity",
+    "list_instances",
+    "set_capacity",
+    "delete_instances",
+    "set_protection",
+    "instance_states",
+)
 """The ``operation`` label: the calls of the scale-set port (``metered.MeteredScaleSet`` books them)."""
 
 
@@ -171,6 +178,9 @@ class ControllerExporter(_Exporter):
 
     def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None:
         self.round_failures.labels(recorder.error_kind(exc)).inc()
+        self.health.tick(next_in_s=next_in_s)
+
+    def standing_by(self, *, next_in_s: float) -> None:
         self.health.tick(next_in_s=next_in_s)
 
     # ------------------------------------------------------------------ scale-set calls

@@ -69,6 +69,9 @@ class ControllerMetrics(Protocol):
 
     def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None: ...
 
+    def standing_by(self, *, next_in_s: float) -> None:
+        """A standby controller (another holds the lease) checked the lease and waits ``next_in_s``: alive."""
+
 
 class WorkerMetrics(Protocol):
     """What the worker loop and its job path report."""
@@ -93,6 +96,9 @@ class NullControllerMetrics:
         return None
 
     def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None:
+        return None
+
+    def standing_by(self, *, next_in_s: float) -> None:
         return None
 
 

@@ -32,7 +32,7 @@ class ControllerTelemetry:
         stats = getattr(scale_set, "stats", None)  # VmssScaleSet.stats: an ArmCallStats snapshot
         if stats is not None:
             self.exporter.watch_arm(lambda: scale_set.stats)  # type: ignore[attr-defined]
-        return metered.MeteredScaleSet(scale_set, self.exporter)
+        return metered.meter_scale_set(scale_set, self.exporter)
 
     def round_done(self, obs: ObservationLike, decision: DecisionLike, *, next_in_s: float) -> None:
         self.exporter.round_done(obs, decision, next_in_s=next_in_s)
@@ -41,6 +41,11 @@ class ControllerTelemetry:
     def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None:
         self.exporter.round_failed(exc, next_in_s=next_in_s)
         self._watchdog.ping(ready=False)
+
+    def standing_by(self, *, next_in_s: float) -> None:
+        """A standby is started and alive (systemd must neither time out its start nor restart it)."""
+        self.exporter.standing_by(next_in_s=next_in_s)
+        self._watchdog.ping(ready=True)
 
     def close(self) -> None:
         self._watchdog.close()

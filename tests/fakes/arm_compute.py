@@ -10,6 +10,12 @@ operation polling and error mapping:
   eq '<id>'`` (Flexible: VMs of the scale set, the VM name is the instance id);
 - ``GET|PUT .../virtualMachineScaleSets/<n>/virtualMachines/<id>`` (``protectionPolicy.protectFromScaleIn``;
   on Flexible only from api-version 2023-09-01, as Azure documents);
+- ``GET .../virtualMachineScaleSets/<n>/virtualMachines/<id>/instanceView`` (Uniform) and
+  ``GET .../virtualMachines/<vm>/instanceView`` (Flexible): the statuses alone, as the REST operations
+  "Virtual Machine Scale Set VMs - Get Instance View" and "Virtual Machines - Instance View" return them
+  (examples ``VirtualMachineScaleSetVM_GetInstanceView_MaximumSet_Gen.json``,
+  ``VirtualMachine_InstanceView.json``); their RBAC actions are ``.../virtualMachines/instanceView/read``
+  ("Azure permissions for Compute");
 - ``POST .../virtualMachineScaleSets/<n>/delete`` with ``{"instanceIds": [...]}``;
 - ``GET /subscriptions/<s>/providers/Microsoft.Compute/locations/<loc>/operations/<op>`` — the
   ``Azure-AsyncOperation`` status monitor, and with ``monitor=true`` the ``Location`` result URL;
@@ -76,9 +82,22 @@ Faults, each from Azure's documented behaviour:
   :meth:`forget_time_created` drops the optional ``timeCreated`` (absent before api-version 2021-11-01 and on
   older VMs: the specs mark it read-only and optional).
 - ``create_scale_set(overprovision=True)`` reports ``properties.overprovision`` true on a Uniform scale set
-  (``VirtualMachineScaleSetProperties.overprovision``; "Design considerations for scale sets",
-  https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/virtual-machine-scale-sets-design-overview,
-  says Azure then boots more VMs than asked and deletes the extras). The fake does not boot the extras.
+  (``VirtualMachineScaleSetProperties.overprovision``) and plays it: "Design considerations for scale sets",
+  section "Overprovisioning" (https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/
+  virtual-machine-scale-sets-design-overview) says the scale set "spins up more VMs than you asked for, then
+  deletes the extra VMs" once the requested ones are provisioned, that this is Uniform-only, and that the extras
+  can confuse applications that see VMs appear and disappear. A scale-out by capacity therefore also boots
+  extras (one per five added, at least one: Azure does not document the number), listed like any instance and
+  running from when the requested ones are ready until ``overprovision_linger_s`` later, when they vanish; they
+  use up instance ids (the gaps real Uniform scale sets show) and never count toward ``sku.capacity``.
+- :meth:`evict_spot` plays a Spot eviction: "Use Azure Spot Virtual Machines"
+  (https://learn.microsoft.com/en-us/azure/virtual-machines/spot-vms, "Eviction policy") and "Azure Spot Virtual
+  Machines for Virtual Machine Scale Sets" (https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/
+  use-spot): with ``evictionPolicy`` ``Deallocate`` (the default) an evicted instance stays, stopped-deallocated
+  (``PowerState/deallocated``, provisioning ``Succeeded``), and keeps its place in the capacity; with ``Delete``
+  it is deleted (``Deleting`` for ``delete_delay_s``, then gone) and the capacity drops by one. The scale set's
+  model then reports ``virtualMachineProfile.priority`` ``Spot`` and its ``evictionPolicy``
+  (``VirtualMachineScaleSetVMProfile`` in the specs).
 
 Simplifications: without ``access`` any non-empty bearer is accepted (``expected_token`` narrows it to one);
 deleting an unknown instance id answers 404 ``NotFound`` for the whole batch; scale-in by capacity removes the
@@ -142,6 +161,13 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ),
     ("delete", re.compile(_RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/delete$", re.I)),
     ("vms", re.compile(_RG + r"/virtualMachines$", re.I)),
+    (
+        "instance_view",
+        re.compile(
+            _RG + r"/virtualMachineScaleSets/(?P<name>[^/]+)/virtualMachines/(?P<iid>[^/]+)/instanceView$", re.I
+        ),
+    ),
+    ("vm_instance_view", re.compile(_RG + r"/virtualMachines/(?P<vm>[^/]+)/instanceView$", re.I)),
     ("vm_deallocate", re.compile(_RG + r"/virtualMachines/(?P<vm>[^/]+)/deallocate$", re.I)),
     ("vm_generalize", re.compile(_RG + r"/virtualMachines/(?P<vm>[^/]+)/generalize$", re.I)),
     ("gallery_image", re.compile(_RG + r"/galleries/(?P<gallery>[^/]+)/images/(?P<image>[^/]+)$", re.I)),
@@ -179,6 +205,8 @@ class FakeInstance:
     time_created_known: bool = True
     image: str = DEFAULT_IMAGE
     """The image this instance booted (its ``storageProfile.imageReference.id``): the model when it was made."""
+    extra: bool = False
+    """Booted by overprovisioning: Azure deletes it once the requested instances are ready."""
 
 
 @dataclasses.dataclass
@@ -197,6 +225,8 @@ class FakeScaleSet:
     """The model's ``virtualMachineProfile.storageProfile.imageReference.id``: what new instances boot."""
     upgrade_mode: str = "Manual"
     """``upgradePolicy.mode``: Manual, Automatic or Rolling."""
+    eviction_policy: str | None = None
+    """``Delete`` or ``Deallocate`` on a Spot scale set (:meth:`ArmComputeFake.make_spot`); ``None``: Regular."""
     instances: dict[str, FakeInstance] = dataclasses.field(default_factory=dict)
 
     @property
@@ -261,6 +291,11 @@ _ACTIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("instance", "PUT"): ("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write", "instance"),
     ("delete", "POST"): ("Microsoft.Compute/virtualMachineScaleSets/delete/action", "resource"),
     ("vms", "GET"): ("Microsoft.Compute/virtualMachines/read", "group"),
+    (
+        "instance_view",
+        "GET",
+    ): ("Microsoft.Compute/virtualMachineScaleSets/virtualMachines/instanceView/read", "instance"),
+    ("vm_instance_view", "GET"): ("Microsoft.Compute/virtualMachines/instanceView/read", "vm"),
     ("operation", "GET"): ("Microsoft.Compute/locations/operations/read", "subscription"),
     ("vm_deallocate", "POST"): ("Microsoft.Compute/virtualMachines/deallocate/action", "vm"),
     ("vm_generalize", "POST"): ("Microsoft.Compute/virtualMachines/generalize/action", "vm"),
@@ -305,12 +340,16 @@ class ArmComputeFake(ServedFake):
         self.delete_delay_s = 0.0
         """How long deleted instances stay in ``Deleting`` (and their delete operation in progress)."""
         self.scale_in_delay_s = 0.0
+        self.overprovision_linger_s = 0.0
+        """How long overprovisioned extras keep running after the requested instances are ready."""
         self.access: rbac.AccessPolicy | None = None
         """Role assignments to enforce; ``None`` accepts any bearer token."""
         self.page_size: int | None = None
         """Instance lists come in pages of this many, linked by ``nextLink``; ``None``: one page."""
         self.ratelimit_remaining: int | None = None
         """Set to start the ``x-ms-ratelimit-remaining-*`` countdown from this many requests."""
+        self.expanded_listings = 0
+        """Instance-list pages asked for with ``$expand=instanceView``."""
         self._outcomes: dict[str, collections.deque[_Outcome]] = collections.defaultdict(collections.deque)
         self._vms: dict[str, FakeVm] = {}
         """Standalone VMs by lowercased resource id (image capture)."""
@@ -479,6 +518,38 @@ class ArmComputeFake(ServedFake):
             self._faults.clear()
             self._outcomes.clear()
 
+    def make_spot(self, resource_id: str, *, eviction_policy: str = "Deallocate") -> None:
+        """Make a scale set Spot, evicted per ``eviction_policy`` (``Deallocate`` or ``Delete``)."""
+        assert eviction_policy in ("Deallocate", "Delete")
+        with self._lock:
+            self._scale_set_locked(resource_id).eviction_policy = eviction_policy
+
+    def evict_spot(self, resource_id: str, instance_id: str) -> None:
+        """Azure takes the capacity back from one Spot instance, as the scale set's eviction policy says."""
+        now = time.time()
+        with self._lock:
+            vmss = self._scale_set_locked(resource_id)
+            assert vmss.eviction_policy is not None, "make_spot first: only Spot instances are evicted"
+            inst = vmss.instances[instance_id]
+            if vmss.eviction_policy == "Deallocate":
+                inst.provisioning_state, inst.power_state = "Succeeded", "deallocated"
+                inst.ready_at, inst.gone_at = float("inf"), None
+                return
+            inst.provisioning_state, inst.power_state = "Deleting", "stopping"
+            inst.gone_at = now + self.delete_delay_s
+            vmss.capacity = max(0, vmss.capacity - 1)
+            self._advance(vmss, now)
+
+    def _boot_extras(self, vmss: FakeScaleSet, added: int, now: float, *, requested_ready_at: float) -> None:
+        """Overprovisioning on a Uniform scale set: extra instances that run until shortly after the requested
+        ones are ready, then disappear (see the module docstring)."""
+        if vmss.mode != "Uniform" or not vmss.overprovision or added <= 0:
+            return
+        for _ in range(max(1, added // 5)):
+            extra = self._new_instance(vmss, now)
+            extra.extra = True
+            extra.gone_at = requested_ready_at + self.overprovision_linger_s
+
     def forget_time_created(self, resource_id: str, instance_id: str) -> None:
         """Answer this instance without ``timeCreated`` from now on."""
         with self._lock:
@@ -502,6 +573,7 @@ class ArmComputeFake(ServedFake):
         with self._lock:
             self._counts.clear()
             self._requests.clear()
+            self.expanded_listings = 0
 
     # ----------------------------------------------------------------------------------------- request handling
 
@@ -684,6 +756,7 @@ class ArmComputeFake(ServedFake):
             )
         self._advance(vmss, now)
         expand = q.get("$expand", "").lower() == "instanceview"
+        self.expanded_listings += int(expand)
         return 200, {}, {"value": [self._instance_body(vmss, i, expand) for i in vmss.instances.values()]}
 
     def _do_get_vms(self, p: dict[str, str], q: dict[str, str], _b: Any, now: float) -> Any:
@@ -691,6 +764,8 @@ class ArmComputeFake(ServedFake):
             r"\s*'?virtualMachineScaleSet/id'?\s+eq\s+'?([^']+)'?\s*", q.get("$filter", ""), re.I
         )
         items: list[dict[str, Any]] = []
+        expand = q.get("$expand", "").lower() == "instanceview"
+        self.expanded_listings += int(expand)
         for vmss in self._scale_sets.values():
             if (
                 vmss.mode != "Flexible"
@@ -701,9 +776,33 @@ class ArmComputeFake(ServedFake):
             if wanted and wanted.group(1).lower() != vmss.resource_id.lower():
                 continue
             self._advance(vmss, now)
-            expand = q.get("$expand", "").lower() == "instanceview"
             items.extend(self._instance_body(vmss, i, expand) for i in vmss.instances.values())
         return 200, {}, {"value": items}
+
+    def _do_get_instance_view(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
+        vmss = self._find(p)
+        if vmss is None:
+            return self._not_found(p)
+        self._advance(vmss, now)
+        inst = vmss.instances.get(p["iid"])
+        if inst is None:
+            return _error(404, "NotFound", f"The entity was not found: instance {p['iid']}.")
+        return 200, {}, _instance_view(inst)
+
+    def _do_get_vm_instance_view(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
+        for vmss in self._scale_sets.values():
+            if vmss.mode != "Flexible" or vmss.resource_group.lower() != p["rg"].lower():
+                continue
+            self._advance(vmss, now)
+            inst = vmss.instances.get(p["vm"])
+            if inst is not None:
+                return 200, {}, _instance_view(inst)
+        return _error(
+            404,
+            "ResourceNotFound",
+            f"The Resource 'Microsoft.Compute/virtualMachines/{p['vm']}' under resource group '{p['rg']}' "
+            "was not found.",
+        )
 
     def _do_get_instance(self, p: dict[str, str], _q: dict[str, str], _b: Any, now: float) -> Any:
         vmss = self._find(p)
@@ -940,11 +1039,12 @@ class ArmComputeFake(ServedFake):
 
     def _resize(self, vmss: FakeScaleSet, capacity: int, now: float) -> float:
         """Create or remove instances to match ``capacity``; returns when the operation completes."""
-        live = [i for i in vmss.instances.values() if i.provisioning_state != "Deleting"]
+        live = [i for i in vmss.instances.values() if i.provisioning_state != "Deleting" and not i.extra]
         done_at = now
         if capacity > len(live):
             for _ in range(capacity - len(live)):
                 done_at = max(done_at, self._new_instance(vmss, now).ready_at)
+            self._boot_extras(vmss, capacity - len(live), now, requested_ready_at=done_at)
         elif capacity < len(live):
             victims = sorted((i for i in live if not i.protected), key=lambda i: i.created_at, reverse=True)
             for inst in victims[: len(live) - capacity]:
@@ -993,7 +1093,10 @@ class ArmComputeFake(ServedFake):
             "mode": vmss.upgrade_mode,
             "automaticOSUpgradePolicy": {"enableAutomaticOSUpgrade": False},
         }
-        props["virtualMachineProfile"] = {"storageProfile": {"imageReference": {"id": vmss.image}}}
+        props["virtualMachineProfile"] = {
+            "storageProfile": {"imageReference": {"id": vmss.image}},
+            **_spot_profile(vmss),
+        }
         if vmss.mode == "Uniform":
             props["overprovision"] = vmss.overprovision
         else:
@@ -1027,21 +1130,7 @@ class ArmComputeFake(ServedFake):
         if inst.time_created_known:
             props["timeCreated"] = _iso(inst.created_at)
         if expand:
-            props["instanceView"] = {
-                "computerName": inst.name,
-                "statuses": [
-                    {
-                        "code": f"ProvisioningState/{inst.provisioning_state.lower()}",
-                        "level": "Error" if inst.provisioning_state == "Failed" else "Info",
-                        "displayStatus": f"Provisioning {inst.provisioning_state.lower()}",
-                    },
-                    {
-                        "code": f"PowerState/{inst.power_state}",
-                        "level": "Info",
-                        "displayStatus": f"VM {inst.power_state}",
-                    },
-                ],
-            }
+            props["instanceView"] = _instance_view(inst)
         rg_prefix = (
             f"/subscriptions/{vmss.subscription}/resourceGroups/{vmss.resource_group}/providers/Microsoft.Compute"
         )
@@ -1070,6 +1159,27 @@ class ArmComputeFake(ServedFake):
             "location": vmss.location,
             "properties": props,
         }
+
+
+def _instance_view(inst: FakeInstance) -> dict[str, Any]:
+    """An instance view: ``computerName`` and the provisioning and power statuses, as
+    ``VirtualMachineScaleSetVM_GetInstanceView_MaximumSet_Gen.json`` and ``VirtualMachine_InstanceView.json``."""
+    return {
+        "computerName": inst.name,
+        "statuses": [
+            {
+                "code": f"ProvisioningState/{inst.provisioning_state.lower()}",
+                "level": "Error" if inst.provisioning_state == "Failed" else "Info",
+                "displayStatus": f"Provisioning {inst.provisioning_state.lower()}",
+            },
+            {"code": f"PowerState/{inst.power_state}", "level": "Info", "displayStatus": f"VM {inst.power_state}"},
+        ],
+    }
+
+
+def _spot_profile(vmss: FakeScaleSet) -> dict[str, str]:
+    """``priority`` and ``evictionPolicy`` of a Spot scale set's VM profile (nothing on a Regular one)."""
+    return {} if vmss.eviction_policy is None else {"priority": "Spot", "evictionPolicy": vmss.eviction_policy}
 
 
 def _model_image(body: Any) -> str | None:

@@ -11,6 +11,15 @@ Followed: the request builder ``build_metrics_batch_query_resources_request`` an
 ``azure/monitor/querymetrics`` 1.0 (installed in the venv), and the "Metrics Batch" REST reference
 (api-version 2024-02-01) with its example responses in Azure/azure-rest-api-specs
 (``specification/monitor/data-plane/Microsoft.Insights``).
+
+Access: with ``access`` set (a :class:`tests.fakes.rbac.AccessPolicy`), the bearer token names the caller and
+each resource in ``resourceids`` needs ``Microsoft.Insights/Metrics/Read`` ("Read metrics" in "Azure permissions
+for Monitoring", https://learn.microsoft.com/en-us/azure/role-based-access-control/permissions/monitor) at that
+resource's scope: granted by the Monitoring Reader built-in role or the shipped controller role, through an
+assignment at the resource or a parent (Monitoring Reader's ``*/read`` as listed in "Azure built-in roles for
+Monitor", https://learn.microsoft.com/en-us/azure/role-based-access-control/built-in-roles/monitor). A missing
+grant answers 403 ``AuthorizationFailed`` with ARM's error envelope (:func:`tests.fakes.rbac.arm_denial`); Azure
+does not document a batch in which only some resources are refused, so the fake refuses the whole request.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 import trustme
 
+from tests.fakes import rbac
 from tests.fakes.servicebus_admin import HttpsFake
 from tests.fakes.servicebus_amqp import ServiceBusBroker
 
@@ -42,6 +52,8 @@ class MonitorMetricsServer:
         self.lag_s = lag_s
         self._https = HttpsFake(ca, self._handle, name="fake-monitor-metrics")
         self._lock = threading.Lock()
+        self.access: rbac.AccessPolicy | None = None
+        """Role assignments to enforce; ``None`` accepts any bearer token."""
 
     @property
     def endpoint(self) -> str:
@@ -69,9 +81,22 @@ class MonitorMetricsServer:
         if "ActiveMessages" not in names:
             return 400, "application/json", b'{"error":{"code":"BadRequest","message":"unknown metric"}}'
         resource_ids = json.loads(body or b"{}").get("resourceids", [])
+        denial = self._authorize(headers["Authorization"][len("Bearer ") :], resource_ids)
+        if denial is not None:
+            return denial
         wanted = _FILTER.search(" ".join(query.get("filter", [])))
         values = [self._resource(rid, wanted.group(1) if wanted else None, query) for rid in resource_ids]
         return 200, "application/json", json.dumps({"values": values}).encode()
+
+    def _authorize(self, principal: str, resource_ids: list[str]) -> tuple[int, str, bytes] | None:
+        if self.access is None:
+            return None
+        action = "Microsoft.Insights/Metrics/Read"
+        for resource_id in resource_ids:
+            if not self.access.allows(principal, action, resource_id):
+                status, _, payload = rbac.arm_denial(principal, action, resource_id)
+                return status, "application/json", json.dumps(payload).encode()
+        return None
 
     def _resource(self, resource_id: str, entity: str | None, query: dict[str, list[str]]) -> dict[str, Any]:
         now = time.time()

@@ -563,3 +563,19 @@ def test_the_container_check_asks_healthz_when_metrics_are_on(
     assert run_healthcheck(endpoints.port) == 0
     clock.now = 100  # the loop stalled: 503, whatever /proc shows
     assert run_healthcheck(endpoints.port) == 1
+
+
+class ViewingScaleSet(FakeScaleSet):
+    """A scale set that reads instance views on request (``base.InstanceViews``), as the VMSS adapter does."""
+
+    def instance_states(self, instance_ids: Sequence[str]) -> dict[str, base.InstanceState]:
+        return {iid: base.InstanceState.FAILED for iid in instance_ids}
+
+
+def test_the_wrapper_keeps_exactly_the_optional_capabilities_of_what_it_wraps() -> None:
+    exporter = controller_exporter()
+    plain = metered.meter_scale_set(FakeScaleSet(), exporter)
+    viewing = metered.meter_scale_set(ViewingScaleSet(), exporter)
+    assert not isinstance(plain, base.InstanceViews)
+    assert isinstance(viewing, base.InstanceViews)
+    assert viewing.instance_states(["i1"]) == {"i1": base.InstanceState.FAILED}

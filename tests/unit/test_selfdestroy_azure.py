@@ -384,6 +384,7 @@ def test_the_shipped_roles_grant_no_compute_action_nothing_uses(
         controller = vmss_adapter_factory(arm_fake.create_scale_set(mode=mode))
         controller.set_capacity(2)
         first, second = (i.instance_id for i in controller.list_instances())
+        controller.instance_states([first])  # the power state of an instance without a fresh heartbeat
         controller.set_protection(first, protected=True)
         controller.set_protection(first, protected=False)
         controller.delete_instances([second])

@@ -23,6 +23,7 @@ from scalebus.backends import base
 from scalebus.backends.local.folder import FolderStore, uri_of
 from scalebus.settings import StagingSettings
 from scalebus.transfer import download, plan, publish, stage
+from scalebus.worker import backoff
 from scalebus.worker import job as worker_job
 
 SETTINGS = StagingSettings(chunk_size_bytes=64 * 1024, max_concurrency=4, min_free_bytes=0, processes=1)
@@ -248,7 +249,11 @@ def test_a_local_disk_error_is_the_environments_fault_and_keeps_its_reason() -> 
     assert error.transient and not isinstance(error, (errors.StorageError, errors.TransientBackendError))
     settlement = worker_job.settlement_for(error)
     assert settlement.verdict is worker_job.Verdict.ABANDON and settlement.cause is worker_job.Cause.ENVIRONMENT
-    last = worker_job.final_settlement(settlement, delivery_count=5, max_deliveries=5, lock_lost=None)
+    kept = worker_job.final_settlement(settlement, delivery_count=5, max_deliveries=5, lock_lost=None)
+    assert kept.verdict is worker_job.Verdict.ABANDON, "while it can be given back, it spends no delivery"
+    last = worker_job.final_settlement(
+        settlement, delivery_count=5, max_deliveries=5, lock_lost=None, released=backoff.MAX_RELEASES
+    )
     assert (last.verdict, last.reason) == (worker_job.Verdict.DEAD_LETTER, "LocalDiskError")
     assert "No space left" in last.description
 

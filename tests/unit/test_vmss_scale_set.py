@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from azure.core.credentials import AccessToken, AccessTokenInfo
 
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import compute
-from tests.fakes import arm_compute
+from scalebus.controller import step
+from scalebus.settings import ControllerSettings
+from tests.fakes import arm_compute, rbac
 from tests.fakes.arm_compute import ArmComputeFake
-from tests.fakes.compute_plugin import StaticTokenCredential
+from tests.fakes.compute_plugin import CONTROLLER_TOKEN, StaticTokenCredential
 
 MODES = ["Uniform", "Flexible"]
 MakeAdapter = Callable[..., compute.VmssScaleSet]
@@ -68,34 +73,42 @@ def test_slow_provisioning_is_polled_until_instances_run(
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
-    ("provisioning", "power", "expected"),
+    ("provisioning", "power", "listed", "viewed"),
     [
-        ("Creating", "starting", base.InstanceState.STARTING),
-        ("Succeeded", "starting", base.InstanceState.STARTING),
-        ("Succeeded", "running", base.InstanceState.RUNNING),
-        ("Updating", "running", base.InstanceState.RUNNING),
-        ("Deleting", "stopping", base.InstanceState.DELETING),
-        ("Failed", "stopped", base.InstanceState.FAILED),
-        ("Succeeded", "deallocated", base.InstanceState.FAILED),
+        ("Creating", "starting", base.InstanceState.STARTING, None),
+        ("Succeeded", "starting", base.InstanceState.RUNNING, base.InstanceState.STARTING),
+        ("Succeeded", "running", base.InstanceState.RUNNING, base.InstanceState.RUNNING),
+        ("Updating", "running", base.InstanceState.RUNNING, base.InstanceState.RUNNING),
+        ("Deleting", "stopping", base.InstanceState.DELETING, None),
+        ("Failed", "stopped", base.InstanceState.FAILED, base.InstanceState.FAILED),
+        ("Failed", "running", base.InstanceState.FAILED, base.InstanceState.RUNNING),
+        ("Succeeded", "deallocated", base.InstanceState.RUNNING, base.InstanceState.FAILED),
     ],
     ids=str,
 )
-def test_list_maps_provisioning_and_power_state(
+def test_listing_maps_provisioning_and_views_add_power_state(
     mode: str,
     provisioning: str,
     power: str,
-    expected: base.InstanceState,
+    listed: base.InstanceState,
+    viewed: base.InstanceState | None,
     arm_fake: ArmComputeFake,
     vmss_adapter_factory: MakeAdapter,
 ) -> None:
     scale_set_id = arm_fake.create_scale_set(mode=mode)
     (instance_id,) = arm_fake.add_instances(scale_set_id, 1)
     arm_fake.set_instance_state(scale_set_id, instance_id, provisioning=provisioning, power=power)
+    _grant_views(arm_fake)
+    scale_set = vmss_adapter_factory(scale_set_id)
 
-    (instance,) = vmss_adapter_factory(scale_set_id).list_instances()
+    (instance,) = scale_set.list_instances()
+    views = scale_set.instance_states([instance_id])
 
     assert instance.instance_id == instance_id
-    assert instance.state is expected
+    assert instance.state is listed
+    assert arm_fake.expanded_listings == 0, "the listing never asks for instance views"
+    assert views.get(instance_id) is viewed
+    assert _view_requests(arm_fake) == (0 if viewed is None else 1), "no view where it cannot change the state"
 
 
 def test_flexible_instance_ids_are_vm_names(arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter) -> None:
@@ -443,17 +456,188 @@ def test_ratelimit_remaining_is_the_lowest_count(headers: dict[str, str], expect
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_failed_but_running_is_running_and_deallocated_is_failed(
+def test_views_are_bounded_per_call_and_reused(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=compute._VIEWS_PER_CALL + 5)
+    _grant_views(arm_fake)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    ids = [i.instance_id for i in scale_set.list_instances()]
+
+    first = scale_set.instance_states(ids)
+    after_first = _view_requests(arm_fake)
+    second = scale_set.instance_states(ids)
+    after_second = _view_requests(arm_fake)
+    third = scale_set.instance_states(ids)
+
+    assert after_first == len(first) == compute._VIEWS_PER_CALL
+    assert after_second - after_first == 5, "the instances left out last time are read next"
+    assert len(second) == len(third) == len(ids)
+    assert _view_requests(arm_fake) == after_second, "views read within their lifetime are reused"
+    assert set(third.values()) == {base.InstanceState.RUNNING}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_refused_view_pauses_views_and_keeps_the_listed_state(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=3)
+    _deny_views(arm_fake)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    ids = [i.instance_id for i in scale_set.list_instances()]
+
+    with structlog.testing.capture_logs() as logs:
+        first = scale_set.instance_states(ids)
+        second = scale_set.instance_states(ids)
+
+    assert first == second == {}
+    assert _view_requests(arm_fake) == 1, "a role without instanceView/read: one 403, then none"
+    assert [entry["event"] for entry in logs] == ["instance_views_skipped"]
+    assert "403" in logs[0]["error"] and logs[0]["paused_s"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_low_read_budget_skips_views_and_reuses_the_listing(
     mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
 ) -> None:
     scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
-    running, deallocated = arm_fake.instance_ids(scale_set_id)
-    arm_fake.set_instance_state(scale_set_id, running, provisioning="Failed", power="running")
-    arm_fake.set_instance_state(scale_set_id, deallocated, provisioning="Succeeded", power="deallocated")
+    _grant_views(arm_fake)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    scale_set.get_capacity()
+    arm_fake.ratelimit_remaining = compute._HIGH_COST_GET_RESERVE
+    kind = "GET vms" if mode == "Flexible" else "GET instances"
 
-    states = {i.instance_id: i.state for i in vmss_adapter_factory(scale_set_id).list_instances()}
+    with structlog.testing.capture_logs() as logs:
+        first = scale_set.list_instances()  # answered with HighCostGet3Min below the reserve
+        listings = arm_fake.count(kind)
+        again = scale_set.list_instances()
+        views = scale_set.instance_states([i.instance_id for i in again])
 
-    assert states == {running: base.InstanceState.RUNNING, deallocated: base.InstanceState.FAILED}
+    assert scale_set.stats.high_cost_gets_remaining is not None
+    assert scale_set.stats.high_cost_gets_remaining < compute._HIGH_COST_GET_RESERVE
+    assert again == first
+    assert arm_fake.count(kind) == listings, "the listing is reused while the budget is low"
+    assert views == {} and _view_requests(arm_fake) == 0, "optional views are skipped"
+    assert [e["event"] for e in logs] == ["arm_read_budget"] and logs[0]["low"] is True
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"x-ms-ratelimit-remaining-subscription-reads": "11999"}, None),
+        (
+            {
+                "x-ms-ratelimit-remaining-resource": "Microsoft.Compute/HighCostGet3Min;107,"
+                "Microsoft.Compute/HighCostGet30Min;87,Microsoft.Compute/GetVMScaleSet3Min;5",
+                "x-ms-ratelimit-remaining-subscription-reads": "11999",
+            },
+            87,
+        ),
+    ],
+    ids=["none", "subscription only", "resource"],
+)
+def test_high_cost_gets_remaining_reads_only_that_budget(headers: dict[str, str], expected: int | None) -> None:
+    assert compute.high_cost_gets_remaining(headers) == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_controller_poll_views_only_instances_without_a_fresh_heartbeat(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=4)
+    arm_fake.page_size = 2
+    _grant_views(arm_fake)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    ids = sorted(arm_fake.instance_ids(scale_set_id))
+    silent, dead = ids[0], ids[1]
+    arm_fake.set_instance_state(scale_set_id, dead, provisioning="Succeeded", power="deallocated")
+    now = time.time()
+    beats = _Beats([base.Heartbeat(iid, base.WorkerState.IDLE, now) for iid in ids[2:]])
+    beats.beats.append(base.Heartbeat(silent, base.WorkerState.IDLE, now - 3600))
+    controller = step.ControllerStep(
+        depth=_EmptyQueue(),
+        scale_set=scale_set,
+        heartbeats=beats,
+        settings=ControllerSettings(max_instances=10),
+        clock=time.time,
+        writes=step.InlineWriteRunner(),
+    )
+    kind = "GET vms" if mode == "Flexible" else "GET instances"
+    arm_fake.reset_counts()
+
+    obs = controller.observe()
+
+    states = {view.instance_id: view.state for view in obs.instances}
+    assert states[dead] is base.InstanceState.FAILED, "the view tells a deallocated VM"
+    assert states[silent] is base.InstanceState.RUNNING
+    assert _view_requests(arm_fake) == 2, "views for the two without a fresh heartbeat only"
+    assert arm_fake.count(kind) == 2 and arm_fake.expanded_listings == 0, "one listing (2 pages), no expand"
+
+
+class _EmptyQueue:
+    def read_depth(self) -> base.DepthSample:
+        return base.DepthSample(0, None, 0, sampled_at=time.time(), active_includes_locked=True)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class _Beats:
+    def __init__(self, beats: list[base.Heartbeat]) -> None:
+        self.beats = beats
+
+    def beat(self, heartbeat: base.Heartbeat) -> None:
+        self.beats.append(heartbeat)
+
+    def read_all(self) -> list[base.Heartbeat]:
+        return list(self.beats)
+
+    def forget(self, instance_id: str) -> None:
+        """Not needed here."""
+
+    def publish_hint(self, hint: base.FleetHint) -> None:
+        """Not needed here."""
+
+    def read_hint(self) -> base.FleetHint | None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+VIEWS_ROLE = rbac.RoleDefinition(
+    "instance views",
+    actions=(
+        "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/instanceView/read",
+        "Microsoft.Compute/virtualMachines/instanceView/read",
+    ),
+)
+
+
+def _grant_views(fake: ArmComputeFake) -> None:
+    """The two instanceView read actions granted on their own (the shipped controller role holds them too)."""
+    assert fake.access is not None
+    group = (
+        f"/subscriptions/{arm_compute.DEFAULT_SUBSCRIPTION}/resourceGroups/{arm_compute.DEFAULT_RESOURCE_GROUP}"
+    )
+    fake.access.assign(CONTROLLER_TOKEN, VIEWS_ROLE, group)
+
+
+def _deny_views(fake: ArmComputeFake) -> None:
+    """The controller under an older controller role, without the two instanceView read actions."""
+    assert fake.access is not None
+    kept = list(fake.access._assignments)
+    fake.access.clear()
+    for held in kept:
+        role = held.role
+        if held.principal == CONTROLLER_TOKEN:
+            role = dataclasses.replace(role, actions=tuple(a for a in role.actions if "instanceView" not in a))
+        fake.access.assign(held.principal, role, held.scope)
+
+
+def _view_requests(fake: ArmComputeFake) -> int:
+    return fake.count("GET instance_view") + fake.count("GET vm_instance_view")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -572,3 +756,104 @@ class ScopeRecordingCredential(StaticTokenCredential):
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
         self.scopes.update(scopes)
         return super().get_token(*scopes, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- overprovisioning, Spot
+
+
+def _patch_capacity(fake: ArmComputeFake, scale_set_id: str, capacity: int) -> int:
+    """A capacity PATCH as any ARM client sends it, straight to the fake (no adapter in between)."""
+    token = StaticTokenCredential().get_token(f"{fake.endpoint}/.default").token
+    status, _, _ = fake.handle(
+        "PATCH",
+        f"{scale_set_id}?api-version=2026-04-01",
+        {"Authorization": f"Bearer {token}"},
+        b'{"sku": {"capacity": %d}}' % capacity,
+    )
+    return status
+
+
+def test_the_fake_boots_and_later_deletes_overprovisioned_extras(
+    arm_fake: ArmComputeFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the adapter's refusal guards against: with overprovision on, a scale-out boots more VMs than asked."""
+    monkeypatch.setattr(arm_fake, "overprovision_linger_s", 0.3)
+    scale_set_id = arm_fake.create_scale_set(overprovision=True)
+
+    assert _patch_capacity(arm_fake, scale_set_id, 5) == 200
+    booted = arm_fake.instance_ids(scale_set_id)
+    deadline = time.monotonic() + 5
+    while len(arm_fake.instance_ids(scale_set_id)) > 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kept = arm_fake.instance_ids(scale_set_id)
+
+    assert len(booted) == 6, "one extra for five asked"
+    assert len(kept) == 5 and set(kept) < set(booted)
+    assert arm_fake.scale_set(scale_set_id).capacity == 5
+
+
+def test_overprovision_is_refused_before_any_extra_vm_boots(
+    arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arm_fake, "overprovision_linger_s", 60.0)  # extras would still be listed at the end
+    scale_set_id = arm_fake.create_scale_set(overprovision=True, capacity=1)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    before = arm_fake.instance_ids(scale_set_id)
+
+    with pytest.raises(errors.ConfigError, match="overprovision"):
+        scale_set.set_capacity(5)
+
+    assert arm_fake.count("PATCH scaleset") == 0
+    assert arm_fake.instance_ids(scale_set_id) == before
+    assert [i.instance_id for i in scale_set.list_instances()] == before
+    assert scale_set.get_capacity() == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_spot_instance_evicted_with_delete_is_gone(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
+    arm_fake.make_spot(scale_set_id, eviction_policy="Delete")
+    evicted, kept = arm_fake.instance_ids(scale_set_id)
+    scale_set = vmss_adapter_factory(scale_set_id)
+    assert len(scale_set.list_instances()) == 2
+
+    arm_fake.evict_spot(scale_set_id, evicted)
+
+    assert [i.instance_id for i in scale_set.list_instances()] == [kept]
+    assert scale_set.get_capacity() == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_spot_instance_being_deleted_by_eviction_is_reported_deleting(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    arm_fake.delete_delay_s = 30.0
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
+    arm_fake.make_spot(scale_set_id, eviction_policy="Delete")
+    evicted, kept = arm_fake.instance_ids(scale_set_id)
+
+    arm_fake.evict_spot(scale_set_id, evicted)
+    states = {i.instance_id: i.state for i in vmss_adapter_factory(scale_set_id).list_instances()}
+
+    assert states == {evicted: base.InstanceState.DELETING, kept: base.InstanceState.RUNNING}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_spot_instance_evicted_with_deallocate_is_not_running(
+    mode: str, arm_fake: ArmComputeFake, vmss_adapter_factory: MakeAdapter
+) -> None:
+    scale_set_id = arm_fake.create_scale_set(mode=mode, capacity=2)
+    arm_fake.make_spot(scale_set_id, eviction_policy="Deallocate")
+    evicted, kept = arm_fake.instance_ids(scale_set_id)
+    _grant_views(arm_fake)  # only an instance view tells a deallocated VM from a running one
+    scale_set = vmss_adapter_factory(scale_set_id)
+
+    arm_fake.evict_spot(scale_set_id, evicted)
+    listed = [i.instance_id for i in scale_set.list_instances()]
+    states = scale_set.instance_states(listed)
+
+    assert sorted(listed) == sorted([evicted, kept]), "a deallocated Spot VM stays in the scale set"
+    assert states == {evicted: base.InstanceState.FAILED, kept: base.InstanceState.RUNNING}
+    assert scale_set.get_capacity() == 2

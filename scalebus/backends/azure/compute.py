@@ -15,12 +15,26 @@ retry policy is switched off: retries happen here, through the named policies in
 operation's continuation token rather than writing again. Every HTTP request and every 429 is counted in
 :class:`ArmCallStats` for the controller to log, with the lowest ``x-ms-ratelimit-remaining-*`` count seen last.
 
+Reads are sized for fleets of thousands. ``list_instances`` is one listing without ``$expand=instanceView``,
+every ``nextLink`` followed, each page read as raw JSON through the client's pipeline for the few fields used
+(deserialising SDK models cost ~4x the CPU); the state comes from ``provisioningState``. The power state (a
+stopped or deallocated VM, a Failed one still running) is in each VM's instance view, read by
+``instance_states`` only for the instances the controller asks about (no fresh heartbeat), bounded per call and
+reused for a while. Compute throttles VM reads per subscription and region in its own buckets, reported in
+``x-ms-ratelimit-remaining-resource`` (``Microsoft.Compute/HighCostGet3Min;<n>``: "Troubleshooting API
+throttling errors", https://learn.microsoft.com/en-us/troubleshoot/azure/virtual-machines/
+troubleshooting-throttling-errors; "Understand how Azure Resource Manager throttles requests",
+https://learn.microsoft.com/en-us/azure/azure-resource-manager/management/request-limits-and-throttling): when
+that budget runs low the optional views are skipped and the listing is reused for a while, so the reads that
+matter are not the ones throttled.
+
 Azure's unhappy paths handled here: a 409 (another operation holds the scale set, or the instance is marked for
 deletion) is transient; an accepted operation that ends ``Canceled`` or ``Failed`` with ``OperationPreempted``
 (a newer operation overrode it) is sent again, up to a few times; scaling a Uniform scale set with
 ``overprovision`` on is refused before the first write, because Azure would boot extra VMs whose workers take jobs
 before it deletes them; an instance without ``timeCreated`` counts from when this adapter first saw it, so it is
-never taken for ancient; a VM whose last operation failed but that still runs counts as running.
+never taken for ancient; a VM whose last operation failed but that still runs counts as running once its view
+is read (the controller's own rule, a fresh heartbeat is health, needs no view).
 On Flexible, the VM resource does not carry the instance's protection policy, so it is read once per VM through
 the scale-set VM API (supported for Flexible from api-version 2023-09-01, "Instance protection for Azure Virtual
 Machine Scale Set instances", https://learn.microsoft.com/en-us/azure/virtual-machine-scale-sets/
@@ -33,21 +47,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import structlog
 from azure.core import AzureClouds
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.polling import LROPoller
 from azure.core.polling.base_polling import OperationFailed
+from azure.core.rest import HttpRequest, HttpResponse
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute import models as compute_models
 from azure.mgmt.core.tools import get_arm_endpoints
@@ -71,6 +87,19 @@ _NOT_RUNNING = frozenset({"stopped", "stopping", "deallocated", "deallocating"})
 _OPERATION_SENDS = 3
 """How often one write is sent when its operation ends Canceled or preempted."""
 _RESENT_CODES = frozenset({"operationpreempted", "conflict", "retryableerror"})
+_API_VERSION = "2026-04-01"
+"""The listing and instance-view requests' api-version: azure-mgmt-compute 39's default, as its own calls use."""
+_ERROR_TYPES: dict[int, type[HttpResponseError]] = {401: ClientAuthenticationError, 404: ResourceNotFoundError}
+_VIEWS_PER_CALL = 20
+"""Instance views read per :meth:`VmssScaleSet.instance_states` call (one controller poll)."""
+_VIEW_TTL_S = 60.0
+"""How long an instance's view stands before it is read again."""
+_VIEW_PAUSE_S = 600.0
+"""No views for this long after one was refused for good (403: the role lacks ``.../instanceView/read``)."""
+_HIGH_COST_GET_RESERVE = 30
+"""Below this many ``HighCostGet`` reads left, views are skipped and listings slowed: the listing needs them."""
+_SLOW_LISTING_S = 30.0
+"""While the read budget is low, a listing is reused for this long instead of read again."""
 
 
 def arm_token_scope(arm_endpoint: str) -> str:
@@ -128,6 +157,9 @@ class ArmCallStats:
     server_errors: int = 0
     ratelimit_remaining: int | None = None
     """The lowest count in the last answer's ``x-ms-ratelimit-remaining-*`` headers (ARM's request budget left)."""
+    high_cost_gets_remaining: int | None = None
+    """The lowest ``Microsoft.Compute/HighCostGet*`` count in the last answer that carried one: the VM read
+    budget that VM listings and instance views draw on."""
 
 
 class _CallCounter(SansIOHTTPPolicy[Any, Any]):
@@ -154,13 +186,16 @@ class _CallCounter(SansIOHTTPPolicy[Any, Any]):
         if status == 429:
             retry_after = _errors.retry_after_s(response.http_response)
             log.warning("arm_throttled", method=request.http_request.method, retry_after_s=retry_after)
-        remaining = ratelimit_remaining(response.http_response.headers)
+        headers = response.http_response.headers
+        remaining = ratelimit_remaining(headers)
+        high_cost = high_cost_gets_remaining(headers)
         with self._lock:
             self._stats = dataclasses.replace(
                 self._stats,
                 throttled=self._stats.throttled + int(status == 429),
                 server_errors=self._stats.server_errors + int(status >= 500),
                 ratelimit_remaining=remaining if remaining is not None else self._stats.ratelimit_remaining,
+                high_cost_gets_remaining=self._stats.high_cost_gets_remaining if high_cost is None else high_cost,
             )
 
 
@@ -174,6 +209,20 @@ def ratelimit_remaining(headers: Any) -> int | None:
         for part in str(value).split(","):
             digits = part.rsplit(";", 1)[-1].strip()
             if digits.isdigit():
+                counts.append(int(digits))
+    return min(counts) if counts else None
+
+
+def high_cost_gets_remaining(headers: Any) -> int | None:
+    """The lowest ``Microsoft.Compute/HighCostGet*`` count in ``x-ms-ratelimit-remaining-resource``
+    (``Microsoft.Compute/HighCostGet3Min;107,Microsoft.Compute/HighCostGet30Min;512``), or ``None``."""
+    counts: list[int] = []
+    for key, value in headers.items():
+        if str(key).lower() != "x-ms-ratelimit-remaining-resource":
+            continue
+        for part in str(value).split(","):
+            policy, _, digits = part.strip().rpartition(";")
+            if "/highcostget" in policy.lower() and digits.strip().isdigit():
                 counts.append(int(digits))
     return min(counts) if counts else None
 
@@ -203,16 +252,39 @@ def instance_state(provisioning_state: str | None, power_state: str | None) -> b
     return base.InstanceState.STARTING
 
 
+def listed_state(provisioning_state: str | None) -> base.InstanceState:
+    """One instance's state from its provisioning state alone, as a listing without ``instanceView`` reports it:
+    ``Creating`` is starting, ``Deleting`` deleting, ``Failed`` failed, anything else (``Succeeded``,
+    ``Updating``) running. Only an instance view tells a stopped or deallocated VM, or a failed one that still
+    runs: :meth:`VmssScaleSet.instance_states` asks for it where the controller needs it."""
+    provisioning = (provisioning_state or "").lower()
+    if provisioning == "creating":
+        return base.InstanceState.STARTING
+    if provisioning == "deleting":
+        return base.InstanceState.DELETING
+    if provisioning == "failed":
+        return base.InstanceState.FAILED
+    return base.InstanceState.RUNNING
+
+
 def _power_state(statuses: Iterable[Any] | None) -> str | None:
+    """The ``PowerState/...`` code of an instance view's statuses (JSON objects)."""
     for status in statuses or ():
-        code = str(getattr(status, "code", "") or "")
+        code = str(status.get("code") or "") if isinstance(status, dict) else ""
         if code.startswith("PowerState/"):
             return code.split("/", 1)[1]
     return None
 
 
-def _epoch(value: datetime.datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
+def _epoch(value: Any) -> float | None:
+    """ARM's ISO 8601 timestamps (``2026-04-01T10:00:00.1234567+00:00``; 3.11 reads the 7 digits); a missing or
+    unreadable one is ``None``."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------- adapter
@@ -248,6 +320,7 @@ class VmssScaleSet:
         polling_interval_s: float = 15.0,
     ) -> None:
         self._ref = parse_scale_set_id(scale_set_id)
+        self._endpoint = arm_endpoint.rstrip("/")
         self._polling_interval_s = polling_interval_s
         self._counter = _CallCounter()
         self._client = ComputeManagementClient(
@@ -269,6 +342,14 @@ class VmssScaleSet:
         self._protection: dict[str, bool] = {}
         """Flexible: each VM's protection as read once from Azure, then as we set it."""
         self._first_seen: dict[str, float] = {}
+        self._listing: tuple[float, list[base.Instance]] | None = None
+        """The last listing and when (``time.monotonic``) it was read: reused while the read budget is low."""
+        self._provisioning: dict[str, str] = {}
+        """Each listed instance's provisioning state, from the last listing."""
+        self._power: dict[str, tuple[str | None, float]] = {}
+        """Power state from each instance's last view, and when it was read."""
+        self._views_paused_until = 0.0
+        self._budget_low = False
         self._log = log.bind(scale_set=self._ref.name)
 
     # -- facts ------------------------------------------------------------------------------------------------
@@ -300,9 +381,135 @@ class VmssScaleSet:
         return int(vmss.sku.capacity or 0) if vmss.sku is not None else 0
 
     def list_instances(self) -> list[base.Instance]:
-        listing = self._list_flexible if self.orchestration_mode == _FLEXIBLE else self._list_uniform
-        found: list[base.Instance] = self._read("list instances", listing)
-        return found
+        """Every instance, from one listing without ``instanceView`` (all its pages); while the VM read budget
+        runs low, the last listing stands for up to ``_SLOW_LISTING_S``."""
+        now = time.monotonic()
+        if self._listing is not None and self._read_budget_low() and now - self._listing[0] < _SLOW_LISTING_S:
+            return list(self._listing[1])
+        return self._list_now()
+
+    def _list_now(self) -> list[base.Instance]:
+        flexible = self.orchestration_mode == _FLEXIBLE
+        items = list(self._list_items(flexible=flexible))
+        found = [self._instance(item, flexible=flexible) for item in items]
+        self._provisioning = {
+            instance.instance_id: str((item.get("properties") or {}).get("provisioningState") or "")
+            for instance, item in zip(found, items, strict=True)
+        }
+        self._power = {iid: seen for iid, seen in self._power.items() if iid in self._provisioning}
+        self._listing = (time.monotonic(), found)
+        return list(found)
+
+    def instance_states(self, instance_ids: Sequence[str]) -> dict[str, base.InstanceState]:
+        """The state of some listed instances with their power state, from each one's instance view: a stopped or
+        deallocated VM is failed, a failed one that still runs is running. Optional calls, so bounded: at most
+        ``_VIEWS_PER_CALL`` views per call (the least recently read first), each reused for ``_VIEW_TTL_S``,
+        none while the VM read budget is low or after a view was refused. Instances whose listed state a view
+        cannot change (creating, deleting) and those left for later are absent: their listed state stands."""
+        now = time.monotonic()
+        wanted = [
+            iid
+            for iid in dict.fromkeys(instance_ids)
+            if listed_state(self._provisioning.get(iid, "creating"))
+            in (base.InstanceState.RUNNING, base.InstanceState.FAILED)
+        ]
+        due = sorted(
+            (iid for iid in wanted if now - self._power.get(iid, (None, -_VIEW_TTL_S))[1] >= _VIEW_TTL_S),
+            key=lambda iid: self._power.get(iid, (None, -_VIEW_TTL_S))[1],
+        )
+        if due and not self._read_budget_low() and now >= self._views_paused_until:
+            self._read_views(due[:_VIEWS_PER_CALL], now)
+        # .get only: a deletion on the write thread may drop an entry meanwhile.
+        seen = {iid: self._power.get(iid) for iid in wanted}
+        return {iid: instance_state(self._provisioning.get(iid), v[0]) for iid, v in seen.items() if v is not None}
+
+    def _read_views(self, instance_ids: Sequence[str], now: float) -> None:
+        """One GET ``.../instanceView`` each, one attempt each (optional calls never wait out a throttle)."""
+        for iid in instance_ids:
+            try:
+                with _errors.translated(_errors.SCALE_SET, what=f"instance view {iid} of {self._ref.name}"):
+                    body = self._get_json(self._view_request(iid))
+            except errors.InstanceNotFoundError:
+                continue  # deleted since the listing
+            except errors.ScaleSetError as exc:
+                pause = _VIEW_PAUSE_S if not exc.transient else 0.0
+                self._views_paused_until = now + pause
+                self._log.warning("instance_views_skipped", error=str(exc), paused_s=pause)
+                return
+            self._power[iid] = (_power_state(body.get("statuses")), now)
+
+    def _read_budget_low(self) -> bool:
+        """Whether ARM's ``Microsoft.Compute/HighCostGet*`` budget is nearly spent (logged when that changes)."""
+        remaining = self._counter.stats.high_cost_gets_remaining
+        low = remaining is not None and remaining < _HIGH_COST_GET_RESERVE
+        if low != self._budget_low:
+            self._budget_low = low
+            self._log.warning("arm_read_budget", low=low, high_cost_gets_remaining=remaining)
+        return low
+
+    def _list_items(self, *, flexible: bool) -> Iterator[dict[str, Any]]:
+        """The listing's items across pages, following ``nextLink`` (each page read with the read retry policy).
+        Raw JSON through the client's pipeline: model deserialisation cost ~4x the CPU of the whole parse."""
+        request: HttpRequest | None = self._list_request(flexible=flexible)
+        while request is not None:
+            body = self._read("list instances", functools.partial(self._get_json, request))
+            yield from (item for item in body.get("value") or () if isinstance(item, dict))
+            request = self._next_page(body.get("nextLink"))
+
+    def _list_request(self, *, flexible: bool) -> HttpRequest:
+        group = f"/subscriptions/{self._ref.subscription_id}/resourceGroups/{self._ref.resource_group}"
+        params = {"api-version": _API_VERSION}
+        if flexible:
+            params["$filter"] = f"'virtualMachineScaleSet/id' eq '{self._ref.resource_id}'"
+            return HttpRequest("GET", f"{group}/providers/Microsoft.Compute/virtualMachines", params=params)
+        return HttpRequest("GET", f"{self._ref.resource_id}/virtualMachines", params=params)
+
+    def _view_request(self, instance_id: str) -> HttpRequest:
+        params = {"api-version": _API_VERSION}
+        if self.orchestration_mode == _FLEXIBLE:
+            group = f"/subscriptions/{self._ref.subscription_id}/resourceGroups/{self._ref.resource_group}"
+            path = f"{group}/providers/Microsoft.Compute/virtualMachines/{instance_id}/instanceView"
+        else:
+            path = f"{self._ref.resource_id}/virtualMachines/{instance_id}/instanceView"
+        return HttpRequest("GET", path, params=params)
+
+    def _next_page(self, next_link: Any) -> HttpRequest | None:
+        """The next page's request; a ``nextLink`` to another host is refused (the bearer token goes with it)."""
+        if not next_link:
+            return None
+        link = str(next_link)
+        if not link.lower().startswith(self._endpoint.lower() + "/"):
+            raise errors.ScaleSetError(f"list instances {self._ref.name}: nextLink leaves {self._endpoint}")
+        return HttpRequest("GET", link)
+
+    def _get_json(self, request: HttpRequest) -> dict[str, Any]:
+        """Send one GET through the client's pipeline (auth, call counting); an error status raises as the SDK
+        would, for ``_errors`` to translate."""
+        response: HttpResponse = self._client.send_request(request)
+        if response.status_code != 200:
+            error = _ERROR_TYPES.get(response.status_code, HttpResponseError)
+            raise error(response=response)
+        body = json.loads(response.content) if response.content else {}
+        return body if isinstance(body, dict) else {}
+
+    def _instance(self, item: dict[str, Any], *, flexible: bool) -> base.Instance:
+        props = item.get("properties") or {}
+        name = str(item.get("name") or "")
+        instance_id = name if flexible else str(item.get("instanceId") or "")
+        known = _epoch(props.get("timeCreated"))
+        first_seen = self._first_seen.setdefault(instance_id, time.time())
+        if flexible:
+            protected = self._flexible_protection(name)
+        else:
+            protected = bool((props.get("protectionPolicy") or {}).get("protectFromScaleIn"))
+        return base.Instance(
+            instance_id=instance_id,
+            state=listed_state(props.get("provisioningState")),
+            created_at=known if known is not None else first_seen,
+            protected=protected,
+            name=name,
+            model=_image_of_json(props),
+        )
 
     def _read_scale_set(self) -> Any:
         vmss = self._read(
@@ -330,63 +537,6 @@ class VmssScaleSet:
                 f"turn it off: az vmss update -g {self._ref.resource_group} -n {self._ref.name} "
                 "--set overprovision=false",
             )
-
-    def _created_at(self, instance_id: str, time_created: datetime.datetime | None) -> float:
-        known = _epoch(time_created)
-        first_seen = self._first_seen.setdefault(instance_id, time.time())
-        return known if known is not None else first_seen
-
-    def _list_uniform(self) -> list[base.Instance]:
-        pages = self._client.virtual_machine_scale_set_vms.list(
-            self._ref.resource_group, self._ref.name, expand="instanceView"
-        )
-        found = []
-        for vm in pages:
-            props = vm.properties
-            view = props.instance_view if props is not None else None
-            policy = props.protection_policy if props is not None else None
-            found.append(
-                base.Instance(
-                    instance_id=str(vm.instance_id),
-                    state=instance_state(
-                        props.provisioning_state if props is not None else None,
-                        _power_state(view.statuses if view is not None else None),
-                    ),
-                    created_at=self._created_at(
-                        str(vm.instance_id), props.time_created if props is not None else None
-                    ),
-                    protected=bool(policy is not None and policy.protect_from_scale_in),
-                    name=str(vm.name or ""),
-                    model=_image_of(props),
-                )
-            )
-        return found
-
-    def _list_flexible(self) -> list[base.Instance]:
-        pages = self._client.virtual_machines.list(
-            self._ref.resource_group,
-            filter=f"'virtualMachineScaleSet/id' eq '{self._ref.resource_id}'",
-            expand="instanceView",
-        )
-        found = []
-        for vm in pages:
-            props = vm.properties
-            view = props.instance_view if props is not None else None
-            name = str(vm.name or "")
-            found.append(
-                base.Instance(
-                    instance_id=name,
-                    state=instance_state(
-                        props.provisioning_state if props is not None else None,
-                        _power_state(view.statuses if view is not None else None),
-                    ),
-                    created_at=self._created_at(name, props.time_created if props is not None else None),
-                    protected=self._flexible_protection(name),
-                    name=name,
-                    model=_image_of(props),
-                )
-            )
-        return found
 
     def _flexible_protection(self, name: str) -> bool:
         """The VM resource lacks the instance's protection policy: read it once through the scale-set VM API."""
@@ -440,7 +590,7 @@ class VmssScaleSet:
             if exc.transient:
                 raise
             # Azure refuses the whole batch when an id is unknown; already gone counts as done.
-            present = {i.instance_id for i in self.list_instances()}
+            present = {i.instance_id for i in self._list_now()}
             remaining = [i for i in wanted if i in present]
             if remaining == wanted:
                 raise
@@ -450,6 +600,7 @@ class VmssScaleSet:
         for gone in wanted:
             self._protection.pop(gone, None)
             self._first_seen.pop(gone, None)
+            self._power.pop(gone, None)
 
     def _delete(self, instance_ids: list[str]) -> None:
         body = compute_models.VirtualMachineScaleSetVMInstanceRequiredIDs(instance_ids=instance_ids)
@@ -609,6 +760,16 @@ def _image_of(holder: Any) -> str:
         if value:
             return str(value)
     parts = [getattr(ref, key, None) or "" for key in ("publisher", "offer", "sku", "version")]
+    return ":".join(parts) if any(parts) else ""
+
+
+def _image_of_json(props: dict[str, Any]) -> str:
+    """:func:`_image_of` over a listing's raw ``properties``."""
+    ref = (props.get("storageProfile") or {}).get("imageReference") or {}
+    for key in ("id", "sharedGalleryImageId", "communityGalleryImageId"):
+        if ref.get(key):
+            return str(ref[key])
+    parts = [str(ref.get(key) or "") for key in ("publisher", "offer", "sku", "version")]
     return ":".join(parts) if any(parts) else ""
 
 

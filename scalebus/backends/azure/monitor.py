@@ -2,7 +2,9 @@
 
 It needs only the Monitoring Reader role (the admin API needs Manage rights), but the metric arrives minutes late:
 ``sampled_at`` is the timestamp of the newest sample, never the time of the query, so the policy can discount old
-numbers. Monitor cannot tell locked messages from waiting ones, so ``in_flight`` is ``None``.
+numbers. Monitor cannot tell locked messages from waiting ones, so ``in_flight`` is ``None``. A refusal (401/403:
+the identity lacks ``Microsoft.Insights/Metrics/Read`` on the namespace) is ``QueueAccessDenied``, so callers can
+tell a missing role from a broken queue.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from azure.core import exceptions as core_exc
 from azure.monitor.querymetrics import MetricAggregationType, MetricsClient
 
 from scalebus import errors
@@ -41,16 +44,26 @@ class MonitorDepth:
 
     @_retry.retry_control_plane_read
     def _query(self) -> base.DepthSample:
-        with _errors.translated(_errors.QUEUE, what=f"read ActiveMessages of {self._queue_name}"):
-            results = self._client.query_resources(
-                resource_ids=[self._resource_id],
-                metric_namespace=METRIC_NAMESPACE,
-                metric_names=["ActiveMessages"],
-                timespan=LOOKBACK,
-                granularity=timedelta(minutes=1),
-                aggregations=[MetricAggregationType.MAXIMUM],
-                filter=f"EntityName eq '{self._queue_name}'",
-            )
+        what = f"read ActiveMessages of {self._queue_name}"
+        with _errors.translated(_errors.QUEUE, what=what):
+            try:
+                results = self._client.query_resources(
+                    resource_ids=[self._resource_id],
+                    metric_namespace=METRIC_NAMESPACE,
+                    metric_names=["ActiveMessages"],
+                    timespan=LOOKBACK,
+                    granularity=timedelta(minutes=1),
+                    aggregations=[MetricAggregationType.MAXIMUM],
+                    filter=f"EntityName eq '{self._queue_name}'",
+                )
+            except core_exc.HttpResponseError as exc:
+                if exc.status_code not in (401, 403):
+                    raise
+                raise errors.QueueAccessDenied(
+                    f"{what}: refused (HTTP {exc.status_code}); the identity needs "
+                    "Microsoft.Insights/Metrics/Read on the namespace (Monitoring Reader, or the scalebus "
+                    "controller role on its resource group)"
+                ) from exc
         newest: tuple[float, float] | None = None
         for result in results:
             for metric in result.metrics:
