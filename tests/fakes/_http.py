@@ -8,9 +8,12 @@ trust it through ``connection_verify=<ca.pem>``.
 from __future__ import annotations
 
 import http.server
+import json
 import ssl
 import threading
-from typing import Self
+from collections.abc import Callable
+from email.message import Message
+from typing import Any, Self
 
 import trustme
 
@@ -66,3 +69,35 @@ class ServedFake:
     def endpoint(self) -> str:
         assert self._server is not None, "start() the fake first"
         return self._server.endpoint
+
+
+Handle = Callable[[str, str, Message], tuple[int, dict[str, str], Any]]
+"""What a JSON fake answers: (method, path, headers) -> (status, extra headers, JSON-ready body)."""
+
+
+def json_handler(handle: Handle) -> type[http.server.BaseHTTPRequestHandler]:
+    """A request handler that reads (and drops) the request body, asks ``handle`` and writes its JSON answer."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            status, extra, payload = handle(self.command, self.path, self.headers)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in extra.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve  # noqa: N815  (http.server's naming)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    return Handler

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import http.server
-import json
 import re
 import threading
 import urllib.parse
@@ -34,7 +32,7 @@ from typing import Any
 import trustme
 
 from tests.fakes import rbac
-from tests.fakes._http import BackgroundServer, ServedFake
+from tests.fakes._http import BackgroundServer, ServedFake, json_handler
 
 LIST_VAULTS = "Microsoft.KeyVault/vaults/read"
 READER = rbac.RoleDefinition("Reader", actions=("*/read",))
@@ -72,7 +70,7 @@ class ArmKeyVaultFake(ServedFake):
         self._lock = threading.Lock()
 
     def start(self) -> ArmKeyVaultFake:
-        self._server = BackgroundServer(_handler_for(self), name="fake-arm-keyvault", ca=self.ca)
+        self._server = BackgroundServer(json_handler(self.handle), name="fake-arm-keyvault", ca=self.ca)
         return self
 
     def add_vault(self, subscription: str, resource_group: str, name: str, *, vault_uri: str) -> FakeVault:
@@ -138,29 +136,3 @@ class ArmKeyVaultFake(ServedFake):
                 "provisioningState": "Succeeded",
             },
         }
-
-
-def _handler_for(fake: ArmKeyVaultFake) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            status, extra, payload = fake.handle(self.command, self.path, self.headers)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in extra.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve  # noqa: N815  (http.server's naming)
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    return Handler

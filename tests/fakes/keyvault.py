@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import http.server
-import json
 import threading
 import time
 import urllib.parse
@@ -45,7 +43,7 @@ from typing import Any
 import trustme
 
 from tests.fakes import rbac
-from tests.fakes._http import BackgroundServer, ServedFake
+from tests.fakes._http import BackgroundServer, ServedFake, json_handler
 
 RESOURCE = "https://vault.azure.net"
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -83,7 +81,7 @@ class KeyVaultFake(ServedFake):
         """Role assignments to enforce; ``None``: every accepted token may read every secret."""
 
     def start(self) -> KeyVaultFake:
-        self._server = BackgroundServer(_handler_for(self), name="fake-keyvault", ca=self.ca)
+        self._server = BackgroundServer(json_handler(self.handle), name="fake-keyvault", ca=self.ca)
         return self
 
     # ------------------------------------------------------------------ test-side control
@@ -213,29 +211,3 @@ def _error(code: str, message: str, *, inner: str | None = None) -> dict[str, An
     if inner is not None:
         body["innererror"] = {"code": inner}
     return {"error": body}
-
-
-def _handler_for(fake: KeyVaultFake) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            status, extra, payload = fake.handle(self.command, self.path, self.headers)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in extra.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve  # noqa: N815  (http.server's naming)
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    return Handler
