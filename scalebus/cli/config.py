@@ -36,6 +36,9 @@ def config_from_outputs(outputs: Any, *, source: str) -> settings.Settings:
     ``{"type", "value"}`` pair), the whole ``az deployment group show`` answer, or the ``scalebusConfig`` value
     itself; anything else is a ``UserInputError`` naming ``source``."""
     tree = _config_object(outputs, source=source)
+    # An Azure fleet stages from the lake only: file:// is refused unless the outputs name local roots.
+    storage = tree.get("storage") if isinstance(tree.get("storage"), dict) else {}
+    tree = {**tree, "storage": {"local_roots": [], **storage}}
     try:
         return settings.Settings.model_validate(tree)
     except pydantic.ValidationError as exc:

@@ -72,6 +72,7 @@ def test_the_written_config_is_complete(role: str, tmp_path: Path) -> None:
     assert cfg.queue.depth_source == "admin"
     assert cfg.scale_set.url == _tools.SAMPLE_VALUES["SCALE_SET_ID"]
     assert cfg.storage.account_url == _tools.SAMPLE_VALUES["STORAGE_ACCOUNT_URL"]
+    assert list(cfg.storage.local_roots) == [], "an Azure node stages from the lake only: file:// is refused"
     env = written_file(doc, "/etc/scalebus/environment")
     assert f"AZURE_CLIENT_ID={_tools.SAMPLE_VALUES['CLIENT_ID']}" in env
     if role == "worker":

@@ -139,3 +139,8 @@ def test_a_wrong_file_is_one_line_and_exit_2(tmp_path: Path, content: str, messa
 def test_a_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(errors.UserInputError, match="does not exist"):
         config_cmd.from_deployment_cmd(tmp_path / "nope.json")
+
+
+def test_a_deployed_fleet_refuses_file_uris(outputs: dict[str, Any]) -> None:
+    cfg = config_cmd.config_from_outputs(outputs, source="outputs.json")
+    assert list(cfg.storage.local_roots) == [], "file:// is for the embedded default, never an Azure fleet"
