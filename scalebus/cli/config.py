@@ -37,7 +37,8 @@ def config_from_outputs(outputs: Any, *, source: str) -> settings.Settings:
     itself; anything else is a ``UserInputError`` naming ``source``."""
     tree = _config_object(outputs, source=source)
     # An Azure fleet stages from the lake only: file:// is refused unless the outputs name local roots.
-    storage = tree.get("storage") if isinstance(tree.get("storage"), dict) else {}
+    given = tree.get("storage")
+    storage: dict[str, Any] = given if isinstance(given, dict) else {}
     tree = {**tree, "storage": {"local_roots": [], **storage}}
     try:
         return settings.Settings.model_validate(tree)
