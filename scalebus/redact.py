@@ -104,14 +104,17 @@ def looks_secret(name: str) -> bool:
 
     Names that say where a secret is rather than holding one are not: scalebus's own settings variables
     (``SCALEBUS_SECRETS__URL``, ``SCALEBUS_STORAGE__CONNECTION_STRING_ENV``: the settings never hold a secret
-    value) and names ending in ``_URL``, ``_ENV``, ``_PATH``, ``_DIR``, ``_FILE``, ``_SOCK`` or ``_NAME``."""
+    value), names ending in ``_URL``, ``_ENV``, ``_PATH``, ``_DIR``, ``_FILE``, ``_SOCK``, ``_NAME``, ``_HOST``
+    or ``AUTHORITY``, and the shell's ``PWD`` / ``OLDPWD``."""
     upper = name.upper()
-    if upper.startswith("SCALEBUS_") or upper.endswith(_LOCATION_SUFFIXES):
+    if upper in _NOT_SECRETS or upper.startswith("SCALEBUS_") or upper.endswith(_LOCATION_SUFFIXES):
         return False
     return bool(_SECRET_NAME.search(name))
 
 
-_LOCATION_SUFFIXES = ("_URL", "_ENV", "_PATH", "_DIR", "_FILE", "_SOCK", "_NAME")
+_LOCATION_SUFFIXES = ("_URL", "_ENV", "_PATH", "_DIR", "_FILE", "_SOCK", "_NAME", "_HOST", "AUTHORITY")
+_NOT_SECRETS = frozenset({"PWD", "OLDPWD"})
+"""The shell's working directories: ``PWD`` is also short for password in names like ``DB_PWD``."""
 
 
 default = Redactor()

@@ -206,3 +206,22 @@ def test_the_event_processor_redacts_every_value_before_rendering(registry: reda
         "d": {"k": ["***"]},
         "err": "KeyError('***')",
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("DB_PWD", True),
+        ("API_TOKEN", True),
+        ("STORAGE_ACCOUNT_KEY", True),
+        ("PWD", False),
+        ("OLDPWD", False),
+        ("SCALEBUS_SECRETS__URL", False),
+        ("SCALEBUS_STORAGE__CONNECTION_STRING_ENV", False),
+        ("SSH_AUTH_SOCK", False),
+        ("AZURE_POD_IDENTITY_AUTHORITY_HOST", False),
+        ("XAUTHORITY", False),
+    ],
+)
+def test_names_that_say_where_a_secret_is_are_not_secrets(name: str, secret: bool) -> None:
+    assert redact.looks_secret(name) is secret
