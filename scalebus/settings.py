@@ -328,6 +328,30 @@ class IdentitySettings(_Section):
     """Instance Metadata Service (changed only for tests)."""
 
 
+POOL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
+"""A pool's name: 1-32 lower-case letters, digits and inner dashes (it becomes a metric label and a log field)."""
+DEFAULT_POOL = "default"
+"""The one pool of a config without ``[[pools]]``: the top-level ``queue``, ``scale_set``, ``controller`` and
+``worker`` tables."""
+POOL_SECTIONS = ("queue", "scale_set", "controller", "worker")
+"""The tables a ``[[pools]]`` entry may set; each inherits the top-level table of the same name field by field."""
+
+
+class PoolSettings(_Section):
+    """One pool: a queue, the scale set that serves it, its scaling policy and its worker.
+
+    Written as ``[[pools]]`` with ``name`` and any of ``[pools.queue]``, ``[pools.scale_set]``,
+    ``[pools.controller]``, ``[pools.worker]``; a key a pool does not set comes from the top-level table (which the
+    ``SCALEBUS_*`` environment overrides)."""
+
+    name: str = Field(pattern=POOL_NAME_PATTERN)
+    """Metric label, log field and ``status`` row of this pool; ``scalebus worker run --pool NAME`` picks it."""
+    queue: QueueSettings = QueueSettings()
+    scale_set: ScaleSetSettings = ScaleSetSettings()
+    controller: ControllerSettings = ControllerSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+
 class Settings(_Section):
     """The whole tree. Sections match the TOML tables."""
 
@@ -343,6 +367,58 @@ class Settings(_Section):
     identity: IdentitySettings = IdentitySettings()
     secrets: SecretsSettings = SecretsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    pools: tuple[PoolSettings, ...] = ()
+    """Several pools in one controller (``[[pools]]``); empty: the top-level tables are the one pool
+    :data:`DEFAULT_POOL`."""
+
+    @pydantic.field_validator("pools")
+    @classmethod
+    def _distinct_pools(cls, value: tuple[PoolSettings, ...]) -> tuple[PoolSettings, ...]:
+        for what, key in (
+            ("name", lambda p: p.name),
+            ("queue", lambda p: p.queue.url),
+            ("scale set", lambda p: (p.scale_set.url, p.scale_set.state_path)),
+        ):
+            seen: set[object] = set()
+            for pool in value:
+                if key(pool) in seen:
+                    raise ValueError(f"two pools share one {what} ({pool.name!r}); give each pool its own")
+                seen.add(key(pool))
+        return value
+
+    def pool_names(self) -> tuple[str, ...]:
+        """Every pool's name, in config order (:data:`DEFAULT_POOL` alone without ``[[pools]]``)."""
+        return tuple(pool.name for pool in self.pools) or (DEFAULT_POOL,)
+
+    def for_pool(self, name: str | None = None) -> Settings:
+        """This tree as one pool sees it: its ``queue``, ``scale_set``, ``controller`` and ``worker`` at the top
+        (``pools`` emptied). ``None`` means the only pool; naming no pool while there are several, or an unknown
+        one, is a ``ConfigError``."""
+        if not self.pools:
+            if name not in (None, DEFAULT_POOL):
+                raise errors.ConfigError(
+                    "pool", f"no pool named {name!r}", f"this config has only {DEFAULT_POOL!r}"
+                )
+            return self
+        names = ", ".join(self.pool_names())
+        if name is None:
+            if len(self.pools) > 1:
+                raise errors.ConfigError(
+                    "pool", "this config has several pools", f"name one with --pool ({names})"
+                )
+            name = self.pools[0].name
+        pool = next((p for p in self.pools if p.name == name), None)
+        if pool is None:
+            raise errors.ConfigError("pool", f"no pool named {name!r}", f"name one of: {names}")
+        return self.model_copy(
+            update={
+                "queue": pool.queue,
+                "scale_set": pool.scale_set,
+                "controller": pool.controller,
+                "worker": pool.worker,
+                "pools": (),
+            }
+        )
 
 
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -355,18 +431,43 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) 
             where = _apply_env(tree, key, value)
             if where is not None:
                 from_env[where] = key
+    _inherit_pool_sections(tree)
     try:
         return Settings.model_validate(tree)
     except pydantic.ValidationError as exc:
         raise _config_error(exc, path, from_env) from None
 
 
+def _inherit_pool_sections(tree: dict[str, Any]) -> None:
+    """Give every ``[[pools]]`` entry the top-level ``queue``/``scale_set``/``controller``/``worker`` keys it does
+    not set itself (a shallow merge per table: a pool's ``worker.command`` replaces the top-level one whole)."""
+    pools = tree.get("pools")
+    if not isinstance(pools, list):
+        return
+    for pool in pools:
+        if not isinstance(pool, dict):
+            continue
+        for section in POOL_SECTIONS:
+            top, own = tree.get(section), pool.get(section, {})
+            if isinstance(top, dict) and isinstance(own, dict):
+                pool[section] = {**top, **own}
+
+
 def dump_toml(cfg: Settings) -> str:
     """The whole tree as TOML that :func:`load` reads back to an equal tree (for generated config files)."""
     lines = ["# Written by scalebus. Every key is documented in README.md."]
     for section in Settings.model_fields:
+        if section == "pools":
+            continue
         lines.append(f"\n[{section}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in getattr(cfg, section).model_dump().items()]
+    for pool in cfg.pools:
+        lines.append(f"\n[[pools]]\nname = {_toml_value(pool.name)}")
+        for section in POOL_SECTIONS:
+            lines.append(f"[pools.{section}]")
+            lines += [
+                f"{key} = {_toml_value(value)}" for key, value in getattr(pool, section).model_dump().items()
+            ]
     return "\n".join(lines) + "\n"
 
 

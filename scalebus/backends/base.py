@@ -413,6 +413,28 @@ class ObjectStore(Protocol):
         """Release connections (the store is not used afterwards); safe to call twice."""
 
 
+@dataclass(frozen=True, slots=True)
+class SubFolder:
+    """A folder one level below a listed folder: list it with ``FolderLister.list_level(uri, rel_prefix)``."""
+
+    uri: str
+    rel_prefix: str
+    """``rel_path`` prefix of everything below it, relative to the URI the staging listed, ending in ``/``."""
+
+
+@runtime_checkable
+class FolderLister(Protocol):
+    """An ``ObjectStore`` that can list one folder level at a time, so a staging lists many folders at once
+    instead of one long serial listing (Blob: List Blobs with ``delimiter=/``; ADLS: List Paths non-recursive;
+    local: one ``scandir``)."""
+
+    def list_level(self, uri: str, rel_prefix: str = "") -> Iterator[RemoteObject | SubFolder]:
+        """The files directly under folder ``uri`` (``rel_path`` = ``rel_prefix`` + name) and its sub-folders,
+        yielded as each page arrives. A file URI yields itself with its base name as ``rel_path``, as
+        ``list_files`` does; directory markers are skipped. Raises ``ObjectNotFoundError`` (on the first
+        ``next``) if nothing is there."""
+
+
 class ObjectSource(Protocol):
     """The read half of ``ObjectStore``: where ``scalebus ingest`` copies from (S3, or any ``ObjectStore``)."""
 

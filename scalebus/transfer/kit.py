@@ -11,7 +11,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from scalebus.backends import base
 
@@ -40,6 +41,11 @@ class StageStats:
     already_published: bool = False
     cpu_s: float = 0.0
     processes: int = 1
+    cached_files: int = 0
+    """Files placed from the VM's input cache instead of downloaded (:class:`InputCache`; counted in ``files``)."""
+    cached_bytes: int = 0
+    first_byte_s: float | None = None
+    """Seconds from the start of the staging to the first byte written (``None``: nothing was fetched)."""
 
     @property
     def mb_per_s(self) -> float:
@@ -63,6 +69,19 @@ class Progress:
     bytes_done: int
     bytes_total: int
     elapsed_s: float
+
+
+class InputCache(Protocol):
+    """Verified input files kept on this VM's disk between jobs, keyed by (URI, etag, size)
+    (:mod:`scalebus.transfer.cache`). Staging asks it before fetching a file, offers it every file it fetched."""
+
+    def place(self, obj: base.RemoteObject, target: Path) -> bool:
+        """Put a verified copy of ``obj`` at ``target`` (a link or a copy; ``target``'s directory exists);
+        ``False`` if the cache has none (then nothing is at ``target``). Never serves a stale or partial file."""
+
+    def keep(self, obj: base.RemoteObject, path: Path) -> None:
+        """Offer the file just verified and renamed into place at ``path`` to the cache. Never raises: a cache
+        that cannot take it (full disk, another file system) only logs."""
 
 
 OnProgress = Callable[[Progress], None]
