@@ -22,7 +22,7 @@ from typing import Annotated
 import typer
 
 from scalebus import errors, logs
-from scalebus.cli import config, data, fleet, image, jobs, rollout, secret, tools
+from scalebus.cli import config, data, fleet, image, jobs, rollout, secret, status, tools
 
 app = typer.Typer(
     name="scalebus",
@@ -66,7 +66,7 @@ controller_app.command("run")(fleet.controller_run)
 worker_app.command("run")(fleet.worker_run)
 app.command("selfdestroy")(fleet.selfdestroy_cmd)
 app.command("submit")(jobs.submit_cmd)
-app.command("status")(fleet.status_cmd)
+app.command("status")(status.status_cmd)
 app.command("requeue")(jobs.requeue_cmd)
 app.command("stage")(data.stage_cmd)
 app.command("ingest")(data.ingest_cmd)

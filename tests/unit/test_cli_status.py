@@ -25,7 +25,7 @@ import rich.console
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.local import sqlite_queue
-from scalebus.cli import fleet, output
+from scalebus.cli import output, status
 
 NOW = 1_780_000_000.0
 
@@ -106,9 +106,9 @@ def _dead_letter(q: sqlite_queue.SqliteJobQueue, count: int) -> None:
         q.dead_letter(message, reason=reason, description=f"job {i}: https://a/c?sp=r&sig=SECRET{i}")
 
 
-def _ports(q: sqlite_queue.SqliteJobQueue, **kw: object) -> fleet._StatusPorts:
+def _ports(q: sqlite_queue.SqliteJobQueue, **kw: object) -> status._StatusPorts:
     instances = kw.get("instances", [])
-    return fleet._StatusPorts(
+    return status._StatusPorts(
         queue=q,
         depth=kw.get("depth", q),  # type: ignore[arg-type]
         scale_set=_Instances(instances),  # type: ignore[arg-type]
@@ -118,14 +118,14 @@ def _ports(q: sqlite_queue.SqliteJobQueue, **kw: object) -> fleet._StatusPorts:
 
 def test_every_dead_letter_is_read_not_the_first_twenty(queue: sqlite_queue.SqliteJobQueue) -> None:
     _dead_letter(queue, 45)
-    data = fleet.read_status(_ports(queue), max_dead_letters=1000, now=NOW)
+    data = status.read_status(_ports(queue), max_dead_letters=1000, now=NOW)
     assert len(data["dead_letters"]) == 45
     assert data["dead_letters_capped"] is False
 
 
 def test_the_dead_letter_cap_is_stated(queue: sqlite_queue.SqliteJobQueue) -> None:
     _dead_letter(queue, 12)
-    data = fleet.read_status(_ports(queue), max_dead_letters=10, now=NOW)
+    data = status.read_status(_ports(queue), max_dead_letters=10, now=NOW)
     assert (len(data["dead_letters"]), data["dead_letters_capped"]) == (10, True)
     console = rich.console.Console(record=True, width=200)
     console.print(output.status_table(data))
@@ -135,7 +135,7 @@ def test_the_dead_letter_cap_is_stated(queue: sqlite_queue.SqliteJobQueue) -> No
 
 def test_the_table_lists_dead_letters_by_reason(queue: sqlite_queue.SqliteJobQueue) -> None:
     _dead_letter(queue, 9)
-    data = fleet.read_status(_ports(queue), max_dead_letters=100, now=NOW)
+    data = status.read_status(_ports(queue), max_dead_letters=100, now=NOW)
     console = rich.console.Console(record=True, width=200)
     console.print(output.status_table(data))
     text = console.export_text()
@@ -148,7 +148,7 @@ def test_json_has_real_nulls_iso_times_and_whole_seconds(queue: sqlite_queue.Sql
     idle = base.Instance("vm-1", base.InstanceState.RUNNING, created_at=NOW - 90.6)
     busy = base.Instance("vm-2", base.InstanceState.STARTING, created_at=NOW - 5.2, model="img/1.0.0")
     beat = base.Heartbeat("vm-2", base.WorkerState.BUSY, at=NOW - 1, job_id="j7")
-    data = fleet.read_status(_ports(queue, instances=[idle, busy], beats=[beat]), max_dead_letters=10, now=NOW)
+    data = status.read_status(_ports(queue, instances=[idle, busy], beats=[beat]), max_dead_letters=10, now=NOW)
     first, second = data["instances"]
     assert (first["worker"], first["job_id"], first["heartbeat_at"], first["model"]) == (None, None, None, None)
     assert (first["age_s"], second["age_s"], second["job_id"]) == (91, 5, "j7")
@@ -163,13 +163,13 @@ def test_with_rights_for_dead_letters_and_instances_only_it_shows_those(
 ) -> None:
     _dead_letter(queue, 2)
     instance = base.Instance("vm-1", base.InstanceState.RUNNING, created_at=NOW - 10)
-    data = fleet.read_status(
+    data = status.read_status(
         _ports(queue, depth=_DeniedDepth(), instances=[instance]), max_dead_letters=5, now=NOW
     )
     assert data["depth"] is None
     assert len(data["dead_letters"]) == 2 and len(data["instances"]) == 1
     assert any(u.startswith("depth: ") and "Manage" in u for u in data["unavailable"])
-    denied = fleet.read_status(_ports(queue, instances=None), max_dead_letters=5, now=NOW)
+    denied = status.read_status(_ports(queue, instances=None), max_dead_letters=5, now=NOW)
     assert denied["instances"] is None and any(u.startswith("instances: ") for u in denied["unavailable"])
 
 
@@ -177,7 +177,7 @@ def test_dead_letter_text_is_redacted_in_both_views(
     queue: sqlite_queue.SqliteJobQueue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _dead_letter(queue, 1)
-    data = fleet.read_status(_ports(queue), max_dead_letters=5, now=NOW)
+    data = status.read_status(_ports(queue), max_dead_letters=5, now=NOW)
     output.emit(data, output.Output.JSON, output.status_table)
     output.emit(data, output.Output.TABLE, output.status_table)
     printed = capsys.readouterr().out
