@@ -6,6 +6,10 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 AZURITE_DIR := .tools/azurite
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
+# azcopy, the tool users would pick for Blob -> local copies: the npm package ships the Linux binary (mode 644);
+# it needs Debian's libsecret-1-0 (`apt-get install -y libsecret-1-0`), which bench/staging.py checks for.
+AZCOPY_DIR := .tools/azcopy
+AZCOPY := $(AZCOPY_DIR)/node_modules/@azure-tools/azcopy-linux/dist/bin/azcopy_linux_amd64
 # checkov in a venv of its own: in the project's it would downgrade packaging and urllib3 and hold boto3
 # below the s3 extra's range.
 CHECKOV_DIR := .tools/checkov
@@ -32,6 +36,11 @@ $(AZURITE):
 	mkdir -p $(AZURITE_DIR)
 	npm install --silent --no-audit --no-fund --prefix $(AZURITE_DIR) azurite@3.35.0
 
+$(AZCOPY):
+	mkdir -p $(AZCOPY_DIR)
+	npm install --silent --no-audit --no-fund --prefix $(AZCOPY_DIR) @azure-tools/azcopy-linux@10.32.2
+	chmod +x $(AZCOPY)
+
 $(CHECKOV):
 	$(PYTHON) -m venv $(CHECKOV_DIR)
 	$(CHECKOV_DIR)/bin/pip install --quiet 'checkov==3.3.30'
@@ -52,8 +61,8 @@ test: $(DEV_STAMP) $(AZURITE) $(CHECKOV) lint
 
 bench: bench-staging bench-policy bench-reaction bench-settle
 
-bench-staging: $(DEV_STAMP) $(AZURITE)
-	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) $(PY) bench/staging.py
+bench-staging: $(DEV_STAMP) $(AZURITE) $(AZCOPY)
+	SCALEBUS_AZURITE_BIN=$(abspath $(AZURITE)) SCALEBUS_AZCOPY_BIN=$(abspath $(AZCOPY)) $(PY) bench/staging.py
 
 bench-policy: $(DEV_STAMP)
 	$(PY) bench/policy.py --plots bench/plots

@@ -1,4 +1,4 @@
-"""Staging benchmark: ``scalebus stage`` against rclone, the naive SDK loop and ``cp -r``, on Azurite.
+"""Staging benchmark: ``scalebus stage`` against azcopy, rclone, the naive SDK loop and ``cp -r``, on Azurite.
 
 Run with ``make bench-staging`` (or ``python bench/staging.py --help``). It starts Azurite (in memory), generates
 the data sets there and on local disk (for ``cp -r``), then runs every client as a subprocess, several times,
@@ -10,7 +10,8 @@ user runs it. Its JSON answer also says how long ``stage_in`` itself took and th
 that is the row ``scalebus (in a worker)``, what staging costs a worker that is already running (a worker imports
 once and stages job after job). Both rows come from the same process runs.
 
-Sets: A = 64 × 16 MiB (single-put blobs, so they carry Content-MD5), B = 20,000 × 4 KiB, and ``mixed`` = one
+Sets: A = 64 × 16 MiB (single-put blobs, so they carry Content-MD5), B = 20,000 × 4 KiB, S = 5,000 × 4 KiB (small
+files at a size Azurite serves without holding its core for minutes), and ``mixed`` = one
 large file (2 GiB by default, ``--big-mib``), 8 × 100 MiB and 1,000 files of 1–512 KiB nested 8 deep. Set C is
 B's files in a local folder (``file://`` for scalebus, a local path for rclone): no server in the way, so the
 client's own CPU per file sets the pace, which is where helper processes (``staging.processes``) matter.
@@ -18,6 +19,11 @@ client's own CPU per file sets the pace, which is where helper processes (``stag
 ``scalebus`` runs with the default settings (``staging.processes = 0``: helper processes join when one process
 is CPU-bound); ``scalebus N proc`` sets ``staging.processes = N``. Peak RSS of a client is the larger of
 ``wait4``'s (one process) and the highest sum over its process tree sampled every 50 ms (helpers included).
+
+``azcopy`` (10.32, from the npm package ``@azure-tools/azcopy-linux``; ``make bench-staging`` installs it into
+``.tools/azcopy``, or point ``SCALEBUS_AZCOPY_BIN`` at a binary) copies ``<container URL>/<set>/*?<container SAS>``
+with ``--recursive --from-to BlobLocal`` and its default settings (concurrency from the core count, MD5 checked
+where the blob has one); its logs and job plans go to fresh folders of the work dir for every run.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ sys.path.insert(0, str(REPO))
 
 MiB = 1024 * 1024
 CONNECTION_ENV = "SCALEBUS_BENCH_AZURITE_CONNECTION"
+AZCOPY_BIN = REPO / ".tools/azcopy/node_modules/@azure-tools/azcopy-linux/dist/bin/azcopy_linux_amd64"
+"""Where ``make bench-staging`` installs azcopy (``SCALEBUS_AZCOPY_BIN`` overrides it)."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,13 @@ def data_sets(big_mib: int, small_files: int) -> list[DataSet]:
     rng = random.Random(5)
     set_a = DataSet("A", {f"f{i:03d}.bin": 16 * MiB for i in range(64)})
     set_b = DataSet("B", {f"d{i // 1000:02d}/f{i:05d}.dat": 4096 for i in range(small_files)})
+    set_s = DataSet("S", {f"d{i // 1000:02d}/f{i:05d}.dat": 4096 for i in range(5000)})
     mixed: dict[str, int] = {"big/huge.bam": big_mib * MiB}
     mixed |= {f"mid/part{i}.bin": 100 * MiB for i in range(8)}
     for i in range(1000):
         depth = "/".join(f"l{j}{rng.randrange(3)}" for j in range(8))
         mixed[f"deep/{depth}/s{i:04d}.idx"] = rng.randrange(1024, 512 * 1024)
-    return [set_a, set_b, DataSet("mixed", mixed), DataSet("C", dict(set_b.files), local=True)]
+    return [set_a, set_b, set_s, DataSet("mixed", mixed), DataSet("C", dict(set_b.files), local=True)]
 
 
 # --------------------------------------------------------------------------------------------- clients
@@ -194,9 +203,31 @@ def tally(root: Path) -> tuple[int, int]:
     return files, total
 
 
+def azcopy_binary() -> Path:
+    return Path(os.environ.get("SCALEBUS_AZCOPY_BIN") or AZCOPY_BIN)
+
+
+def container_sas(container: str, *, account: str, account_key: str) -> str:
+    """A read + list SAS for the container, valid for a day (what ``azcopy copy`` from Blob needs)."""
+    import datetime
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    return generate_container_sas(
+        account,
+        container,
+        account_key=account_key,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1),
+    )
+
+
 def tool_argv(
-    tool: str, ds: DataSet, *, account_url: str, container: str, local_src: Path, dest: Path
+    tool: str, ds: DataSet, *, account_url: str, container: str, local_src: Path, dest: Path, sas: str = ""
 ) -> list[str]:
+    if tool == "azcopy":
+        source = f"{account_url}/{container}/{ds.name}/*?{sas}"
+        return [str(azcopy_binary()), "copy", source, str(dest / ds.name), "--recursive", "--from-to", "BlobLocal"]
     if tool == "cp -r":
         return ["cp", "-r", str(local_src / ds.name), str(dest / ds.name)]
     if tool.startswith("rclone"):
@@ -213,17 +244,28 @@ def tool_argv(
     return [sys.executable, __file__, "client", tool, account_url, container, ds.name, str(dest)]
 
 
-def tool_env(tool: str, env: dict[str, str]) -> dict[str, str]:
-    """``scalebus N proc`` runs with ``staging.processes = N``; every other tool with ``env`` as it is."""
+def tool_env(tool: str, env: dict[str, str], *, workdir: Path) -> dict[str, str]:
+    """``scalebus N proc`` runs with ``staging.processes = N``; azcopy with its logs and job plans in fresh
+    folders under ``workdir`` (and not in syslog); every other tool with ``env`` as it is."""
     words = tool.split()
     if words[0] == "scalebus" and len(words) == 3 and words[2] == "proc":
         return env | {"SCALEBUS_STAGING__PROCESSES": words[1]}
+    if tool == "azcopy":
+        shutil.rmtree(workdir / "azcopy", ignore_errors=True)
+        logs, plans = workdir / "azcopy" / "logs", workdir / "azcopy" / "plans"
+        logs.mkdir(parents=True)
+        plans.mkdir()
+        return env | {
+            "AZCOPY_LOG_LOCATION": str(logs),
+            "AZCOPY_JOB_PLAN_LOCATION": str(plans),
+            "AZCOPY_DISABLE_SYSLOG": "true",
+        }
     return env
 
 
 def applies(tool: str, ds: DataSet) -> bool:
-    """The SDK loop reads only from Azurite; every other tool reads either."""
-    return not (ds.local and tool in CLIENTS)
+    """The SDK loop and azcopy (``--from-to BlobLocal``) read only from Azurite; every other tool reads either."""
+    return not (ds.local and (tool in CLIENTS or tool == "azcopy"))
 
 
 def generate(ds: DataSet, *, local_src: Path, container_client: object, upload_threads: int = 16) -> None:
@@ -275,15 +317,34 @@ def warm_up(container_client: object, ds: DataSet) -> None:
 
 
 def require_tools(tools: list[str]) -> None:
-    """The comparison needs Debian's ``rclone`` and GNU ``time``; say how to get them instead of failing later."""
+    """The comparison needs Debian's ``rclone`` and GNU ``time``, and azcopy with Debian's ``libsecret-1-0``; say
+    how to get them instead of failing later."""
     needed = {"/usr/bin/time": "time"}
     if any(tool.startswith("rclone") for tool in tools):
         needed["rclone"] = "rclone"
     missing = sorted({package for program, package in needed.items() if shutil.which(program) is None})
+    if "azcopy" in tools and not _libsecret_installed():
+        missing.append("libsecret-1-0")
     if missing:
         sys.exit(
             f"bench/staging.py: missing {', '.join(missing)}; install with: apt-get install -y {' '.join(missing)}"
         )
+    if "azcopy" in tools and not os.access(azcopy_binary(), os.X_OK):
+        sys.exit(
+            f"bench/staging.py: no azcopy at {azcopy_binary()} (or it is not executable); install it with: make "
+            f"{AZCOPY_BIN.relative_to(REPO)} (npm package @azure-tools/azcopy-linux), or set SCALEBUS_AZCOPY_BIN"
+        )
+
+
+def _libsecret_installed() -> bool:
+    """Whether the dynamic linker finds ``libsecret-1.so.0``, which azcopy's Linux build links against."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libsecret-1.so.0")
+    except OSError:
+        return False
+    return True
 
 
 def run_once(tool: str, ds: DataSet, argv: list[str], env: dict[str, str], *, dest: Path) -> list[Run]:
@@ -307,8 +368,8 @@ def run_once(tool: str, ds: DataSet, argv: list[str], env: dict[str, str], *, de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--sets", default="A,B,mixed,C")
-    parser.add_argument("--tools", default="scalebus,rclone 16,rclone 64,sdk-sequential,cp -r")
+    parser.add_argument("--sets", default="A,B,S,mixed,C")
+    parser.add_argument("--tools", default="scalebus,azcopy,rclone 16,rclone 64,sdk-sequential,cp -r")
     parser.add_argument("--big-mib", type=int, default=2048, help="size of the mixed set's large file")
     parser.add_argument("--small-files", type=int, default=20_000, help="files in set B")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -349,6 +410,7 @@ def main() -> None:
             server.connection_string(), max_single_put_size=64 * MiB, max_block_size=32 * MiB
         )
         container = service.create_container("bench").container_name
+        sas = container_sas(container, account=ACCOUNT, account_key=ACCOUNT_KEY)
         local_src = workdir / "src"
         for ds in sets:
             started = time.monotonic()
@@ -361,9 +423,10 @@ def main() -> None:
                 for tool in rotated([tool for tool in tools if applies(tool, ds)], rep):
                     argv = tool_argv(
                         tool, ds, account_url=server.blob_url, container=container, local_src=local_src,
-                        dest=workdir / "dest",
+                        dest=workdir / "dest", sas=sas,
                     )  # fmt: skip
-                    for run in run_once(tool, ds, argv, tool_env(tool, env), dest=workdir / "dest"):
+                    tenv = tool_env(tool, env, workdir=workdir)
+                    for run in run_once(tool, ds, argv, tenv, dest=workdir / "dest"):
                         runs.append(run)
                         print(f"  {ds.name} rep {rep + 1} {run.tool:22s} {run.wall_s:7.2f} s  "
                               f"cpu {run.cpu_s:6.2f} s  rss {run.peak_rss_mib:6.0f} MiB", flush=True)  # fmt: skip
@@ -378,6 +441,8 @@ def main() -> None:
             [name for tool in tools for name in ([tool, in_worker(tool)] if "scalebus" in tool else [tool])],
         )
     )
+    print()
+    print(ratios(runs, sets, tools))
     if args.json:
         args.json.write_text(json.dumps([asdict(run) for run in runs], indent=1))
     shutil.rmtree(workdir / "src", ignore_errors=True)
@@ -401,6 +466,28 @@ def table(runs: list[Run], sets: list[DataSet], tools: list[str]) -> str:
                 f"| {cpu:.2f} | {1000 * cpu / len(ds.files):.2f} | {rss:.0f} |"
             )
     return "\n".join(lines)
+
+
+def ratios(runs: list[Run], sets: list[DataSet], tools: list[str]) -> str:
+    """``scalebus`` over each other tool, per set: medians of wall, CPU and peak RSS (below 1: scalebus less)."""
+    lines = ["| set | ratio | wall | CPU | peak RSS |", "|---|---|---:|---:|---:|"]
+    for ds in sets:
+        ours = _medians(runs, ds.name, "scalebus")
+        for tool in tools:
+            theirs = _medians(runs, ds.name, tool)
+            if not ours or not theirs or tool.startswith("scalebus"):
+                continue
+            cells = " | ".join(f"{a / b:.2f} ×" if b else "—" for a, b in zip(ours, theirs, strict=True))
+            lines.append(f"| {ds.name} | scalebus / {tool} | {cells} |")
+    return "\n".join(lines)
+
+
+def _medians(runs: list[Run], set_name: str, tool: str) -> list[float]:
+    """Median wall, CPU and peak RSS of a tool's runs on a set (empty if it did not run)."""
+    mine = [run for run in runs if run.set == set_name and run.tool == tool]
+    if not mine:
+        return []
+    return [statistics.median(getattr(run, name) for run in mine) for name in ("wall_s", "cpu_s", "peak_rss_mib")]
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ class StagingSettings(_Section):
     cap are shared between them). 0 = auto: start with one and add helpers, up to one per available core, while
     it is bound by its own CPU (many small files: one process tops out near the GIL's limit) and at least 2,000
     files are left. N = exactly N from the start. 1 = never spawn helpers."""
+    list_concurrency: int = Field(default=8, ge=1, le=64)
+    """Folders listed at once, where the store lists folder by folder (Blob and ADLS, the local folder store);
+    downloads start with the first page while listing continues."""
 
 
 class IngestSettings(_Section):
@@ -143,6 +146,14 @@ class IngestSettings(_Section):
     end, or when it fails): a run killed outright copies again at most what it copied in its last interval.
     The least interval: with millions of objects it grows so that rewrites take at most 5 % of the run (0: after
     every object, whatever that costs)."""
+    state_dir: str = ""
+    """Where the local record of each (source, destination) ingest is kept (an append-only log, so a checkpoint
+    costs what changed). Empty: beside ``scratch_dir`` (the system temporary directory by default, which a reboot
+    may empty; the destination's manifest then serves and the next run rebuilds the record from it)."""
+    server_side_copy: bool = True
+    """Let the destination service read each object from the source itself (Put Block From URL through a
+    presigned URL) where both sides allow it, so the bytes do not pass through this machine; objects stream
+    through it otherwise. ``false``: always stream."""
     verify_md5: bool = True
     """Check each object against its MD5: the S3 ETag of a single-part, not KMS-encrypted upload, or the
     Content-MD5 another store lists. The size is always checked."""
@@ -185,6 +196,11 @@ class ControllerSettings(_Section):
     """A running instance silent for this long is deleted as broken."""
     max_writes_per_minute: int = Field(default=4, ge=1)
     """Capacity writes per minute the controller allows itself (ARM allows ~4/min per scale set)."""
+    max_writes_per_minute_total: int = Field(default=0, ge=0)
+    """Scale-set writes per minute all pools on one subscription may make together (ARM and Compute count
+    their write limits per subscription, not per scale set), handed out in turn to the pools that want to
+    write, so a busy pool cannot starve a quiet one. Set at the top level only. 0: no shared cap beyond each
+    pool's ``max_writes_per_minute``; a 429 seen by one pool holds back every pool's writes either way."""
     exit_when_drained: bool = False
     """Stop once the queue is empty and no instances remain (the demo and batch runs)."""
     boot_estimate_s: float = Field(default=120.0, gt=0)
@@ -228,6 +244,13 @@ class WorkerSettings(_Section):
     SCALEBUS_INPUT_DIR, SCALEBUS_OUTPUT_DIR, SCALEBUS_JOB_ID and each param as SCALEBUS_PARAM_<NAME>."""
     work_dir: str = ".scalebus/work"
     """Local disk where inputs are staged and outputs written (the VM's premium/NVMe disk)."""
+    cache_bytes: int = Field(default=0, ge=0)
+    """Size of the VM's input cache in ``<work_dir>/cache`` (0 = off): input files a job staged are kept, keyed
+    by URI, etag and size, and a later job (or a redelivery) naming the same object gets a hard link instead of
+    a download; least recently used entries go first. Off by default because it takes scratch disk the jobs
+    also need (size it to the shared inputs, e.g. a reference genome, leaving room for the largest job plus
+    ``staging.min_free_bytes``) and because cached inputs are read-only (mode 0444): an analytics that
+    rewrites its inputs in place must copy them first."""
     idle_timeout_s: float = Field(default=30.0, ge=0)
     """With no message for this long the worker retires (see ``retire_wait_s``) — unless the controller
     publishes an idle grace (``controller.idle_grace_min_s`` … ``idle_grace_max_s``), which then applies instead.
@@ -374,17 +397,28 @@ class Settings(_Section):
     @pydantic.field_validator("pools")
     @classmethod
     def _distinct_pools(cls, value: tuple[PoolSettings, ...]) -> tuple[PoolSettings, ...]:
-        for what, key in (
-            ("name", lambda p: p.name),
-            ("queue", lambda p: p.queue.url),
-            ("scale set", lambda p: (p.scale_set.url, p.scale_set.state_path)),
-        ):
-            seen: set[object] = set()
+        names = [pool.name for pool in value]
+        twice = next((name for n, name in enumerate(names) if name in names[:n]), None)
+        if twice is not None:
+            raise ValueError(f"two pools are named {twice!r}; give each pool its own name")
+        for what, key in (("queue", lambda p: p.queue.url), ("scale set", _scale_set_identity)):
+            seen: dict[object, str] = {}
             for pool in value:
-                if key(pool) in seen:
-                    raise ValueError(f"two pools share one {what} ({pool.name!r}); give each pool its own")
-                seen.add(key(pool))
+                other = seen.setdefault(key(pool), pool.name)
+                if other != pool.name:
+                    raise ValueError(f"pools {other!r} and {pool.name!r} share one {what}; give each its own")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _shared_budget_at_top(self) -> Settings:
+        total = self.controller.max_writes_per_minute_total
+        for pool in self.pools:
+            if pool.controller.max_writes_per_minute_total != total:
+                raise ValueError(
+                    f"pool {pool.name!r} sets controller.max_writes_per_minute_total: it is shared by all pools, "
+                    "set it in the top-level [controller] only"
+                )
+        return self
 
     def pool_names(self) -> tuple[str, ...]:
         """Every pool's name, in config order (:data:`DEFAULT_POOL` alone without ``[[pools]]``)."""
@@ -421,6 +455,14 @@ class Settings(_Section):
         )
 
 
+def _scale_set_identity(pool: PoolSettings) -> object:
+    """What makes two pools' scale sets one: the local pool's database, or the VMSS resource id (ARM ids are
+    case-insensitive)."""
+    if pool.scale_set.url.startswith("local://"):
+        return ("local", str(Path(pool.scale_set.state_path).resolve()))
+    return pool.scale_set.url.lower().rstrip("/")
+
+
 def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (if any) and the ``SCALEBUS_*`` environment, once."""
     environ = os.environ if environ is None else environ
@@ -435,7 +477,7 @@ def load(path: Path | None = None, *, environ: Mapping[str, str] | None = None) 
     try:
         return Settings.model_validate(tree)
     except pydantic.ValidationError as exc:
-        raise _config_error(exc, path, from_env) from None
+        raise _config_error(exc, path, from_env, tree) from None
 
 
 def _inherit_pool_sections(tree: dict[str, Any]) -> None:
@@ -516,12 +558,17 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def _config_error(
-    exc: pydantic.ValidationError, path: Path | None, from_env: Mapping[tuple[str, str], str]
+    exc: pydantic.ValidationError,
+    path: Path | None,
+    from_env: Mapping[tuple[str, str], str],
+    tree: Mapping[str, Any],
 ) -> errors.ConfigError:
     """The first problem, naming the key and where it was set: the whole variable when the environment set it
     (``SCALEBUS_WORKR__X`` for an unknown section ``workr``), else the file."""
     first = exc.errors()[0]
-    loc = tuple(str(part) for part in first["loc"])
+    loc = tuple(str(part) for part in first["loc"]) or ("pools",)  # the one check across tables: pools
+    if loc[0] == "pools":
+        return _pool_error(first, loc, path, tree)
     key = ".".join(loc)
     variable = next((name for where, name in from_env.items() if where[: len(loc[:2])] == loc[:2]), None)
     unknown = first["type"] == "extra_forbidden"
@@ -535,3 +582,21 @@ def _config_error(
     env = ENV_PREFIX + "__".join(loc[:2]).upper()
     where = f"in {path} or " if path else ""
     return errors.ConfigError(key, problem, f"set a valid value {where}via {env}")
+
+
+def _pool_error(
+    first: Any, loc: tuple[str, ...], path: Path | None, tree: Mapping[str, Any]
+) -> errors.ConfigError:
+    """A problem in ``[[pools]]``, named by the pool (``pools.fast.controller.max_instances``). Pools are set in
+    the file only (a pool's key missing there comes from the top-level table)."""
+    pools = tree.get("pools")
+    if len(loc) > 1 and loc[1].isdigit() and isinstance(pools, list) and int(loc[1]) < len(pools):
+        entry = pools[int(loc[1])]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name:
+            loc = (loc[0], name, *loc[2:])
+    key = ".".join(loc)
+    where = f"in {path}" if path else "in the config file"
+    if first["type"] == "extra_forbidden":
+        return errors.ConfigError(key, "unknown setting", f"remove it {where} or check its spelling")
+    return errors.ConfigError(key, str(first["msg"]), f"fix it {where}")

@@ -52,6 +52,33 @@ class DeadLetter:
     description: str
     delivery_count: int
     body: bytes
+    sequence_number: int = 0
+    """Where it stands in the dead-letter queue: a peek goes on from the highest one it saw, plus one."""
+
+
+DEAD_LETTER_PAGE = 100
+"""Dead letters asked for per peek. Service Bus returns at most what is asked, often fewer (at most 250 a peek
+was measured: Azure/azure-sdk-for-python#26643), so readers page until a peek returns nothing."""
+
+
+def page_dead_letters(
+    peek_page: Callable[[int, int], Sequence[DeadLetter]], *, max_count: int, page_size: int = DEAD_LETTER_PAGE
+) -> list[DeadLetter]:
+    """Every dead letter up to ``max_count``, oldest first, from ``peek_page(from_sequence_number, count)``
+    called page after page (``from`` = the last sequence number seen + 1) until a page comes back empty.
+    A short page is not the end: a broker may return fewer than asked while more remain."""
+    found: list[DeadLetter] = []
+    start = 1
+    while len(found) < max_count:
+        page = peek_page(start, min(page_size, max_count - len(found)))
+        if not page:
+            break
+        found += page[: max_count - len(found)]
+        after = max(d.sequence_number for d in page) + 1
+        if after <= start:  # a backend without sequence numbers: nothing further to ask for
+            break
+        start = after
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +182,8 @@ class JobQueue(Protocol):
         """Move the message to the dead-letter queue with a reason."""
 
     def peek_dead_letters(self, *, max_count: int) -> list[DeadLetter]:
-        """Look at dead-lettered messages without removing them."""
+        """Look at dead-lettered messages without removing them: every one up to ``max_count``, oldest first
+        (by sequence number), read in pages (:func:`page_dead_letters`) however many there are."""
 
     def requeue_dead_letters(self, *, max_count: int, concurrency: int = 1) -> list[Requeued]:
         """Move up to ``max_count`` dead-lettered messages back onto the queue (once their cause is fixed).
@@ -179,6 +207,43 @@ class QueueDepth(Protocol):
 
     def close(self) -> None:
         """Release clients; safe to call twice. A queue that is its own depth source closes once for both."""
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a queue went through between ``since`` and ``until``, and how long its oldest waiting job has waited.
+
+    A figure the source cannot give is ``None`` and ``unavailable`` says why (Service Bus keeps no record of
+    each message, so Azure Monitor's counts stand in and waits have no percentiles). Durations are seconds:
+    a wait runs from enqueue to first delivery, a run from the completing delivery to completion.
+    """
+
+    since: float
+    until: float
+    source: str
+    completed: int | None = None
+    dead_lettered: int | None = None
+    enqueued: int | None = None
+    wait_p50_s: float | None = None
+    wait_p95_s: float | None = None
+    wait_max_s: float | None = None
+    run_p50_s: float | None = None
+    run_p95_s: float | None = None
+    oldest_waiting_s: float | None = None
+    """Age of the oldest job no worker has taken yet (0 waiting: ``None`` with nothing in ``unavailable``)."""
+    oldest_includes_locked: bool = False
+    """Whether ``oldest_waiting_s`` may be a job a worker holds (a Service Bus peek shows locked messages too)."""
+    unavailable: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class QueueHistory(Protocol):
+    """Where ``status`` reads a queue's recent throughput and waits (optional: not every queue keeps any)."""
+
+    def recent(self, *, since: float) -> History: ...
+
+    def close(self) -> None:
+        """Release clients; safe to call twice."""
 
 
 # --------------------------------------------------------------------------------------------- scale set

@@ -36,11 +36,10 @@ def stage_cmd(
     cfg = wiring.load_settings(config, log_format)
     if not src:
         raise errors.UserInputError("give at least one source URI")
-    dest.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         resolver = wiring.StoreResolver(cfg)
         wiring.close_on_exit(stack, resolver)
-        _require_sources(resolver, src)
+        _require_sources(resolver, src)  # before anything is created at dest (staging creates it)
         on_progress = stack.enter_context(progress.progress_reporter())
         stats = stage.stage_in(resolver, src, dest, cfg.staging, on_progress=on_progress)
     out.emit(stats.as_dict(), output, lambda d: out.kv_table("staged", d))

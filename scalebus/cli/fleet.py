@@ -1,4 +1,5 @@
-"""Commands that run or inspect the fleet: ``controller run``, ``worker run``, ``selfdestroy``, ``status``.
+"""Commands that run the fleet: ``controller run`` (every pool of the config), ``worker run`` and ``selfdestroy``
+(one pool: ``--pool``).
 
 Each opens what it needs through :mod:`scalebus.cli.wiring` in one ``ExitStack``, so every client is closed on
 every exit path (a return, an error, Ctrl-C). The controller, worker and self-destroy modules are imported by
@@ -23,11 +24,12 @@ from scalebus import errors, redact, settings
 from scalebus.backends import base
 from scalebus.cli import output as out
 from scalebus.cli import wiring
-from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt
+from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt, PoolOpt
 from scalebus.cli.output import Output
 
 if TYPE_CHECKING:
     from scalebus.controller import loop as controller_loop
+    from scalebus.observability import telemetry
     from scalebus.selfdestroy import routine
 
 T = TypeVar("T")
@@ -59,73 +61,119 @@ def stop_on_signals(on_stop: Callable[[], None]) -> Iterator[None]:
 def controller_run(
     config: ConfigOpt = None, log_format: LogFormatOpt = None, output: OutputOpt = Output.TABLE
 ) -> None:
-    """Watch the queue and size the scale set: observe, decide, apply, every poll_interval_s.
+    """Watch each pool's queue and size its scale set: observe, decide, apply, every poll_interval_s.
 
     Scales out in one write per decision; never lowers capacity (idle workers retire themselves); deletes only
-    named broken instances. Stops on SIGTERM, or once drained with controller.exit_when_drained.
+    named broken instances. With [[pools]], one controller runs every pool, sharing ARM's write budget. Stops on
+    SIGTERM, or once drained with controller.exit_when_drained.
     """
     cfg = wiring.load_settings(config, log_format)
-    stats = run_controller(cfg, config)
-    if cfg.controller.exit_when_drained:
-        out.emit(
-            asdict(stats),
-            output,
-            lambda d: out.kv_table("controller", {k: v for k, v in d.items() if k != "decisions"}),
-        )
+    by_pool = run_controller(cfg, config)
+    if all(cfg.for_pool(name).controller.exit_when_drained for name in by_pool):
+        data = stats_by_pool(by_pool)
+        out.emit(data, output, lambda d: out.kv_table("controller", _flat_stats(d)))
 
 
-def run_controller(cfg: settings.Settings, config: Path | None) -> controller_loop.ControllerStats:
-    """Run the controller until SIGTERM (or drained, as configured); its ports are closed however it ends."""
+def stats_by_pool(by_pool: dict[str, controller_loop.ControllerStats]) -> dict[str, object]:
+    """The controller's stats as ``-o json`` shows them: the one pool's alone, or ``{"pools": {name: ...}}``."""
+    if len(by_pool) == 1:
+        return asdict(next(iter(by_pool.values())))
+    return {"pools": {name: asdict(stats) for name, stats in by_pool.items()}}
+
+
+def _flat_stats(data: dict[str, object]) -> dict[str, object]:
+    pools = data.get("pools")
+    if not isinstance(pools, dict):
+        return {k: v for k, v in data.items() if k != "decisions"}
+    return {f"{name} {k}": v for name, stats in pools.items() for k, v in stats.items() if k != "decisions"}
+
+
+def run_controller(cfg: settings.Settings, config: Path | None) -> dict[str, controller_loop.ControllerStats]:
+    """Run the controller over every pool until SIGTERM (or drained, as configured); each pool's ports are
+    closed however it ends. What each pool's controller did, by pool."""
     from scalebus.controller import loop as controller_loop
     from scalebus.observability import telemetry
 
     with contextlib.ExitStack() as stack:
-        queue, depth = wiring.open_queue(cfg)
-        wiring.close_on_exit(stack, queue, depth)
-        scale_set = wiring.open_scale_set(cfg, config)
-        wiring.close_on_exit(stack, scale_set)
         report = telemetry.ControllerTelemetry(cfg.metrics)
         wiring.close_on_exit(stack, report)
-        heartbeats = wiring.open_heartbeats(cfg)
-        wiring.close_on_exit(stack, heartbeats)
+        several = len(cfg.pools) > 0
+        pools = [
+            _open_pool(stack, cfg.for_pool(name), config, report.pool(name), name=name, several=several)
+            for name in cfg.pool_names()
+        ]
         lease = wiring.open_lease(cfg)
         wiring.close_on_exit(stack, lease)
         controller = controller_loop.Controller(
-            depth=depth,
-            scale_set=report.metered(scale_set),
-            heartbeats=heartbeats,
-            settings=cfg.controller,
-            protect_busy=cfg.scale_set.protect_busy,
-            metrics=report,
+            pools,
+            max_writes_per_minute_total=cfg.controller.max_writes_per_minute_total,
             lease=lease,
             holder=wiring.controller_holder(),
         )
         stop = threading.Event()
         with stop_on_signals(stop.set):
-            return controller.run(stop)
+            controller.run(stop)
+        return controller.pool_stats
 
 
-def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> None:
+def _open_pool(
+    stack: contextlib.ExitStack,
+    cfg: settings.Settings,
+    config: Path | None,
+    report: telemetry.PoolTelemetry,
+    *,
+    name: str,
+    several: bool,
+) -> controller_loop.Pool:
+    """One pool's ports, from its view of the settings (closed when ``stack`` unwinds)."""
+    from scalebus.controller import budget
+    from scalebus.controller import loop as controller_loop
+
+    queue, depth = wiring.open_queue(cfg)
+    wiring.close_on_exit(stack, queue, depth)
+    scale_set = wiring.open_scale_set(cfg, config, pool_name=name if several else None)
+    wiring.close_on_exit(stack, scale_set)
+    heartbeats = wiring.open_heartbeats(cfg)
+    wiring.close_on_exit(stack, heartbeats)
+    adapter_stats = getattr(scale_set, "stats", None)  # VmssScaleSet.stats: counts the 429s it retried itself
+    return controller_loop.Pool(
+        name=name,
+        depth=depth,
+        scale_set=report.metered(scale_set),
+        heartbeats=heartbeats,
+        settings=cfg.controller,
+        protect_busy=cfg.scale_set.protect_busy,
+        metrics=report,
+        budget_key=budget.budget_key(cfg.scale_set.url),
+        throttled_count=(lambda: int(scale_set.stats.throttled)) if adapter_stats is not None else None,  # type: ignore[attr-defined]
+    )
+
+
+def worker_run(config: ConfigOpt = None, pool: PoolOpt = None, log_format: LogFormatOpt = None) -> None:
     """Take jobs from the queue until idle for worker.idle_timeout_s, then delete this instance.
 
     Each job: peek-lock (renewed while it runs), validate, stage inputs, run worker.command, publish outputs
     (committed once, _SUCCESS last), complete. SIGTERM drains: no new work, the running job gets
     worker.drain_timeout_s, then it is abandoned. A Spot eviction notice (worker.eviction_poll_s) abandons a job
-    that cannot finish in time at once and exits without self-destroy.
+    that cannot finish in time at once and exits without self-destroy. With [[pools]], --pool (or SCALEBUS_POOL)
+    names the pool whose queue, worker settings and scale set this instance serves.
     """
     from scalebus.observability import telemetry
     from scalebus.worker import loop as worker_loop
 
-    cfg = wiring.load_settings(config, log_format)
+    loaded = wiring.load_settings(config, log_format)
+    cfg = loaded.for_pool(pool)
+    pool_name = pool or loaded.pool_names()[0]
+    structlog.contextvars.bind_contextvars(pool=pool_name)
     redact.register_env(os.environ)  # the worker's own secret-looking variables are masked wherever it prints
     with contextlib.ExitStack() as stack:
         queue, depth = wiring.open_queue(cfg)
         wiring.close_on_exit(stack, queue, depth)
-        report = telemetry.WorkerTelemetry(cfg.metrics)
+        report = telemetry.WorkerTelemetry(cfg.metrics, pool=pool_name)
         wiring.close_on_exit(stack, report)
         identity = _identity_or_none(cfg)
         instance_id = identity.instance_id if identity else f"manual-{os.getpid()}"
-        on_idle = (lambda: _retire(cfg, config)) if identity and cfg.worker.self_destroy else None
+        on_idle = (lambda: _retire(cfg, config, pool)) if identity and cfg.worker.self_destroy else None
         secret_env = wiring.open_secret_env(cfg)
         wiring.close_on_exit(stack, secret_env)
         notices = wiring.open_notices(cfg, identity)
@@ -135,6 +183,8 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
         wiring.close_on_exit(stack, resolver)
         heartbeats = wiring.open_heartbeats(cfg)
         wiring.close_on_exit(stack, heartbeats)
+        cache = wiring.open_input_cache(cfg)
+        wiring.close_on_exit(stack, cache)
         worker = worker_loop.Worker(
             worker_loop.WorkerPorts(
                 queue=queue,
@@ -142,6 +192,7 @@ def worker_run(config: ConfigOpt = None, log_format: LogFormatOpt = None) -> Non
                 heartbeats=heartbeats,
                 secrets=secret_env,
                 notices=report.counted(notices),
+                cache=cache,
             ),
             instance_id=instance_id,
             settings=cfg.worker,
@@ -165,17 +216,20 @@ def _identity_or_none(cfg: settings.Settings) -> base.InstanceInfo | None:
         identity.close()
 
 
-def _retire(cfg: settings.Settings, config: Path | None) -> None:
-    result = self_destroy(cfg, config, dry_run=False)
+def _retire(cfg: settings.Settings, config: Path | None, pool: str | None) -> None:
+    result = self_destroy(cfg, config, dry_run=False, pool=pool)
     log.info("worker_retired", outcome=result.outcome.value)
 
 
-def self_destroy(cfg: settings.Settings, config: Path | None, *, dry_run: bool) -> routine.Result:
-    """Delete this instance from its scale set (see :mod:`scalebus.selfdestroy.routine`), closing what it opens."""
+def self_destroy(
+    cfg: settings.Settings, config: Path | None, *, dry_run: bool, pool: str | None = None
+) -> routine.Result:
+    """Delete this instance from its scale set (see :mod:`scalebus.selfdestroy.routine`), closing what it opens.
+    ``cfg`` is the pool's view (``Settings.for_pool``); ``pool`` its name when the config has several."""
     from scalebus.selfdestroy import routine
 
     with contextlib.ExitStack() as stack:
-        scale_set = wiring.open_scale_set(cfg, config)
+        scale_set = wiring.open_scale_set(cfg, config, pool_name=pool)
         wiring.close_on_exit(stack, scale_set)
         identity = wiring.open_identity(cfg)
         wiring.close_on_exit(stack, identity)
@@ -193,6 +247,7 @@ def self_destroy(cfg: settings.Settings, config: Path | None, *, dry_run: bool) 
 
 def selfdestroy_cmd(
     config: ConfigOpt = None,
+    pool: PoolOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
@@ -202,6 +257,6 @@ def selfdestroy_cmd(
     Refuses when not in a scale set, when the instance belongs to another scale set than scale_set.url, or
     while its worker still holds a job. Usable as a container entrypoint or from a systemd unit.
     """
-    cfg = wiring.load_settings(config, log_format)
-    result = self_destroy(cfg, config, dry_run=dry_run)
+    cfg = wiring.load_settings(config, log_format).for_pool(pool)
+    result = self_destroy(cfg, config, dry_run=dry_run, pool=pool)
     out.emit(asdict(result), output, lambda d: out.kv_table("selfdestroy", d))

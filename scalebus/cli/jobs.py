@@ -16,7 +16,7 @@ import typer
 from scalebus import errors, jobs
 from scalebus.cli import output as out
 from scalebus.cli import wiring
-from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt
+from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt, PoolOpt
 from scalebus.cli.output import Output
 
 
@@ -36,13 +36,14 @@ def submit_cmd(
     config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
+    pool: PoolOpt = None,
 ) -> None:
     """Validate and enqueue jobs: one from flags, or many from --file.
 
     Every job is validated before anything is sent; a job a worker could not run (unknown scheme, bad URI,
     over 256 KB, duplicate id) is refused with the reason.
     """
-    cfg = wiring.load_settings(config, log_format)
+    cfg = wiring.load_settings(config, log_format).for_pool(pool)
     limits = jobs.Limits.from_settings(cfg, cwd=os.getcwd())
     job_list = (
         jobs.read_jobs_file(file, limits=limits)
@@ -101,6 +102,7 @@ def requeue_cmd(
     config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
+    pool: PoolOpt = None,
 ) -> None:
     """Put dead-lettered jobs back on the queue, once their cause is fixed (see them with `status`).
 
@@ -113,7 +115,7 @@ def requeue_cmd(
         raise errors.UserInputError(f"--max {max_count}: give 1 or more")
     if not 1 <= concurrency <= 32:
         raise errors.UserInputError(f"--concurrency {concurrency}: give 1 to 32")
-    cfg = wiring.load_settings(config, log_format)
+    cfg = wiring.load_settings(config, log_format).for_pool(pool)
     with contextlib.ExitStack() as stack:
         queue, depth = wiring.open_queue(cfg)
         wiring.close_on_exit(stack, queue, depth)

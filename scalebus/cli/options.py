@@ -23,3 +23,12 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for peo
 LogFormatOpt = Annotated[
     str | None, typer.Option("--log-format", help="console | json (default: console on a terminal, else json).")
 ]
+PoolOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pool",
+        envvar="SCALEBUS_POOL",
+        help="Which of the config's [[pools]] this command is for (needed when there are several).",
+        show_default=False,
+    ),
+]

@@ -86,9 +86,22 @@ def kv_table(title: str, rows: dict[str, Any]) -> rich.table.Table:
 
 
 def status_table(data: dict[str, Any]) -> rich.console.RenderableType:
-    """Instances with their workers (the depth in the title), then dead letters by reason, then what could not
-    be read."""
+    """Each pool (:func:`pool_status_table`), then the controller holding the lease and what could not be read
+    of it."""
+    parts: list[rich.console.RenderableType] = [pool_status_table(pool) for pool in data["pools"]]
+    notes = [f"leader: {data['leader']['holder']} (token {data['leader']['token']})"] if data.get("leader") else []
+    notes += [f"not shown: {what}" for what in data.get("unavailable", [])]
+    if notes:
+        parts.append(rich.text.Text("\n".join(notes)))
+    return rich.console.Group(*parts)
+
+
+def pool_status_table(data: dict[str, Any]) -> rich.console.RenderableType:
+    """One pool: instances with their workers (the depth in the title), the last hour, dead letters by reason,
+    then what could not be read."""
     parts: list[rich.console.RenderableType] = [_instances_table(data)]
+    if data.get("throughput"):
+        parts.append(rich.text.Text(_throughput_line(data["throughput"])))
     if data.get("dead_letters"):
         parts.append(_dead_letters_table(data))
     notes = _status_notes(data)
@@ -97,8 +110,32 @@ def status_table(data: dict[str, Any]) -> rich.console.RenderableType:
     return rich.console.Group(*parts)
 
 
+def _throughput_line(last: dict[str, Any]) -> str:
+    """``last hour: 42 completed (0.7/min), 3 dead-lettered, 45 enqueued; wait p50 1.2 s ...``: a dash for what
+    the source cannot tell."""
+    per_minute = f" ({last['completed_per_minute']}/min)" if last.get("completed_per_minute") is not None else ""
+    wait, run = last["wait_s"], last["run_s"]
+    held = " (may be held by a worker)" if last.get("oldest_includes_locked") else ""
+    oldest = (
+        "nothing waiting"
+        if last["oldest_waiting_s"] is None
+        else f"oldest waiting {_seconds(last['oldest_waiting_s'])}{held}"
+    )
+    return (
+        f"last hour: {_or_dash(last['completed'])} completed{per_minute}, {_or_dash(last['dead_lettered'])} "
+        f"dead-lettered, {_or_dash(last['enqueued'])} enqueued; wait p50 {_seconds(wait['p50'])}, p95 "
+        f"{_seconds(wait['p95'])}, max {_seconds(wait['max'])}; run p50 {_seconds(run['p50'])}, p95 "
+        f"{_seconds(run['p95'])}; {oldest}"
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:g} s"
+
+
 def _instances_table(data: dict[str, Any]) -> rich.table.Table:
-    table = rich.table.Table(title=f"queue {data['queue']}: {_depth_line(data['depth'])}")
+    pool = f"pool {data['pool']}, " if data.get("pool") else ""
+    table = rich.table.Table(title=f"{pool}queue {data['queue']}: {_depth_line(data['depth'])}")
     for col in ("instance", "state", "worker", "job", "age s", "model"):
         table.add_column(col)
     if data["instances"] is None:
@@ -142,8 +179,6 @@ def _dead_count_line(data: dict[str, Any]) -> str:
 
 def _status_notes(data: dict[str, Any]) -> list[str]:
     notes: list[str] = []
-    if data.get("leader"):
-        notes.append(f"leader: {data['leader']['holder']} (token {data['leader']['token']})")
     models: dict[str, int] = {}
     for inst in data["instances"] or []:
         models[inst.get("model") or "-"] = models.get(inst.get("model") or "-", 0) + 1
@@ -197,6 +232,12 @@ def demo_summary_table(data: dict[str, Any]) -> rich.table.Table:
         "jobs dead-lettered": data["dead_lettered"],
         **{f"  dead letter {mid}": reason for mid, reason in data["dead_letter_reasons"].items()},
         "peak workers": data["peak_workers"],
+        **{
+            f"  pool {name}": f"{p['ok']} of {p['submitted']} ok, {p['dead_lettered']} dead-lettered, "
+            f"peak {p['peak_workers']} workers"
+            for name, p in data.get("pools", {}).items()
+            if len(data.get("pools", {})) > 1
+        },
         "wall time": f"{data['wall_s']:.1f} s",
         "bytes staged": f"{data['bytes_staged'] / 1e6:.1f} MB",
         "staging speed (per worker)": f"{data['staging_mb_per_s']} MB/s",

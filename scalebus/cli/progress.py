@@ -46,7 +46,11 @@ class LogProgress:
 
     def __call__(self, progress: kit.Progress) -> None:
         now = time.monotonic()
-        done = progress.files_done == progress.files_total and progress.bytes_done == progress.bytes_total
+        done = (
+            progress.totals_final
+            and progress.files_done == progress.files_total
+            and progress.bytes_done == progress.bytes_total
+        )
         if not done and self._logged_at is not None and now - self._logged_at < self._interval_s:
             return
         self._logged_at = now
@@ -97,7 +101,8 @@ class BarProgress:
         self._bar.console.print(Text.from_ansi(text.rstrip("\n")), soft_wrap=True, highlight=False)
 
     def __call__(self, progress: kit.Progress) -> None:
-        files = f"{progress.files_done:,}/{progress.files_total:,} files"
+        listing = "" if progress.totals_final else "+ (listing)"
+        files = f"{progress.files_done:,}/{progress.files_total:,}{listing} files"
         if self._task is None:
             self._task = self._bar.add_task(self._description, total=progress.bytes_total, files=files)
         self._bar.update(self._task, completed=progress.bytes_done, total=progress.bytes_total, files=files)

@@ -35,7 +35,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.cli import output as out
 from scalebus.cli import wiring
-from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt
+from scalebus.cli.options import ConfigOpt, LogFormatOpt, OutputOpt, PoolOpt
 from scalebus.cli.output import Output
 
 log = structlog.get_logger(__name__)
@@ -143,6 +143,7 @@ def rollout_cmd(
     config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
+    pool: PoolOpt = None,
 ) -> None:
     """Move the fleet to a new image; no busy worker is reimaged or deleted.
 
@@ -150,7 +151,7 @@ def rollout_cmd(
     replacements boot ahead, and tells the old-model workers to retire: idle ones now, busy ones after their job.
     `status` shows the instances per model as it proceeds.
     """
-    cfg = wiring.load_settings(config, log_format)
+    cfg = wiring.load_settings(config, log_format).for_pool(pool)
     with contextlib.ExitStack() as stack:
         scale_set = wiring.open_scale_set(cfg, config)
         wiring.close_on_exit(stack, scale_set)

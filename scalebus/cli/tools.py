@@ -29,6 +29,9 @@ def demo_cmd(
     ] = 24,
     reads: Annotated[int, typer.Option(help="Reads per FASTQ file.", min=10)] = 18_000,
     max_workers: Annotated[int, typer.Option(help="Upper bound on worker processes.", min=1, max=64)] = 4,
+    pools: Annotated[
+        int, typer.Option(help="1, or 2: a short-job and a long-job queue, one controller.", min=1, max=2)
+    ] = 1,
     config: ConfigOpt = None,
     log_format: LogFormatOpt = None,
     output: OutputOpt = Output.TABLE,
@@ -46,18 +49,27 @@ def demo_cmd(
     console.print(
         f"[bold]scalebus demo[/]: generating {samples} samples × 2 gzipped FASTQ files in {directory}/lake"
     )
-    plan = demo.prepare(directory, user=user, samples=samples, reads_per_file=reads, max_workers=max_workers)
+    plan = demo.prepare(
+        directory, user=user, samples=samples, reads_per_file=reads, max_workers=max_workers, pools=pools
+    )
     console.print(f"  {plan.input_files} files, {plan.input_bytes / 1e6:.1f} MB; config {plan.config}")
     cfg = wiring.load_settings(plan.config, log_format)
     with contextlib.ExitStack() as stack:
-        queue, depth = wiring.open_queue(cfg)
-        wiring.close_on_exit(stack, queue, depth)
-        jobs.JobProducer(queue, limits=jobs.Limits.from_settings(cfg, cwd=os.getcwd())).submit(plan.jobs)
-        console.print(f"  submitted {len(plan.jobs)} jobs; starting the controller (Ctrl-C drains)")
+        queues = {}
+        for name, pool_jobs in plan.pools.items():
+            pool_cfg = cfg.for_pool(name)
+            queue, depth = wiring.open_queue(pool_cfg)
+            wiring.close_on_exit(stack, queue, depth)
+            jobs.JobProducer(queue, limits=jobs.Limits.from_settings(pool_cfg, cwd=os.getcwd())).submit(pool_jobs)
+            queues[name] = queue
+        console.print(f"  submitted {len(plan.jobs)} jobs to {', '.join(plan.pools)}; starting the controller")
         started = time.monotonic()
-        stats = fleet.run_controller(cfg, plan.config)
+        by_pool = fleet.run_controller(cfg, plan.config)
         summary = demo.summarize(
-            plan, queue=queue, peak_workers=stats.peak_instances, wall_s=time.monotonic() - started
+            plan,
+            queues=queues,
+            peak_workers={name: stats.peak_instances for name, stats in by_pool.items()},
+            wall_s=time.monotonic() - started,
         )
     out.emit(
         asdict(summary) | {"staging_mb_per_s": round(summary.staging_mb_per_s, 1)}, output, out.demo_summary_table

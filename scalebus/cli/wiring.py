@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from scalebus import errors, jobs, logs, settings
 from scalebus.backends import base
 from scalebus.backends.local import folder, pool, sqlite_queue
+from scalebus.transfer import cache as input_cache
 from scalebus.worker import secrets as worker_secrets
 
 if TYPE_CHECKING:
@@ -96,12 +97,17 @@ def scale_set_id(cfg: settings.Settings) -> str:
     return pool.pool_url(Path(cfg.scale_set.state_path)) if is_local_pool(cfg) else cfg.scale_set.url
 
 
-def open_scale_set(cfg: settings.Settings, config_path: Path | None) -> base.ScaleSet:
-    """The local process pool (its workers get ``config_path``) or the VM scale set ``scale_set.url`` names."""
+def open_scale_set(
+    cfg: settings.Settings, config_path: Path | None, *, pool_name: str | None = None
+) -> base.ScaleSet:
+    """The local process pool (its workers get ``config_path``, and ``--pool`` when the config has several) or the
+    VM scale set ``scale_set.url`` names. ``cfg`` is one pool's view (``Settings.for_pool``)."""
     if is_local_pool(cfg):
         argv = [sys.executable, "-m", "scalebus", "worker", "run"]
         if config_path is not None:
             argv += ["--config", str(config_path.resolve())]
+        if pool_name is not None:
+            argv += ["--pool", pool_name]
         return pool.LocalScaleSet(Path(cfg.scale_set.state_path), worker_argv=argv, worker_env={})
     if cfg.scale_set.url.lower().startswith("/subscriptions/"):
         from scalebus.backends.azure import compute
@@ -144,16 +150,19 @@ def open_heartbeats(cfg: settings.Settings) -> base.HeartbeatStore:
 
 def open_lease(cfg: settings.Settings) -> base.Lease | None:
     """The controllers' lease (``controller.lease_s``): a row in the pool's database, or a blob lease beside the
-    fleet's heartbeats; ``None`` with ``lease_s = 0`` (a single controller, no lease)."""
+    fleet's heartbeats; ``None`` with ``lease_s = 0`` (a single controller, no lease). One lease for all pools:
+    it lives with the first pool's scale set (every controller reads the same config, so the same one)."""
     if cfg.controller.lease_s <= 0:
         return None
+    lease_s = cfg.controller.lease_s  # the top level's: a pool's own lease_s has no lease to apply to
+    cfg = cfg.for_pool(cfg.pool_names()[0])
     if is_local_pool(cfg):
         from scalebus.backends.local import lease
 
-        return lease.SqliteLease.open(Path(cfg.scale_set.state_path), duration_s=cfg.controller.lease_s)
+        return lease.SqliteLease.open(Path(cfg.scale_set.state_path), duration_s=lease_s)
     from scalebus.backends.azure import lease as blob_lease
 
-    return blob_lease.open_lease(cfg.storage, cfg.scale_set, duration_s=cfg.controller.lease_s)
+    return blob_lease.open_lease(cfg.storage, cfg.scale_set, duration_s=lease_s)
 
 
 def controller_holder() -> str:
@@ -225,6 +234,12 @@ def open_secret_env(cfg: settings.Settings) -> worker_secrets.SecretEnv | None:
     if not cfg.worker.secret_env:
         return None
     return worker_secrets.SecretEnv(open_secrets(cfg), cfg.worker.secret_env, cache_s=cfg.secrets.cache_s)
+
+
+def open_input_cache(cfg: settings.Settings) -> input_cache.DiskInputCache | None:
+    """The VM's input cache in ``worker.work_dir`` (``worker.cache_bytes``); ``None`` when it is off or its
+    folder is unusable (logged; the worker then downloads every input)."""
+    return input_cache.open_input_cache(cfg.worker.work_dir, cap_bytes=cfg.worker.cache_bytes)
 
 
 class StoreResolver:
@@ -304,3 +319,17 @@ def job_rules(cfg: settings.Settings) -> JobRules:
     limits = jobs.Limits.from_settings(cfg, cwd=os.getcwd(), reserved=reserved)
     is_embedded = urllib.parse.urlsplit(cfg.queue.url).scheme == "sqlite"
     return job.JobRules(limits=limits, max_deliveries=cfg.queue.max_delivery_count if is_embedded else None)
+
+
+def open_queue_history(cfg: settings.Settings, queue: base.JobQueue) -> base.QueueHistory | None:
+    """Where ``status`` reads the last hour of ``queue`` (opened by :func:`open_queue`): the embedded queue's own
+    record, or Service Bus with Azure Monitor's counts; ``None`` for a queue that keeps none. The caller closes
+    it (the embedded queue is the same object as the queue: close both through :func:`close_on_exit`)."""
+    if isinstance(queue, base.QueueHistory):
+        return queue
+    if urllib.parse.urlsplit(cfg.queue.url).scheme == "servicebus":
+        from scalebus.backends.azure import servicebus
+
+        if isinstance(queue, servicebus.ServiceBusJobQueue):
+            return servicebus.open_history(cfg.queue, queue)
+    return None

@@ -23,7 +23,8 @@ What it decides:
   The controller step publishes it to the workers through the heartbeat store (``HeartbeatStore.publish_hint``).
 
 The controller step applies ``delete`` first, then writes ``capacity`` (the target already accounts for the
-deletions), and counts both against the ARM write budget (``max_writes_per_minute``).
+deletions), and counts both against the ARM write budget (``max_writes_per_minute``, and what the budget shared
+with other pools allows: ``Observation.write_allowance``).
 
 Counts mean what their source means. Service Bus's admin API and Monitor count a locked message as active
 (``DepthSample.active_includes_locked``): the jobs seen busy since the sample are subtracted from it and counted
@@ -82,6 +83,9 @@ class Observation:
     instance is deleted for it and every running instance may be holding a job."""
     write_in_flight: bool = False
     """A scale-set write started in an earlier round has not finished: no second write is started."""
+    write_allowance: int | None = None
+    """Writes the budget shared with other pools leaves this pool now (``controller/budget.py``); ``None``: only
+    this pool's own ``max_writes_per_minute`` bounds it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +401,8 @@ def _plan_deletions(
     now = obs.now
     writes = tuple(t for t in state.writes if now - t < WRITE_WINDOW_S)
     budget = settings.max_writes_per_minute - len(writes)
+    if obs.write_allowance is not None:
+        budget = min(budget, obs.write_allowance)
     broken, retired = fleet.broken, fleet.retired
     if state.failed_deletes:
         backoff = state.failed_deletes
@@ -523,10 +529,15 @@ def _plan_write(
         return _Write(None, f"{work} need {desired} of {supply}: an earlier write is still running", True)
     reserve = tunables.write_reserve if shortfall < tunables.min_step else 0
     if deletions.budget - reserve <= 0:
-        reason = (
-            f"{work} need {desired} of {supply}, but the write budget of "
-            f"{settings.max_writes_per_minute}/min is spent: the next write takes the whole step"
+        shared = obs.write_allowance is not None and obs.write_allowance < settings.max_writes_per_minute - len(
+            deletions.writes
         )
+        spent = (
+            "the write budget shared with other pools"
+            if shared
+            else f"the write budget of {settings.max_writes_per_minute}/min"
+        )
+        reason = f"{work} need {desired} of {supply}, but {spent} is spent: the next write takes the whole step"
         return _Write(None, reason, True)
     return _Write(target, f"{work} need {desired}, {supply} provisioned: scale out by {shortfall} to {target}")
 

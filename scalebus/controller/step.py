@@ -17,6 +17,11 @@ the concurrency. A failing deletion (409, 403) does not stop the capacity write 
 raised by the deletions that did not happen, so VMSS never removes instances of its choosing), and is logged and
 counted; the instances back off before the next attempt.
 
+Given a :class:`~scalebus.controller.budget.PoolGate` (one controller running several pools), the step asks it
+how many writes the budget shared with the other pools on the subscription allows before it writes; when that is
+fewer than the decision makes, the policy decides again within that allowance (it knows which write matters
+most) and the pool waits for its turn. A failed write that came with a ``Retry-After`` holds back every pool.
+
 Reading the depth or the scale set failing raises our ``BackendError`` out of :meth:`ControllerStep.run_round`;
 the loop backs off. A failing heartbeat store does not stop scaling: the policy then deletes no one for
 silence. Each kind of failure keeps a streak (:attr:`ControllerStep.failure_streak`) that only a success of the
@@ -35,7 +40,7 @@ import structlog
 
 from scalebus import errors
 from scalebus.backends import base
-from scalebus.controller import policy
+from scalebus.controller import budget, policy
 from scalebus.settings import ControllerSettings
 
 _log = structlog.get_logger(__name__)
@@ -137,6 +142,7 @@ class ControllerStep:
         protect_busy: bool = False,
         writes: WriteRunner | None = None,
         still_leader: Callable[[], bool] | None = None,
+        gate: budget.PoolGate | None = None,
         log: structlog.typing.FilteringBoundLogger = _log,
     ) -> None:
         self._depth = depth
@@ -147,6 +153,10 @@ class ControllerStep:
         self._protect_busy = protect_busy
         self._still_leader = still_leader if still_leader is not None else _always
         """The fence: asked right before each scale-set write (the controllers' lease still held)."""
+        self._gate = gate
+        """The write budget shared with the controller's other pools (``None``: this pool's own alone)."""
+        self._waiting = False
+        """Whether the shared budget holds back a write this pool wants."""
         self._log = log
         self._state = policy.initial_state()
         self._hint: base.FleetHint | None = None
@@ -204,7 +214,10 @@ class ControllerStep:
         """One round: collect a finished write, observe, decide, start the write (if any)."""
         self._collect()
         obs = self.observe()
-        decision, self._state = policy.decide(obs, self._state, self._settings)
+        decision, state = policy.decide(obs, self._state, self._settings)
+        if self._gate is not None:
+            obs, decision, state = self._share(obs, decision, state)
+        self._state = state
         self._apply(obs, decision)
         if self._protect_busy:
             self._protect(obs, set(decision.delete))
@@ -213,10 +226,26 @@ class ControllerStep:
         self.stats.peak_instances = max(self.stats.peak_instances, len(obs.instances))
         return obs, decision
 
+    def _share(
+        self, obs: policy.Observation, decision: policy.Decision, state: policy.PolicyState
+    ) -> tuple[policy.Observation, policy.Decision, policy.PolicyState]:
+        """Ask the shared budget for the writes this decision makes; when it allows fewer, decide again within
+        what it allows (the policy stays the one judge of which write matters most) and wait for a turn."""
+        assert self._gate is not None
+        wanted = _write_count(obs, decision)
+        allowed = self._gate.allowance() if wanted else None
+        if allowed is not None and allowed < wanted:
+            obs = replace(obs, write_allowance=allowed)
+            decision, state = policy.decide(obs, self._state, self._settings)
+        spent = _write_count(obs, decision)
+        self._gate.settle(spent=spent, satisfied=spent >= wanted)
+        if (spent < wanted) != self._waiting:  # logged as the wait starts and ends, not every round
+            self._waiting = spent < wanted
+            self._log.info("shared_write_budget", waiting=self._waiting, wanted=wanted, allowed=allowed)
+        return obs, decision, state
+
     def _apply(self, obs: policy.Observation, decision: policy.Decision) -> None:
-        delete = decision.delete
-        current = obs.capacity - len(delete)
-        capacity = decision.capacity if decision.capacity is not None and decision.capacity != current else None
+        delete, capacity = _planned(obs, decision)
         if not delete and capacity is None:
             return
         if capacity is not None and self.stats.first_scale_request_at is None:
@@ -283,6 +312,8 @@ class ControllerStep:
                 self._failed("capacity", outcome.capacity_error, capacity=outcome.capacity)
 
     def _failed(self, kind: str, exc: errors.BackendError, **context: object) -> None:
+        if self._gate is not None and isinstance(exc, errors.TransientScaleSetError) and exc.retry_after_s:
+            self._gate.throttled(retry_after_s=exc.retry_after_s)  # ARM said when: every pool on it waits
         self._streaks[kind] += 1
         self.stats.failures += 1
         self.stats.last_error = f"{kind}: {exc}"
@@ -360,6 +391,20 @@ def _with_views(
 
 def _always() -> bool:
     return True
+
+
+def _planned(obs: policy.Observation, decision: policy.Decision) -> tuple[tuple[str, ...], int | None]:
+    """The deletions and the capacity write a decision makes (a target equal to the current one is no write)."""
+    delete = decision.delete
+    current = obs.capacity - len(delete)
+    capacity = decision.capacity if decision.capacity is not None and decision.capacity != current else None
+    return delete, capacity
+
+
+def _write_count(obs: policy.Observation, decision: policy.Decision) -> int:
+    """ARM writes the decision makes: one for the deletions, one for the capacity write."""
+    delete, capacity = _planned(obs, decision)
+    return int(bool(delete)) + int(capacity is not None)
 
 
 def _view(instance: base.Instance, beat: base.Heartbeat | None) -> policy.InstanceView:

@@ -127,8 +127,10 @@ def ingest(
 
 
 def journal_root(settings: IngestSettings) -> Path:
-    """Where the local records of ingests live: beside the scratch folder (the system temporary directory by
-    default, so a reboot may lose them; the destination's manifest then serves)."""
+    """Where the local records of ingests live: ``ingest.state_dir``, else beside the scratch folder (the system
+    temporary directory by default, so a reboot may lose them; the destination's manifest then serves)."""
+    if settings.state_dir:
+        return Path(settings.state_dir)
     return Path(settings.scratch_dir or tempfile.gettempdir()) / JOURNAL_FOLDER
 
 
@@ -313,7 +315,11 @@ class _Copier:
         self._record = record
         self._progress = progress
         self._throttle = kit.Throttle(settings.bandwidth_cap_bytes_per_s)
-        self._server_side = _ServerSide.between(source, store, verify_md5=settings.verify_md5)
+        self._server_side = (
+            _ServerSide.between(source, store, verify_md5=settings.verify_md5)
+            if settings.server_side_copy
+            else None
+        )
 
     def run(self, tasks: Sequence[plan.CopyTask]) -> None:
         scratch_root = Path(self._settings.scratch_dir) if self._settings.scratch_dir else None

@@ -9,11 +9,12 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.observability import metered, prometheus, server, watchdog
 from scalebus.observability.recorder import DecisionLike, Health, ObservationLike
-from scalebus.settings import MetricsSettings
+from scalebus.settings import DEFAULT_POOL, MetricsSettings
 
 
 class ControllerTelemetry:
-    """The controller's recorder: metrics (with ``metrics.port``) and the watchdog (under systemd)."""
+    """The controller's recorders (one per pool, :meth:`pool`), its endpoints (with ``metrics.port``) and the
+    watchdog (under systemd): one health clock for the process, ticked by every pool's rounds."""
 
     def __init__(self, cfg: MetricsSettings) -> None:
         self.health = Health(stall_s=cfg.stall_s)
@@ -27,25 +28,9 @@ class ControllerTelemetry:
         )
         self._watchdog = watchdog.Watchdog()
 
-    def metered(self, scale_set: base.ScaleSet) -> base.ScaleSet:
-        """The scale set with its calls counted; the Azure adapter's wire counters exposed too."""
-        stats = getattr(scale_set, "stats", None)  # VmssScaleSet.stats: an ArmCallStats snapshot
-        if stats is not None:
-            self.exporter.watch_arm(lambda: scale_set.stats)  # type: ignore[attr-defined]
-        return metered.meter_scale_set(scale_set, self.exporter)
-
-    def round_done(self, obs: ObservationLike, decision: DecisionLike, *, next_in_s: float) -> None:
-        self.exporter.round_done(obs, decision, next_in_s=next_in_s)
-        self._watchdog.ping(ready=True)
-
-    def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None:
-        self.exporter.round_failed(exc, next_in_s=next_in_s)
-        self._watchdog.ping(ready=False)
-
-    def standing_by(self, *, next_in_s: float) -> None:
-        """A standby is started and alive (systemd must neither time out its start nor restart it)."""
-        self.exporter.standing_by(next_in_s=next_in_s)
-        self._watchdog.ping(ready=True)
+    def pool(self, name: str) -> PoolTelemetry:
+        """What pool ``name``'s rounds and scale-set calls report through."""
+        return PoolTelemetry(self.exporter.pool(name), self._watchdog, self.exporter)
 
     def close(self) -> None:
         self._watchdog.close()
@@ -53,11 +38,45 @@ class ControllerTelemetry:
             self.endpoints.close()
 
 
+class PoolTelemetry:
+    """One pool's recorder (``recorder.ControllerMetrics``): its metrics, and the process's watchdog fed."""
+
+    def __init__(
+        self,
+        recorder_: prometheus.ControllerPoolRecorder,
+        watchdog_: watchdog.Watchdog,
+        exporter: prometheus.ControllerExporter,
+    ) -> None:
+        self._recorder = recorder_
+        self._watchdog = watchdog_
+        self._exporter = exporter
+
+    def metered(self, scale_set: base.ScaleSet) -> base.ScaleSet:
+        """The scale set with its calls counted; the Azure adapter's wire counters exposed too."""
+        stats = getattr(scale_set, "stats", None)  # VmssScaleSet.stats: an ArmCallStats snapshot
+        if stats is not None:
+            self._exporter.watch_arm(self._recorder.name, lambda: scale_set.stats)  # type: ignore[attr-defined]
+        return metered.meter_scale_set(scale_set, self._recorder)
+
+    def round_done(self, obs: ObservationLike, decision: DecisionLike, *, next_in_s: float) -> None:
+        self._recorder.round_done(obs, decision, next_in_s=next_in_s)
+        self._watchdog.ping(ready=True)
+
+    def round_failed(self, exc: errors.BackendError, *, next_in_s: float) -> None:
+        self._recorder.round_failed(exc, next_in_s=next_in_s)
+        self._watchdog.ping(ready=False)
+
+    def standing_by(self, *, next_in_s: float) -> None:
+        """A standby is started and alive (systemd must neither time out its start nor restart it)."""
+        self._recorder.standing_by(next_in_s=next_in_s)
+        self._watchdog.ping(ready=True)
+
+
 class WorkerTelemetry(prometheus.WorkerExporter):
     """One worker's recorder and its endpoints (``metrics.worker_port``; 0, or the port taken: none)."""
 
-    def __init__(self, cfg: MetricsSettings) -> None:
-        super().__init__(Health(stall_s=cfg.stall_s))
+    def __init__(self, cfg: MetricsSettings, *, pool: str = DEFAULT_POOL) -> None:
+        super().__init__(Health(stall_s=cfg.stall_s), pool=pool)
         self.endpoints = (
             server.serve(
                 bind=cfg.bind, port=cfg.worker_port, render=self.render, health=self.health, role="worker"

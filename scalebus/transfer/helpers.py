@@ -5,17 +5,21 @@ exchange, headers, bookkeeping) and handing it between threads at every system c
 a few thousand small files/s however many threads it runs. Large files rarely need this: socket reads, MD5 and
 disk writes release the GIL, and the threads of one process already use more than a core.
 
-How: :func:`scalebus.transfer.stage.stage_in` plans as always and cuts the fetch list into batches
-(:func:`scalebus.transfer.plan.batch_tasks`). The staging process's threads take batches from one
-:class:`_Dispenser`; with ``staging.processes = 0`` a :class:`_Monitor` samples its CPU and adds a helper when it
-is CPU-bound (:func:`scalebus.transfer.plan.should_add_helper`), a staging waiting on the network never does; with
-N it starts N - 1 helpers at once. Helpers take batches through a short queue that a feeder thread keeps topped
+How: :func:`scalebus.transfer.stage.stage_in` plans as the listing streams in and cuts each planned page into
+batches (:func:`scalebus.transfer.plan.batch_tasks`). The staging process's threads take batches from one
+:class:`_Dispenser` (which draws them from the plan as they are needed); with ``staging.processes = 0`` a
+:class:`_Monitor` samples its CPU and adds a helper when it is CPU-bound
+(:func:`scalebus.transfer.plan.should_add_helper`), a staging waiting on the network never does; with N it starts
+N - 1 helpers at once. Helpers take batches through a short queue that a feeder thread keeps topped
 up, so whoever is faster takes more; the staging process gives up threads and bandwidth as they join. Helpers
 are *spawned* (no locks or threads inherited mid-state), rebuild their stores from the pickled resolver, and
 stream and verify each file exactly as the staging process does. They only *report* finished files: the staging
 process alone appends them to the resume manifest and counts progress, so a crash anywhere loses at most the
 unreported tail (fetched again on resume) and never records a file that is not in place; it also checks that
 every file handed out was reported.
+
+Only the staging process asks the VM's input cache (:class:`scalebus.transfer.kit.InputCache`) for a file or
+offers it one; helpers always fetch, and what they fetch is not offered to the cache.
 
 Failure: the first error anywhere (or ``cancel``) stops the dispenser and every process: reads in flight stop at
 their next write, and the staging raises that error, with its type (transient or permanent) intact: errors
@@ -34,10 +38,10 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -45,7 +49,6 @@ from scalebus import errors, logs
 from scalebus.backends import base
 from scalebus.settings import StagingSettings
 from scalebus.transfer import download, kit, plan
-from scalebus.transfer.manifest import Manifest
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +63,15 @@ they are terminated."""
 _POLL_S = 0.05
 
 Batch = tuple[plan.FileTask, ...]
+
+
+class Manifest(Protocol):
+    """Where the staging process records finished files: its own (``record``), its helpers'
+    (``record_entry``)."""
+
+    def record(self, task: plan.FileTask) -> None: ...
+
+    def record_entry(self, entry: plan.ManifestEntry) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +134,19 @@ class Team:
     def run(
         self,
         stores: Sequence[base.ObjectStore],
-        batches: Sequence[Batch],
+        batches: Iterable[Batch],
         processes: plan.ProcessPlan,
         *,
         manifest: Manifest,
         progress: kit.ProgressTracker,
+        files_left: Callable[[], int] | None = None,
+        cache: kit.InputCache | None = None,
     ) -> tuple[float, int]:
-        """Download ``batches`` here and in helpers; return the helpers' CPU seconds and the most processes that
-        downloaded at once."""
-        self._dispenser = _Dispenser(batches)
+        """Download ``batches`` (drawn as they are needed) here and in helpers; return the helpers' CPU seconds
+        and the most processes that downloaded at once. ``files_left``: how many files are still to come (for
+        the decision to add a helper; default: what is left of ``batches``, which must then be a sequence).
+        ``cache`` serves this process's own threads only."""
+        self._dispenser = _Dispenser(batches, files_left)
         self._most = processes.most
         self._share = share_settings(self._settings, processes.most)
         self._own = download.DownloadRun(
@@ -140,6 +156,7 @@ class Team:
             manifest=_Counting(manifest, self._count),
             progress=progress,
             should_stop=self._stopped,
+            cache=cache,
         )
         for _ in range(processes.start - 1):
             self.add_helper_if(manifest, progress)
@@ -162,7 +179,7 @@ class Team:
                 self._link.close()
         if self._failure is not None:
             raise self._failure
-        self._check_complete(sum(len(batch) for batch in batches))
+        self._check_complete(self._dispenser.handed_out)
         return (self._link.helpers_cpu_s if self._link else 0.0), 1 + len(self._helpers)
 
     def add_helper_if(self, manifest: Manifest, progress: kit.ProgressTracker) -> int:
@@ -173,7 +190,12 @@ class Team:
             return 1 + len(self._helpers)
 
     def files_left(self) -> int:
-        return self._dispenser.files_left
+        return self._dispenser.files_left()
+
+    @property
+    def own_run(self) -> download.DownloadRun | None:
+        """This process's own download run (its cache hits, its first byte), once :meth:`run` started it."""
+        return self._own
 
     def _add_helper(self, manifest: Manifest, progress: kit.ProgressTracker) -> None:
         if self._link is None:
@@ -323,7 +345,7 @@ class _Link:
             cancel=team._cancel,
         )
         self.collecting = threading.Thread(target=self._collector.run, name="stage-collect", daemon=True)
-        feed_args = (dispenser, self.tasks, team._finish_feeding, self.stop)
+        feed_args = (dispenser, self.tasks, team._finish_feeding, self.stop, team._fail)
         self._feeder = threading.Thread(target=_feed, args=feed_args, name="stage-feed", daemon=True)
         self._feeder.start()
         self.collecting.start()
@@ -353,13 +375,19 @@ class _Link:
 
 
 class _Dispenser:
-    """Hands out batches in plan order to whoever asks first; ``stop`` makes it hand out no more."""
+    """Hands out batches in plan order to whoever asks first; ``stop`` makes it hand out no more. ``batches``
+    may be a generator that plans as it goes (read under the lock; its errors fail the staging)."""
 
-    def __init__(self, batches: Sequence[Batch]) -> None:
+    def __init__(self, batches: Iterable[Batch], files_left: Callable[[], int] | None = None) -> None:
         self._batches = iter(batches)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self.files_left = sum(len(batch) for batch in batches)
+        self._files_left = files_left
+        self._total = sum(len(batch) for batch in batches) if isinstance(batches, Sequence) else 0
+        self.handed_out = 0
+
+    def files_left(self) -> int:
+        return self._files_left() if self._files_left is not None else self._total - self.handed_out
 
     def take(self) -> Batch | None:
         with self._lock:
@@ -367,7 +395,7 @@ class _Dispenser:
                 return None
             batch = next(self._batches, None)
             if batch is not None:
-                self.files_left -= len(batch)
+                self.handed_out += len(batch)
             return batch
 
     def tasks(self) -> Iterator[plan.FileTask]:
@@ -378,13 +406,25 @@ class _Dispenser:
         self._stopped.set()
 
 
-def _feed(dispenser: _Dispenser, tasks: Any, finish: Callable[[], int], stop: Any) -> None:
+def _feed(
+    dispenser: _Dispenser,
+    tasks: Any,
+    finish: Callable[[], int],
+    stop: Any,
+    fail: Callable[[BaseException], None],
+) -> None:
     """Keep the helpers' queue topped up from the dispenser; then one end-of-work marker per helper (``finish``
-    closes the team to new helpers and says how many there are)."""
-    while (batch := dispenser.take()) is not None:
-        if not _put(tasks, batch, stop):
-            finish()
-            return
+    closes the team to new helpers and says how many there are). A failure to plan the next batch fails the
+    staging (``fail``)."""
+    try:
+        while (batch := dispenser.take()) is not None:
+            if not _put(tasks, batch, stop):
+                finish()
+                return
+    except BaseException as exc:
+        fail(exc)
+        finish()
+        return
     for _ in range(finish()):
         if not _put(tasks, None, stop):
             return

@@ -69,6 +69,9 @@ class Progress:
     bytes_done: int
     bytes_total: int
     elapsed_s: float
+    totals_final: bool = True
+    """Whether the totals are complete. A staging plans while it lists, so its totals grow until the listing
+    ends: until then ``files_done == files_total`` does not mean finished."""
 
 
 class InputCache(Protocol):
@@ -101,6 +104,7 @@ class ProgressTracker:
         self._files = 0
         self._bytes = 0
         self._reported_at = 0.0
+        self._totals_final = True
 
     def add(self, *, files: int, nbytes: int) -> None:
         with self._lock:
@@ -115,14 +119,31 @@ class ProgressTracker:
             snapshot = self._snapshot(now)
         self._callback(snapshot)
 
+    def add_total(self, *, files: int, nbytes: int) -> None:
+        """More work planned: a staging that plans while it lists grows its totals as pages arrive (the
+        snapshots say their totals are not final until :meth:`totals_complete`)."""
+        with self._lock:
+            self._totals_final = False
+            self._files_total += files
+            self._bytes_total += nbytes
+
+    def totals_complete(self) -> None:
+        """The listing has ended: the totals grow no more."""
+        with self._lock:
+            self._totals_final = True
+
     def finish(self) -> None:
+        with self._lock:
+            self._totals_final = True
         if self._callback is not None:
             with self._lock:
                 snapshot = self._snapshot(time.monotonic())
             self._callback(snapshot)
 
     def _snapshot(self, now: float) -> Progress:
-        return Progress(self._files, self._files_total, self._bytes, self._bytes_total, now - self._started)
+        return Progress(
+            self._files, self._files_total, self._bytes, self._bytes_total, now - self._started, self._totals_final
+        )
 
 
 class Throttle:
@@ -168,16 +189,19 @@ def run_parallel(
     threads_allowed: Callable[[], int] | None = None,
     check: Callable[[], None] | None = None,
     name: str | None = None,
+    park_s: float | None = None,
 ) -> None:
     """Run ``fn`` over ``items`` on at most ``max_workers`` threads (this one among them); stop at and re-raise
     the first failure (calls in flight finish).
 
     ``items`` is read lazily, under a lock, as threads free up, so it may be a generator that prepares work as it
     goes (its errors fail the run like ``fn``'s). Before taking each item a thread ends if its index has reached
-    ``threads_allowed()`` (the run continues on fewer threads), and ``check()`` may raise to fail the run.
+    ``threads_allowed()`` (the run continues on fewer threads), and ``check()`` may raise to fail the run. With
+    ``park_s``, such a thread waits instead (re-checking every ``park_s`` seconds) and resumes if the limit
+    rises; it ends with the run.
     """
     n_threads = max(1, min(max_workers, len(items))) if isinstance(items, Sized) else max(1, max_workers)
-    pool = _FirstFailurePool(fn, iter(items), threads_allowed=threads_allowed, check=check)
+    pool = _FirstFailurePool(fn, iter(items), threads_allowed=threads_allowed, check=check, park_s=park_s)
     names = [None if name is None else f"{name}-{i}" for i in range(1, n_threads)]
     threads = [thread_in_context(pool.work, i, name=n) for i, n in enumerate(names, start=1)]
     for thread in threads:
@@ -199,12 +223,16 @@ class _FirstFailurePool:
         *,
         threads_allowed: Callable[[], int] | None,
         check: Callable[[], None] | None,
+        park_s: float | None = None,
     ) -> None:
         self._fn: Callable[[Any], None] = fn
         self._items = iter(items)
         self._threads_allowed = threads_allowed
         self._check = check
+        self._park_s = park_s
         self._lock = threading.Lock()
+        self._parked = threading.Condition(self._lock)
+        self._exhausted = False
         self.failure: BaseException | None = None
 
     def work(self, index: int) -> None:
@@ -215,22 +243,29 @@ class _FirstFailurePool:
                 with self._lock:
                     if self.failure is None:
                         self.failure = exc
+                    self._parked.notify_all()
                 return
 
     def _next(self, index: int) -> Any:
         """The next item for thread ``index``, or :data:`_END` when it should stop."""
         with self._lock:
-            if self.failure is not None:
-                return _END
-            if self._threads_allowed is not None and index >= self._threads_allowed():
+            while self._threads_allowed is not None and index >= self._threads_allowed():
+                if self._park_s is None or self.failure is not None or self._exhausted:
+                    return _END
+                self._parked.wait(self._park_s)
+            if self.failure is not None or self._exhausted:
                 return _END
             try:
                 if self._check is not None:
                     self._check()
-                return next(self._items, _END)
+                item = next(self._items, _END)
             except BaseException as exc:
                 self.failure = exc
-                return _END
+                item = _END
+            if item is _END:
+                self._exhausted = True
+                self._parked.notify_all()
+            return item
 
 
 _END: Any = object()

@@ -19,6 +19,7 @@ so ``A.txt`` and ``a.txt`` stay two files. Staging onto a case-insensitive file 
 from __future__ import annotations
 
 import posixpath
+import re
 import unicodedata
 import urllib.parse
 
@@ -28,6 +29,7 @@ NAME_MAX_BYTES = 255
 PATH_MAX_BYTES = 4095
 _REJECTED_CATEGORIES = {"Cc": "a control character", "Cf": "a format character", "Cs": "a lone surrogate"}
 _REJECTED_CATEGORIES |= {"Zl": "a line separator", "Zp": "a paragraph separator"}
+_ASCII_CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def check_rel_path(rel_path: str) -> None:
@@ -38,7 +40,33 @@ def check_rel_path(rel_path: str) -> None:
 
 
 def unsafe_reason(rel_path: str) -> str | None:
-    """Why ``rel_path`` cannot land safely (module docstring), or ``None`` when it can."""
+    """Why ``rel_path`` cannot land safely (module docstring), or ``None`` when it can.
+
+    Staging judges every listed name, so the common case (ASCII) takes a fast path; names outside ASCII, or
+    ones it cannot clear, take the per-character Unicode check, which also names the reason.
+    """
+    if plainly_safe_ascii(rel_path):
+        return None
+    return _full_check(rel_path)
+
+
+def plainly_safe_ascii(rel_path: str) -> bool:
+    """True only for an ASCII name every rule accepts: ASCII's only rejected characters are the controls (Cc)
+    and the backslash (it has no Cf, Zl, Zp or surrogates, and is always NFC); a ``.`` or ``..`` segment needs a
+    ``.`` at a segment start, an empty one ``//`` or a ``/`` at either end."""
+    return (
+        rel_path.isascii()
+        and rel_path != ""
+        and _ASCII_CONTROL_OR_BACKSLASH.search(rel_path) is None
+        and rel_path[0] not in "/."
+        and rel_path[-1] != "/"
+        and "//" not in rel_path
+        and "/." not in rel_path
+        and (len(rel_path) <= NAME_MAX_BYTES or max(map(len, rel_path.split("/"))) <= NAME_MAX_BYTES)
+    )
+
+
+def _full_check(rel_path: str) -> str | None:
     if not rel_path:
         return "empty path"
     if rel_path.startswith("/"):

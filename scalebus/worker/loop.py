@@ -37,6 +37,7 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.observability import recorder
 from scalebus.settings import StagingSettings, WorkerSettings
+from scalebus.transfer import kit
 from scalebus.worker import backoff, job, liveness, recovery, runner
 from scalebus.worker.secrets import SecretEnv
 
@@ -49,6 +50,7 @@ class WorkerPorts:
 
     ``heartbeats``: where the fleet learns this worker's state (``None``: nowhere). ``secrets``: the analytics'
     secrets (``None``: it maps none). ``notices``: where eviction notices come from (``None``: not watched).
+    ``cache``: the VM's input cache (``None``: off).
     """
 
     queue: base.JobQueue
@@ -56,9 +58,10 @@ class WorkerPorts:
     heartbeats: base.HeartbeatStore | None = None
     secrets: SecretEnv | None = None
     notices: base.NoticeSource | None = None
+    cache: kit.InputCache | None = None
 
     def for_jobs(self) -> job.JobPorts:
-        return job.JobPorts(queue=self.queue, resolve=self.resolve, secrets=self.secrets)
+        return job.JobPorts(queue=self.queue, resolve=self.resolve, secrets=self.secrets, cache=self.cache)
 
 
 class Worker:

@@ -287,6 +287,22 @@ def test_a_requeued_job_dead_lettered_again_can_be_requeued_again(queue_factory)
     queue.complete(again)
 
 
+def test_every_dead_letter_is_peeked_in_order_page_after_page(queue_factory) -> None:  # type: ignore[no-untyped-def]
+    """260 dead letters, more than one Service Bus peek returns (250 at most) and three pages of
+    ``base.DEAD_LETTER_PAGE``: every one comes back, oldest first, and a cap returns exactly that many (``status``
+    asks for one more than its cap to tell whether it was capped)."""
+    queue, _ = queue_factory()
+    sequence_numbers = _dead_letter_all(queue, 260)
+    in_order = sorted(sequence_numbers, key=sequence_numbers.__getitem__)
+    dead = queue.peek_dead_letters(max_count=1000)
+    assert [d.message_id for d in dead] == in_order
+    assert [d.sequence_number for d in dead] == sorted(sequence_numbers.values())
+    assert {d.reason for d in dead} == {"SchemaViolation"}
+    assert [d.message_id for d in queue.peek_dead_letters(max_count=120)] == in_order[:120]
+    assert len(queue.peek_dead_letters(max_count=261)) == 260, "no more than there are: not capped"
+    assert len(queue.peek_dead_letters(max_count=260)) == 260
+
+
 def test_close_twice_is_harmless(queue_factory) -> None:  # type: ignore[no-untyped-def]
     """Commands close the queue and its depth source on every exit path, and both may be one object."""
     queue, depth = queue_factory()

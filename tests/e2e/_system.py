@@ -103,9 +103,12 @@ local_roots = ["{root}"]
         return log.read_text().split() if log.exists() else []
 
     def status(self) -> dict[str, object]:
+        """The only pool's ``status -o json`` record, with the fleet's ``leader`` and ``read_at``."""
         result = self.cli("status", "-o", "json")
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        data = json.loads(result.stdout)
+        (pool,) = data["pools"]
+        return {**pool, "leader": data["leader"], "read_at": data["read_at"]}
 
 
 def finish(controller: subprocess.Popen[str], timeout_s: float = 90) -> tuple[str, str]:

@@ -87,3 +87,24 @@ def test_demo_keeps_the_users_analytics_from_config(tmp_path: Path) -> None:
     results = Path(json.loads(result.stdout)["results"])
     assert (results / "S02" / "custom.txt").read_text() == "S02_R1.fastq.gz,S02_R2.fastq.gz"
     assert not (results / "S02" / "qc.json").exists()
+
+
+def test_the_demo_runs_two_pools_under_one_controller(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "scalebus", "demo", "--dir", "two", "--samples", "3", "--reads", "300"),
+            *("--max-workers", "2", "--pools", "2", "-o", "json"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "SCALEBUS_LOG__FORMAT": "json"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert (summary["submitted"], summary["ok"], summary["dead_lettered"]) == (4, 3, 1)
+    pools = summary["pools"]
+    assert {name: (p["submitted"], p["ok"]) for name, p in pools.items()} == {"short": (3, 2), "long": (1, 1)}
+    assert all(p["peak_workers"] == 1 for p in pools.values())

@@ -29,6 +29,8 @@ SQLITE_QUEUE = """url = "sqlite:///{root}/queue.db?queue=jobs"
 lock_duration_s = 5
 max_delivery_count = 3"""
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+POOL = (("pool", "default"),)
+"""Every series carries its pool; a config without ``[[pools]]`` has the one pool ``default``."""
 
 
 def free_port() -> int:
@@ -90,10 +92,14 @@ def test_controller_and_worker_serve_metrics_and_health(system: System) -> None:
         first = wait_for(
             "the controller's first round",
             lambda: scrape(controller_port),
-            lambda s: s.get(("scalebus_controller_decisions_total", (("reason", "scale_out"),)), 0) >= 1,
+            lambda s: (
+                s.get(("scalebus_controller_decisions_total", (("pool", "default"), ("reason", "scale_out"))), 0)
+                >= 1
+            ),
         )
         assert (
-            first[("scalebus_queue_active_messages", ())] + first[("scalebus_queue_in_flight_messages", ())] >= 1
+            first[("scalebus_queue_active_messages", POOL)] + first[("scalebus_queue_in_flight_messages", POOL)]
+            >= 1
         )
         assert get(f"http://127.0.0.1:{controller_port}/healthz")[0] == 200
         assert get(f"http://127.0.0.1:{controller_port}/readyz")[0] == 200
@@ -102,14 +108,18 @@ def test_controller_and_worker_serve_metrics_and_health(system: System) -> None:
             "the worker running the slow job after completing the first",
             lambda: scrape(worker_port),
             lambda s: (
-                s.get(("scalebus_worker_jobs_total", (("outcome", "complete"), ("reason", ""))), 0) == 1
-                and s.get(("scalebus_worker_busy", ()), 0) == 1
-                and s.get(("scalebus_worker_staged_files_total", ()), 0) == 2  # the slow one staged: it runs 4 s
+                s.get(
+                    ("scalebus_worker_jobs_total", (("outcome", "complete"), ("pool", "default"), ("reason", ""))),
+                    0,
+                )
+                == 1
+                and s.get(("scalebus_worker_busy", POOL), 0) == 1
+                and s.get(("scalebus_worker_staged_files_total", POOL), 0) == 2  # the slow one staged: it runs 4 s
             ),
         )
-        assert worker[("scalebus_worker_staged_bytes_total", ())] == 1000 + len("job0") + 1000 + len("slow1")
-        assert worker[("scalebus_worker_job_wait_seconds_count", ())] == 2
-        assert worker[("scalebus_worker_analytics_duration_seconds_count", ())] == 1
+        assert worker[("scalebus_worker_staged_bytes_total", POOL)] == 1000 + len("job0") + 1000 + len("slow1")
+        assert worker[("scalebus_worker_job_wait_seconds_count", POOL)] == 2
+        assert worker[("scalebus_worker_analytics_duration_seconds_count", POOL)] == 1
         assert get(f"http://127.0.0.1:{worker_port}/healthz")[0] == 200
 
         during = wait_for(
@@ -117,13 +127,23 @@ def test_controller_and_worker_serve_metrics_and_health(system: System) -> None:
             lambda: scrape(controller_port),
             # a round the controller began before the first job completed may still be the latest it published
             lambda s: (
-                s[("scalebus_queue_in_flight_messages", ())] == 1
-                and s[("scalebus_queue_active_messages", ())] == 0
+                s[("scalebus_queue_in_flight_messages", POOL)] == 1
+                and s[("scalebus_queue_active_messages", POOL)] == 0
             ),
         )
-        assert during[("scalebus_scale_set_instances", (("state", "running"),))] == 1
-        assert during[("scalebus_scale_set_calls_total", (("operation", "set_capacity"),))] >= 1
-        assert during[("scalebus_scale_set_call_duration_seconds_count", (("operation", "set_capacity"),))] >= 1
+        assert during[("scalebus_scale_set_instances", (("pool", "default"), ("state", "running")))] == 1
+        assert (
+            during[("scalebus_scale_set_calls_total", (("operation", "set_capacity"), ("pool", "default")))] >= 1
+        )
+        assert (
+            during[
+                (
+                    "scalebus_scale_set_call_duration_seconds_count",
+                    (("operation", "set_capacity"), ("pool", "default")),
+                )
+            ]
+            >= 1
+        )
         exposed = {name for name, _ in during} | {name for name, _ in worker}
         on_azure_only = {n for n in dashboard_metrics() if n.startswith("scalebus_arm_")}
         assert dashboard_metrics() - on_azure_only - exposed == set()

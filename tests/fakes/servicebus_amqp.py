@@ -13,10 +13,15 @@ message whose id was seen within the history window only when the queue has ``re
 which is off by default: "Duplicate detection", https://learn.microsoft.com/en-us/azure/service-bus-messaging/
 duplicate-detection), scheduled messages, and the
 ``<queue>/$management`` node (``renew-lock``, ``peek-message``, ``update-disposition``,
-``receive-by-sequence-number``). Its state is readable from any thread (:meth:`ServiceBusBroker.counts`), so the
-admin and metrics fakes report real numbers. ``disposition_delay_ms`` holds back every disposition the broker
-sends (the settled echo a settlement waits for, the outcome a sender waits for) to stand in for a network round
-trip; nothing else is delayed, so benchmarks against it see the cost of waiting for settlements.
+``receive-by-sequence-number``). A peek answers as the service's ``com.microsoft:peek-message`` does ("AMQP 1.0
+in Microsoft Azure Service Bus: request-response-based operations", Message operations: request map
+``from-sequence-number`` and ``message-count``, response 200 with ``messages``, each an encoded ``message``, or 204
+when none; https://learn.microsoft.com/azure/service-bus-messaging/service-bus-amqp-request-response): from the
+sequence number given, in order, at most what is asked and at most :data:`PEEK_LIMIT`. Its state is readable
+from any thread (:meth:`ServiceBusBroker.counts`), so the admin and metrics fakes report real numbers.
+``disposition_delay_ms`` holds back every disposition the broker sends (the settled echo a settlement waits for,
+the outcome a sender waits for) to stand in for a network round trip; nothing else is delayed, so benchmarks
+against it see the cost of waiting for settlements.
 
 Frames are encoded and decoded with the SDK's own codec, ``azure.servicebus._pyamqp``. That module is private and
 a minor release may change it, so the dev extra pins ``azure-servicebus~=7.15.0`` (:data:`SDK_SERIES`) while
@@ -71,6 +76,13 @@ SENDER_CREDIT = 500
 DEAD_LETTER_CONDITION = b"com.microsoft:dead-letter"
 LOCK_LOST_CONDITION = b"com.microsoft:message-lock-lost"
 SWEEP_INTERVAL_S = 0.05
+PEEK_LIMIT = 250
+"""Most messages one peek returns whatever is asked: Service Bus "returns at most the requested number of
+messages" (https://learn.microsoft.com/azure/service-bus-messaging/message-browsing), "may be fewer and are
+subject to service limits" (the SDK's ``peek_messages`` docstring, Azure/azure-sdk-for-python#28209), and 250 is
+the most one peek was seen to return (Azure/azure-sdk-for-python#26643, paolosalvatori/ServiceBusExplorer#55)."""
+SCHEDULED_STATE = 2
+"""``x-opt-message-state`` of a scheduled message (0 active, 1 deferred: the SDK's ``ServiceBusMessageState``)."""
 
 _OPEN, _BEGIN, _ATTACH, _FLOW, _TRANSFER, _DISPOSITION, _DETACH, _END, _CLOSE = range(0x10, 0x19)
 _SASL_INIT = 0x41
@@ -151,6 +163,17 @@ class Entity:
         self.accessed_at = self.created_at
         self.total_received = 0
         self.completed = 0
+        self.parent: Entity | None = None
+        """The queue a dead-letter sub-queue belongs to."""
+        self.metric_events: list[tuple[float, str]] = []
+        """(time, metric) for each message sent to this queue (``IncomingMessages``) or completed on it
+        (``CompleteMessage``): what the metrics fake counts per minute."""
+        self.dead_letter_gauge: list[tuple[float, int]] = []
+        """(time, dead letters held) after each change: the ``DeadletteredMessages`` gauge's history."""
+
+    def record_dead_letters(self, now: float) -> None:
+        if self.dead_letters is not None:
+            self.dead_letter_gauge.append((now, len(self.dead_letters.messages)))
 
     def visible(self, now: float) -> Iterator[StoredMessage]:
         for msg in self.messages.values():
@@ -206,6 +229,7 @@ class Entity:
         msg.visible_at = 0.0
         self.dead_letters.messages[msg.sequence_number] = msg
         self.dead_letters.messages = dict(sorted(self.dead_letters.messages.items()))
+        self.record_dead_letters(time.time())
 
     def expire_locks(self, now: float) -> bool:
         expired = [msg for msg in self.locks.values() if msg.locked_until <= now]
@@ -731,6 +755,8 @@ class ServiceBusBroker:
         self.entities: dict[str, Entity] = {}
         self.connections: set[Connection] = set()
         self.next_sequence_number = 1
+        self.peek_limit = PEEK_LIMIT
+        """Most messages one peek returns (lower it to make readers page through short pages)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -826,6 +852,7 @@ class ServiceBusBroker:
                 f"{key}/$deadletterqueue", lock_duration_s=lock_duration_s, max_delivery_count=2**31, is_dlq=True
             )
             queue.dead_letters = dlq
+            dlq.parent = queue
             self.entities[key] = queue
             self.entities[dlq.name] = dlq
 
@@ -874,6 +901,7 @@ class ServiceBusBroker:
         self.next_sequence_number += 1
         entity.messages[seq] = StoredMessage(seq, message, size, enqueued_at=now, visible_at=visible_at)
         entity.total_received += 1
+        entity.metric_events.append((now, "IncomingMessages"))
         entity.updated_at = now
         self.pump_all(now)
 
@@ -900,6 +928,9 @@ class ServiceBusBroker:
         if outcome == "accepted":
             entity.remove(msg)
             entity.completed += 1
+            entity.metric_events.append((now, "CompleteMessage"))
+            if entity.parent is not None:
+                entity.parent.record_dead_letters(now)
             return Accepted()
         if outcome == "modified":
             # abandon (and defer, which this fake treats as abandon: deferral is not part of the port)
@@ -919,6 +950,24 @@ class ServiceBusBroker:
         entity.unlock(msg, counted=True)
         return Released()
 
+    def peek(self, entity: Entity, request: dict[str, Any], now: float) -> tuple[int, Any]:
+        """``com.microsoft:peek-message``: from ``from-sequence-number`` on, at most ``message-count`` messages
+        and never more than ``peek_limit`` (:data:`PEEK_LIMIT`), in sequence order, locked and scheduled ones
+        included (each scheduled one marked ``x-opt-message-state`` 2); 204 with no body when there are none."""
+        start = int(request.get("from-sequence-number") or 0)
+        count = min(int(request.get("message-count") or 1), self.peek_limit)
+        found = [m for m in entity.messages.values() if m.sequence_number >= start][:count]
+        if not found:
+            return 204, None
+        peeked = []
+        for msg in found:
+            delivered = _delivery_message(entity, msg, with_lock=False)
+            if msg.visible_at > now:
+                annotations = {**(delivered.message_annotations or {}), b"x-opt-message-state": SCHEDULED_STATE}
+                delivered = delivered._replace(message_annotations=annotations)
+            peeked.append({"message": _encode_message(delivered)})
+        return 200, {"messages": peeked}
+
     def management(self, entity: Entity, operation: str, body: dict[Any, Any], now: float) -> tuple[int, Any]:
         request = {_text(k): v for k, v in body.items()}
         if operation == "com.microsoft:renew-lock":
@@ -931,16 +980,7 @@ class ServiceBusBroker:
                 expirations.append(_timestamp(_now_ms(msg.locked_until)))
             return 200, {"expirations": {TYPE: AMQPTypes.array, VALUE: expirations}}
         if operation == "com.microsoft:peek-message":
-            start = int(request.get("from-sequence-number") or 0)
-            count = int(request.get("message-count") or 1)
-            found = [m for m in entity.messages.values() if m.sequence_number >= start][:count]
-            if not found:
-                return 204, None
-            return 200, {
-                "messages": [
-                    {"message": _encode_message(_delivery_message(entity, m, with_lock=False))} for m in found
-                ]
-            }
+            return self.peek(entity, request, now)
         if operation == "com.microsoft:update-disposition":
             status = _text(request.get("disposition-status"))
             outcomes: dict[str, Any] = {

@@ -111,7 +111,7 @@ def test_submit_then_status_as_json(tmp_path: Path, config: Path) -> None:
     assert again.returncode == 2 and "j1 is already in queue" in again.stderr
     status = scalebus("status", "-c", str(config), "-o", "json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
-    data = json.loads(status.stdout)
+    (data,) = json.loads(status.stdout)["pools"]
     assert (data["depth"]["active"], data["depth"]["in_flight"], data["instances"]) == (3, 0, [])
 
 
@@ -192,7 +192,7 @@ def test_requeue_puts_dead_letters_back_as_json(tmp_path: Path, config: Path) ->
     rest = scalebus("requeue", "-c", str(config), "--concurrency", "1", cwd=tmp_path)  # the table, for people
     assert rest.returncode == 0, rest.stderr
     assert "requeued as" in rest.stdout and "j2+r" in rest.stdout
-    status = json.loads(scalebus("status", "-c", str(config), "-o", "json", cwd=tmp_path).stdout)
+    (status,) = json.loads(scalebus("status", "-c", str(config), "-o", "json", cwd=tmp_path).stdout)["pools"]
     assert (status["depth"]["active"], status["depth"]["dead_lettered"], status["dead_letters"]) == (3, 0, [])
     help_text = scalebus("requeue", "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "--concurrency" in help_text.stdout and "duplicate" in help_text.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import rich.console
 import structlog
+import structlog.testing
 
 from scalebus import errors, logs, settings
 from scalebus.cli import progress
@@ -115,3 +116,12 @@ def test_a_settings_mistake_names_where_it_was_made(
     with pytest.raises(errors.ConfigError) as caught:
         settings.load(path, environ=environ)
     assert expected.format(path=path) in str(caught.value)
+
+
+def test_log_progress_does_not_call_a_staging_done_while_its_listing_goes_on() -> None:
+    reporter = progress.LogProgress(interval_s=3600)
+    with structlog.testing.capture_logs() as events:
+        reporter(kit.Progress(1, 1, 10, 10, 0.1, totals_final=False))  # first event: always logged
+        reporter(kit.Progress(2, 2, 20, 20, 0.2, totals_final=False))  # equal but still listing: throttled
+        reporter(kit.Progress(3, 3, 30, 30, 0.3))  # final totals, all done: logged
+    assert [e["files_done"] for e in events] == [1, 3]

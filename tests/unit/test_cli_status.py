@@ -1,9 +1,10 @@
-"""``scalebus status``: every dead letter up to a stated cap, reasons in the table, real nulls and ISO times in
-JSON, each part read on its own, and ``--watch`` until Ctrl-C.
+"""``scalebus status``: every pool, every dead letter up to a stated cap, reasons in the table, the last hour's
+throughput and waits, real nulls, rounded numbers and ISO times in JSON, each part read on its own, and ``--watch``
+until Ctrl-C.
 
 ``read_status`` runs over the real SQLite queue; the scale set and heartbeat ports are small stand-ins at our own
 seam (a process pool would have to start workers to list any), one of which refuses like an identity without
-the right would.
+the right would. The command itself runs as a user runs it, in its own process.
 """
 
 from __future__ import annotations
@@ -106,6 +107,21 @@ def _dead_letter(q: sqlite_queue.SqliteJobQueue, count: int) -> None:
         q.dead_letter(message, reason=reason, description=f"job {i}: https://a/c?sp=r&sig=SECRET{i}")
 
 
+class _DeniedHistory:
+    """A history the identity may not read (Azure Monitor without Monitoring Reader)."""
+
+    def recent(self, *, since: float) -> base.History:
+        raise errors.QueueAccessDenied("read CompleteMessage of jobs: refused (HTTP 403)")
+
+    def close(self) -> None:
+        pass
+
+
+class _Lease:
+    def holder(self) -> base.LeaseHolder | None:
+        return base.LeaseHolder("host-a/123", token=7, expires_at=NOW + 20)
+
+
 def _ports(q: sqlite_queue.SqliteJobQueue, **kw: object) -> status._StatusPorts:
     instances = kw.get("instances", [])
     return status._StatusPorts(
@@ -113,7 +129,15 @@ def _ports(q: sqlite_queue.SqliteJobQueue, **kw: object) -> status._StatusPorts:
         depth=kw.get("depth", q),  # type: ignore[arg-type]
         scale_set=_Instances(instances),  # type: ignore[arg-type]
         heartbeats=_Beats(kw.get("beats", [])),  # type: ignore[arg-type]
+        history=kw.get("history"),  # type: ignore[arg-type]
+        pool=str(kw.get("pool", "default")),
     )
+
+
+def _table_text(renderable: rich.console.RenderableType) -> str:
+    console = rich.console.Console(record=True, width=200)
+    console.print(renderable)
+    return console.export_text()
 
 
 def test_every_dead_letter_is_read_not_the_first_twenty(queue: sqlite_queue.SqliteJobQueue) -> None:
@@ -127,18 +151,23 @@ def test_the_dead_letter_cap_is_stated(queue: sqlite_queue.SqliteJobQueue) -> No
     _dead_letter(queue, 12)
     data = status.read_status(_ports(queue), max_dead_letters=10, now=NOW)
     assert (len(data["dead_letters"]), data["dead_letters_capped"]) == (10, True)
-    console = rich.console.Console(record=True, width=200)
-    console.print(output.status_table(data))
-    text = console.export_text()
+    text = _table_text(output.pool_status_table(data))
     assert "the first 10 of 12, capped by --max-dead-letters 10" in text
+
+
+def test_capped_only_when_more_exist_than_the_cap(queue: sqlite_queue.SqliteJobQueue) -> None:
+    _dead_letter(queue, 250)
+    exact = status.read_status(_ports(queue), max_dead_letters=250, now=NOW)
+    assert (len(exact["dead_letters"]), exact["dead_letters_capped"]) == (250, False)
+    under = status.read_status(_ports(queue), max_dead_letters=249, now=NOW)
+    assert (len(under["dead_letters"]), under["dead_letters_capped"]) == (249, True)
+    assert [d["message_id"] for d in exact["dead_letters"]] == [f"j{i:03}" for i in range(250)]
 
 
 def test_the_table_lists_dead_letters_by_reason(queue: sqlite_queue.SqliteJobQueue) -> None:
     _dead_letter(queue, 9)
     data = status.read_status(_ports(queue), max_dead_letters=100, now=NOW)
-    console = rich.console.Console(record=True, width=200)
-    console.print(output.status_table(data))
-    text = console.export_text()
+    text = _table_text(output.pool_status_table(data))
     assert "dead letters by reason (9)" in text
     assert re.search(r"│ SchemaViolation\s+│\s+6 │ job 1: ", text), text
     assert re.search(r"│ InputMissing\s+│\s+3 │ job 0: .*│ j000, j004, j008\s+│", text), text
@@ -177,7 +206,7 @@ def test_dead_letter_text_is_redacted_in_both_views(
     queue: sqlite_queue.SqliteJobQueue, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _dead_letter(queue, 1)
-    data = status.read_status(_ports(queue), max_dead_letters=5, now=NOW)
+    data = status.read_fleet([_ports(queue)], None, max_dead_letters=5, now=NOW)
     output.emit(data, output.Output.JSON, output.status_table)
     output.emit(data, output.Output.TABLE, output.status_table)
     printed = capsys.readouterr().out
@@ -210,5 +239,162 @@ def test_watch_redraws_until_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, err
     times = [r["read_at"] for r in readings]
-    assert all(r["queue"] == "jobs" for r in readings) and times == sorted(times)
+    assert all([p["queue"] for p in r["pools"]] == ["jobs"] for r in readings) and times == sorted(times)
     assert time.time() - datetime.datetime.fromisoformat(times[-1]).timestamp() < 30
+
+
+def test_the_last_hour_is_shown_rounded_with_iso_times(queue: sqlite_queue.SqliteJobQueue) -> None:
+    queue.send([base.OutgoingMessage(f"j{i}", b"{}") for i in range(3)])
+    for _ in range(2):
+        message = queue.receive(max_wait_s=1)
+        assert message is not None
+        queue.complete(message)
+    now = time.time()
+    data = status.read_status(_ports(queue, history=queue), max_dead_letters=5, now=now)
+    last = data["throughput"]
+    assert (last["completed"], last["dead_lettered"], last["enqueued"], last["source"]) == (2, 0, 3, "sqlite")
+    assert last["completed_per_minute"] == round(2 / 60, 2)
+    for seconds in (*last["wait_s"].values(), *last["run_s"].values(), last["oldest_waiting_s"]):
+        assert isinstance(seconds, float) and seconds == round(seconds, 1)
+    since = datetime.datetime.fromisoformat(last["since"]).timestamp()
+    assert abs(since - (now - status.HISTORY_WINDOW_S)) <= 1
+    assert not any(u.startswith("throughput") for u in data["unavailable"])
+    text = _table_text(output.pool_status_table(data))
+    assert re.search(r"last hour: 2 completed \(0\.03/min\), 0 dead-lettered, 3 enqueued; wait p50 [\d.]+ s", text)
+
+
+def test_a_queue_without_a_record_says_so_and_nulls_the_throughput(queue: sqlite_queue.SqliteJobQueue) -> None:
+    data = status.read_status(_ports(queue), max_dead_letters=5, now=NOW)
+    assert data["throughput"] is None and status.NO_HISTORY in data["unavailable"]
+
+
+def test_every_pool_is_read_on_its_own_with_only_some_rights(tmp_path: Path) -> None:
+    """One pool's identity may read neither depth nor Monitor; the other pool and the leader are still shown."""
+    short = sqlite_queue.SqliteJobQueue(tmp_path / "a.db", queue="short", lock_duration_s=30, max_delivery_count=5)
+    long = sqlite_queue.SqliteJobQueue(tmp_path / "b.db", queue="long", lock_duration_s=30, max_delivery_count=5)
+    try:
+        _dead_letter(long, 2)
+        instance = base.Instance("vm-1", base.InstanceState.RUNNING, created_at=NOW - 10)
+        pools = [
+            _ports(short, pool="short", history=short),
+            _ports(long, pool="long", depth=_DeniedDepth(), history=_DeniedHistory(), instances=[instance]),
+        ]
+        data = status.read_fleet(pools, _Lease(), max_dead_letters=5, now=NOW)  # type: ignore[arg-type]
+    finally:
+        short.close()
+        long.close()
+    first, second = data["pools"]
+    assert (first["pool"], first["queue"], second["pool"], second["queue"]) == ("short", "short", "long", "long")
+    assert first["depth"] is not None and first["throughput"] is not None and first["unavailable"] == []
+    assert second["depth"] is None and second["throughput"] is None
+    assert len(second["dead_letters"]) == 2 and len(second["instances"]) == 1
+    assert any(u.startswith("throughput: ") and "403" in u for u in second["unavailable"])
+    assert data["leader"] == {"holder": "host-a/123", "token": 7, "expires_at": status.iso(NOW + 20)}
+    text = _table_text(output.status_table(data))
+    assert "pool short, queue short:" in text and "pool long, queue long: depth unavailable" in text
+    assert "leader: host-a/123 (token 7)" in text and "not shown: throughput: " in text
+
+
+def _two_pools(tmp_path: Path, *, missing: str = "") -> Path:
+    """A config of two embedded pools, their queue databases created (but ``missing``'s)."""
+    lines = []
+    for name in ("short", "long"):
+        if name != missing:
+            sqlite_queue.SqliteJobQueue(
+                tmp_path / f"{name}.db", queue=name, lock_duration_s=30, max_delivery_count=5
+            ).close()
+        lines += [
+            "[[pools]]",
+            f'name = "{name}"',
+            "[pools.queue]",
+            f'url = "sqlite:///{tmp_path}/{name}.db?queue={name}"',
+            "[pools.scale_set]",
+            f'state_path = "{tmp_path}/{name}-pool.db"',
+        ]
+    config = tmp_path / "scalebus.toml"
+    config.write_text("[controller]\nlease_s = 0\n" + "\n".join(lines) + "\n")
+    return config
+
+
+def _status(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scalebus", "status", *args],
+        check=False,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SCALEBUS_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_status_shows_every_pool_or_the_one_named(tmp_path: Path) -> None:
+    config = _two_pools(tmp_path)
+    every = _status(tmp_path, "-c", str(config), "-o", "json")
+    assert every.returncode == 0, every.stderr
+    data = json.loads(every.stdout)
+    assert [(p["pool"], p["queue"]) for p in data["pools"]] == [("short", "short"), ("long", "long")]
+    assert data["leader"] is None and "read_at" in data
+    one = _status(tmp_path, "-c", str(config), "-o", "json", "--pool", "long")
+    assert one.returncode == 0, one.stderr
+    assert [p["pool"] for p in json.loads(one.stdout)["pools"]] == ["long"]
+    table = _status(tmp_path, "-c", str(config))
+    assert (
+        table.returncode == 0
+        and "pool short, queue short" in table.stdout
+        and "pool long, queue long" in table.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "says"),
+    [
+        pytest.param("", ("--pool", "medium"), "no pool named 'medium'", id="unknown-pool"),
+        pytest.param("long", (), "long.db does not exist", id="a-pool-without-its-queue-database"),
+        pytest.param("long", ("--pool", "long"), "long.db does not exist", id="the-named-pool-without-it"),
+    ],
+)
+def test_a_pool_that_is_not_there_is_a_mistake(
+    tmp_path: Path, missing: str, args: tuple[str, ...], says: str
+) -> None:
+    result = _status(tmp_path, "-c", str(_two_pools(tmp_path, missing=missing)), "-o", "json", *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_pool_of_a_config_without_pools_is_default(tmp_path: Path) -> None:
+    sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5).close()
+    env = ("-c", str(_single(tmp_path)), "-o", "json")
+    assert [p["pool"] for p in json.loads(_status(tmp_path, *env).stdout)["pools"]] == ["default"]
+    assert _status(tmp_path, *env, "--pool", "default").returncode == 0
+    assert _status(tmp_path, *env, "--pool", "other").returncode == 2
+
+
+def _single(tmp_path: Path) -> Path:
+    config = tmp_path / "single.toml"
+    config.write_text(
+        f'[queue]\nurl = "sqlite:///{tmp_path}/q.db?queue=jobs"\n[scale_set]\nstate_path = "{tmp_path}/pool.db"\n'
+    )
+    return config
+
+
+def test_watch_redraws_every_pool(tmp_path: Path) -> None:
+    argv = ["status", "-c", str(_two_pools(tmp_path)), "--watch", "--interval", "0.2", "-o", "json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalebus", *argv],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SCALEBUS_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        readings = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert all([p["pool"] for p in r["pools"]] == ["short", "long"] for r in readings)

@@ -317,10 +317,14 @@ def test_the_loop_gives_up_on_a_delete_that_always_fails() -> None:
     scale_set, beats = broken_fleet()
     ticks = iter(range(10_000))
     controller = loop.Controller(
-        depth=Depth(0),
-        scale_set=scale_set,
-        heartbeats=beats,
-        settings=CFG.model_copy(update={"poll_interval_s": 0.01, "heartbeat_timeout_s": 1e9}),
+        [
+            loop.Pool(
+                depth=Depth(0),
+                scale_set=scale_set,
+                heartbeats=beats,
+                settings=CFG.model_copy(update={"poll_interval_s": 0.01, "heartbeat_timeout_s": 1e9}),
+            )
+        ],
         clock=lambda: NOW + 3600.0 * next(ticks),
         max_consecutive_failures=2,
     )

@@ -143,10 +143,14 @@ def test_a_standby_runs_no_round_until_the_lease_is_free() -> None:
     lease = MemoryLease(held_by="other", token=7)
     scale_set = LaggingScaleSet()
     controller = loop.Controller(
-        depth=FixedDepth(active=2),
-        scale_set=scale_set,
-        heartbeats=NoHeartbeats(),
-        settings=ControllerSettings(max_instances=5, poll_interval_s=0.01),
+        [
+            loop.Pool(
+                depth=FixedDepth(active=2),
+                scale_set=scale_set,
+                heartbeats=NoHeartbeats(),
+                settings=ControllerSettings(max_instances=5, poll_interval_s=0.01),
+            )
+        ],
         clock=lambda: NOW,
         lease=lease,
         holder="me",
@@ -188,14 +192,18 @@ class CountingMetrics:
 def test_a_standby_reports_itself_alive_while_it_waits() -> None:
     metrics = CountingMetrics()
     controller = loop.Controller(
-        depth=FixedDepth(active=2),
-        scale_set=LaggingScaleSet(),
-        heartbeats=NoHeartbeats(),
-        settings=ControllerSettings(max_instances=5, poll_interval_s=0.01),
+        [
+            loop.Pool(
+                depth=FixedDepth(active=2),
+                scale_set=LaggingScaleSet(),
+                heartbeats=NoHeartbeats(),
+                settings=ControllerSettings(max_instances=5, poll_interval_s=0.01),
+                metrics=metrics,  # type: ignore[arg-type]
+            )
+        ],
         clock=lambda: NOW,
         lease=MemoryLease(held_by="other", token=7),
         holder="me",
-        metrics=metrics,  # type: ignore[arg-type]
     )
     stop = threading.Event()
     runner = threading.Thread(target=controller.run, args=(stop,))

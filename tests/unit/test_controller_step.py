@@ -132,10 +132,14 @@ def test_a_listing_ahead_of_the_target_is_not_provisioned_twice() -> None:
 def test_the_loop_backs_off_on_backend_errors_and_gives_up_after_the_limit() -> None:
     depth = FixedDepth(failure=errors.TransientQueueError("admin API down"))
     controller = loop.Controller(
-        depth=depth,
-        scale_set=LaggingScaleSet(),
-        heartbeats=NoHeartbeats(),
-        settings=SETTINGS,
+        [
+            loop.Pool(
+                depth=depth,
+                scale_set=LaggingScaleSet(),
+                heartbeats=NoHeartbeats(),
+                settings=SETTINGS,
+            )
+        ],
         max_consecutive_failures=3,
     )
     with pytest.raises(errors.TransientQueueError):
@@ -152,10 +156,14 @@ def test_the_loop_recovers_after_a_failed_round_and_exits_when_drained() -> None
             return super().read_depth()
 
     controller = loop.Controller(
-        depth=FailsOnce(failure=errors.TransientQueueError("blip")),
-        scale_set=LaggingScaleSet(),
-        heartbeats=NoHeartbeats(),
-        settings=SETTINGS.model_copy(update={"exit_when_drained": True}),
+        [
+            loop.Pool(
+                depth=FailsOnce(failure=errors.TransientQueueError("blip")),
+                scale_set=LaggingScaleSet(),
+                heartbeats=NoHeartbeats(),
+                settings=SETTINGS.model_copy(update={"exit_when_drained": True}),
+            )
+        ],
     )
     stats = controller.run(threading.Event())
     assert (stats.failures, stats.rounds) == (1, 1)

@@ -253,3 +253,22 @@ def test_a_presigned_url_reads_the_object(s3_env: S3Server) -> None:
     with urllib.request.urlopen(url, timeout=30) as response:
         assert response.read() == body
     assert json.dumps(url)  # a plain string
+
+
+def test_server_side_copy_off_streams_every_object(s3_env: S3Server, tmp_path: Path) -> None:
+    bucket = s3_env.new_bucket()
+    s3_env.client().put_object(Bucket=bucket, Key="in/a.txt", Body=b"alpha")
+    settings = s3_env.settings(scratch_dir=str(tmp_path / "scratch"), server_side_copy=False)
+    source = CountingSource(s3.open_source(settings))
+    store = UrlFetchingStore()
+    try:
+        engine.ingest(source, f"s3://{bucket}/in", store, folder.uri_of(tmp_path / "dest"), settings)
+    finally:
+        source.close()
+    assert (store.copied, source.read_calls) == ([], 1)
+
+
+def test_state_dir_holds_the_record_of_each_ingest(tmp_path: Path) -> None:
+    settings = IngestSettings(scratch_dir=str(tmp_path / "scratch"), state_dir=str(tmp_path / "state"))
+    assert engine.journal_root(settings) == tmp_path / "state"
+    assert engine.journal_root(IngestSettings(scratch_dir=str(tmp_path))).parent == tmp_path

@@ -12,7 +12,7 @@ import math
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,8 @@ def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def value(body: bytes, name: str, **labels: str) -> float:
+    """One sample; every series carries a ``pool``, ``default`` unless named."""
+    labels.setdefault("pool", "default")
     return samples(body)[(name, tuple(sorted(labels.items())))]
 
 
@@ -159,8 +161,22 @@ def test_a_held_job_keeps_the_worker_alive_until_its_next_tick() -> None:
 # ------------------------------------------------------------------------------------------- controller
 
 
-def controller_exporter() -> prometheus.ControllerExporter:
-    return prometheus.ControllerExporter(Health(stall_s=60), clock=lambda: NOW)
+class PoolExporter(prometheus.ControllerPoolRecorder):
+    """The recorder of pool ``default`` with its exporter's exposition at hand."""
+
+    def __init__(self) -> None:
+        self.exporter = prometheus.ControllerExporter(Health(stall_s=60), clock=lambda: NOW)
+        super().__init__(self.exporter, "default")
+
+    def render(self) -> tuple[bytes, str]:
+        return self.exporter.render()
+
+    def watch_arm(self, stats: Callable[[], prometheus.ArmStatsLike]) -> None:
+        self.exporter.watch_arm("default", stats)
+
+
+def controller_exporter() -> PoolExporter:
+    return PoolExporter()
 
 
 def test_a_round_sets_depth_instances_capacity_and_counts_the_decision() -> None:
@@ -274,7 +290,7 @@ def test_the_arm_wire_counters_are_read_at_each_scrape() -> None:
     stats.ratelimit_remaining = None
     body, _ = exporter.render()
     assert value(body, "scalebus_arm_throttled_responses_total") == 5
-    assert ("scalebus_arm_ratelimit_remaining", ()) not in samples(body)
+    assert ("scalebus_arm_ratelimit_remaining", (("pool", "default"),)) not in samples(body)
 
 
 class OneRoundDepth:
@@ -321,12 +337,16 @@ def test_the_controller_loop_reports_each_round_done_or_failed() -> None:
     stop = threading.Event()
     exporter = controller_exporter()
     controller = loop.Controller(
-        depth=OneRoundDepth(stop),
-        scale_set=FakeScaleSet(),
-        heartbeats=NoHeartbeats(),
-        settings=ControllerSettings(poll_interval_s=0.01),
+        [
+            loop.Pool(
+                depth=OneRoundDepth(stop),
+                scale_set=FakeScaleSet(),
+                heartbeats=NoHeartbeats(),
+                settings=ControllerSettings(poll_interval_s=0.01),
+                metrics=exporter,
+            )
+        ],
         clock=lambda: NOW,
-        metrics=exporter,
     )
     controller.run(stop)
     body, _ = exporter.render()
@@ -579,3 +599,54 @@ def test_the_wrapper_keeps_exactly_the_optional_capabilities_of_what_it_wraps() 
     assert not isinstance(plain, base.InstanceViews)
     assert isinstance(viewing, base.InstanceViews)
     assert viewing.instance_states(["i1"]) == {"i1": base.InstanceState.FAILED}
+
+
+# ------------------------------------------------------------------------------------------- pools
+
+
+def test_two_pools_in_one_exporter_keep_their_own_series() -> None:
+    exporter = prometheus.ControllerExporter(Health(stall_s=60), clock=lambda: NOW)
+    short, long = exporter.pool("short"), exporter.pool("long")
+    assert exporter.pool("short") is short
+    short.round_done(observe(4, [view("a")]), policy.Decision(3, (), "scale out", demand=4), next_in_s=1)
+    long.round_done(observe(0, []), policy.Decision(None, (), "0 need 0, 0 already provisioned"), next_in_s=1)
+    metered.MeteredScaleSet(FakeScaleSet(), long).set_capacity(1)
+    stats = ArmStats()
+    exporter.watch_arm("long", lambda: stats)
+    body, _ = exporter.render()
+    assert value(body, "scalebus_queue_active_messages", pool="short") == 4
+    assert value(body, "scalebus_queue_active_messages", pool="long") == 0
+    assert value(body, "scalebus_controller_decisions_total", pool="short", reason="scale_out") == 1
+    assert value(body, "scalebus_controller_decisions_total", pool="long", reason="scale_out") == 0
+    assert value(body, "scalebus_controller_decisions_total", pool="long", reason="satisfied") == 1
+    assert value(body, "scalebus_scale_set_calls_total", pool="long", operation="set_capacity") == 1
+    assert value(body, "scalebus_scale_set_calls_total", pool="short", operation="set_capacity") == 0
+    assert value(body, "scalebus_arm_throttled_responses_total", pool="long") == 2
+    assert ("scalebus_arm_throttled_responses_total", (("pool", "short"),)) not in samples(body)
+
+
+def test_a_workers_series_carry_its_pool() -> None:
+    exporter = prometheus.WorkerExporter(Health(stall_s=60), pool="long", clock=lambda: NOW)
+    exporter.job_received(received())
+    exporter.job_settled(verdict="complete", reason="", cause="job", seconds=3)
+    exporter.notice_seen("Preempt")
+    body, _ = exporter.render()
+    assert value(body, "scalebus_worker_jobs_total", pool="long", outcome="complete", reason="") == 1
+    assert value(body, "scalebus_worker_job_wait_seconds_count", pool="long") == 1
+    assert value(body, "scalebus_worker_eviction_notices_total", pool="long", kind="Preempt") == 1
+    assert {dict(labels).get("pool") for _, labels in samples(body)} == {"long"}
+
+
+def test_every_dashboard_query_filters_and_groups_by_pool() -> None:
+    import re
+
+    board = json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+    assert "pool" in {v["name"] for v in board["templating"]["list"]}
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            selectors = re.findall(r"\bscalebus_[a-z_]+(\{[^}]*\})?", expr)
+            assert selectors and all('pool=~"$pool"' in s for s in selectors), expr
+            for aggregation in re.findall(r"\b(?:sum|min|max)\b(?: by \(([^)]*)\))?", expr):
+                assert "pool" in aggregation.split(", "), expr
+            assert "{{pool}}" in target.get("legendFormat", "{{pool}}"), target

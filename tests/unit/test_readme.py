@@ -12,6 +12,9 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 def test_every_setting_is_documented() -> None:
     missing = []
     for section, field in settings.Settings.model_fields.items():
+        if section == "pools":
+            missing += [] if "[[pools]]" in README else ["[[pools]]"]
+            continue
         model = field.annotation
         assert model is not None
         if f"[{section}]" not in README:

@@ -57,11 +57,19 @@ class GuardedLake(folder.FolderStore):
     """A lake whose ``guarded`` folder answers as a service refusing a token would, quoting the request."""
 
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
+        self._guard(uri)
+        return super().list_files(uri)
+
+    def list_level(self, uri: str, rel_prefix: str = "") -> Iterator[base.RemoteObject | base.SubFolder]:
+        self._guard(uri)
+        return super().list_level(uri, rel_prefix)
+
+    @staticmethod
+    def _guard(uri: str) -> None:
         if "/guarded" in uri:
             raise errors.AccessDeniedError(
                 f"403 AuthorizationFailure for {uri}; request had Authorization: Bearer {BEARER}"
             )
-        return super().list_files(uri)
 
 
 @pytest.fixture
@@ -157,7 +165,7 @@ def test_no_planted_secret_leaves_the_worker(
     assert "sig=" in dead["sas"].description, "the refused URI is quoted, its signature masked"
 
     status = _status_json(tmp_path, monkeypatch)
-    assert {d["message_id"] for d in status["dead_letters"]} == set(dead)
+    assert {d["message_id"] for pool in status["pools"] for d in pool["dead_letters"]} == set(dead)
     published = "".join(p.read_text(errors="replace") for p in results.rglob("*") if p.is_file())
     places = {
         "logs": rendered_logs.getvalue(),

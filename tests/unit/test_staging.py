@@ -59,11 +59,17 @@ class LyingStore(FolderStore):
 
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
         for listed in super().list_files(uri):
-            if not listed.rel_path.endswith(self._only):
-                yield listed
-                continue
-            size = listed.size + self._size_delta
-            yield base.RemoteObject(listed.uri, listed.rel_path, size, listed.etag, self._md5)
+            yield self._lie(listed)
+
+    def list_level(self, uri: str, rel_prefix: str = "") -> Iterator[base.RemoteObject | base.SubFolder]:
+        for listed in super().list_level(uri, rel_prefix):
+            yield listed if isinstance(listed, base.SubFolder) else self._lie(listed)
+
+    def _lie(self, listed: base.RemoteObject) -> base.RemoteObject:
+        if not listed.rel_path.endswith(self._only):
+            return listed
+        size = listed.size + self._size_delta
+        return base.RemoteObject(listed.uri, listed.rel_path, size, listed.etag, self._md5)
 
 
 class FailingStore(FolderStore):

@@ -3,7 +3,9 @@
 Everything goes through the *blob* endpoint of the account (``azure-storage-blob``): on hierarchical-namespace
 accounts it lists and reads the same paths as the DFS endpoint, and it is the only endpoint Azurite has (no DFS:
 Azure/Azurite#409). Directory marker blobs (metadata ``hdi_isfolder=true``) are skipped. A file system is a
-container; a path is a blob name.
+container; a path is a blob name. Besides the flat recursive listing, :meth:`AdlsStore.list_level` lists one
+folder level (List Blobs with ``delimiter=/``; sub-folders come back as ``BlobPrefix`` entries), so a staging can
+list many folders at once instead of walking a million names through one serial chain of pages.
 
 Listing and reads take the lean path of :mod:`scalebus.backends.azure._blobget` (List Blobs parsed for the few
 fields staging needs; one keep-alive connection per thread, the body streamed through a fixed 1 MiB buffer, so one
@@ -236,8 +238,9 @@ class _CountingSink:
 
 
 class AdlsStore:
-    """``base.ObjectStore`` over one storage account's blob endpoint; listing and reads go through ``reader`` when
-    given. ``make_client`` builds the SDK client, once, when something first needs it."""
+    """``base.ObjectStore`` and ``base.FolderLister`` over one storage account's blob endpoint; listing and reads
+    go through ``reader`` when given. ``make_client`` builds the SDK client, once, when something first needs
+    it."""
 
     def __init__(
         self, make_client: Callable[[], BlobServiceClient], *, reader: _blobget.BlobReader | None = None
@@ -286,15 +289,57 @@ class AdlsStore:
                 raise errors.ObjectNotFoundError(f"{uri}: not found")
             yield exact
 
+    def list_level(self, uri: str, rel_prefix: str = "") -> Iterator[base.RemoteObject | base.SubFolder]:
+        """One folder level, page by page: List Blobs with ``prefix=<folder>/`` and ``delimiter=/`` (REST "List
+        Blobs", https://learn.microsoft.com/rest/api/storageservices/list-blobs: names going on past the
+        delimiter come back once as a ``BlobPrefix``; ``NextMarker`` continues). A trailing ``/`` on ``uri`` is
+        its folder's, not part of a name, so a folder of an empty name (``a//b``) keeps its own. Markers are
+        skipped as in ``list_files``, but count as something there: a sub-folder holding only empty directories
+        lists as empty, not as missing. Only at the top of a walk (``rel_prefix`` empty) may ``uri`` name a
+        file; a folder with anything below it wins over a blob of the same name, as in ``list_files``."""
+        where = AbfssPath.parse(uri)
+        folder = where.path[:-1] if where.path.endswith("/") else where.path
+        prefix = folder + "/" if folder else ""
+        folder_uri = uri if uri.endswith("/") else uri + "/"
+        anything = False
+        for page in self._pages(where.filesystem, prefix, delimiter="/"):
+            anything = anything or bool(page.blobs or page.prefixes)
+            yield from level_entries(page, prefix=prefix, folder_uri=folder_uri, rel_prefix=rel_prefix)
+        if anything:
+            return
+        exact = self._exact_blob(where.filesystem, folder) if folder and not rel_prefix else None
+        if exact is None:
+            raise errors.ObjectNotFoundError(f"{uri}: not found")
+        yield _remote(exact, uri=uri, rel_path=folder.rsplit("/", 1)[-1])
+
+    def _exact_blob(self, filesystem: str, name: str) -> _blobget.ListedBlob | None:
+        """The file blob named ``name``, if there is one: the first name listed under prefix ``name``, since a
+        name sorts before every longer name it begins."""
+        first = next(self._pages(filesystem, name, max_results=1), None)
+        blob = first.blobs[0] if first is not None and first.blobs else None
+        return blob if blob is not None and blob.name == name and not blob.is_folder else None
+
     def _listed(self, filesystem: str, prefix: str) -> Iterator[_blobget.ListedBlob]:
+        for page in self._pages(filesystem, prefix):
+            yield from page.blobs
+
+    def _pages(
+        self, filesystem: str, prefix: str, *, delimiter: str = "", max_results: int | None = None
+    ) -> Iterator[_blobget.BlobPage]:
+        """List Blobs pages under ``prefix`` (flat, or one level with ``delimiter``), each fetched when the
+        previous one has been consumed."""
         what = f"list {filesystem}/{prefix}"
+        per_page = max_results or _LIST_PAGE
         if self._reader is None:
-            yield from _list_blobs(self._client.get_container_client(filesystem), prefix, what=what)
+            container = self._client.get_container_client(filesystem)
+            yield from _sdk_pages(container, prefix, delimiter=delimiter, max_results=per_page, what=what)
             return
         marker = ""
         while True:
-            page = self._reader.list_page(filesystem, prefix, marker, max_results=_LIST_PAGE, what=what)
-            yield from page.blobs
+            page = self._reader.list_page(
+                filesystem, prefix, marker, max_results=per_page, delimiter=delimiter, what=what
+            )
+            yield page
             marker = page.next_marker
             if not marker:
                 return
@@ -454,32 +499,63 @@ class AdlsStore:
         return True
 
 
-def _list_blobs(container: ContainerClient, prefix: str, *, what: str) -> Iterator[_blobget.ListedBlob]:
-    """Every blob under ``prefix`` through the SDK, page by page; a page failing transiently is fetched again."""
+def level_entries(
+    page: _blobget.BlobPage, *, prefix: str, folder_uri: str, rel_prefix: str
+) -> Iterator[base.RemoteObject | base.SubFolder]:
+    """The files and sub-folders of one List Blobs page of folder ``prefix`` (listed with ``delimiter=/``),
+    markers skipped; names are relative to ``prefix``, URIs to ``folder_uri`` (which ends in ``/``)."""
+    for blob in page.blobs:
+        if blob.is_folder or not blob.name.startswith(prefix):
+            continue
+        rel = blob.name[len(prefix) :]
+        yield _remote(blob, uri=folder_uri + urllib.parse.quote(rel), rel_path=rel_prefix + rel)
+    for name in page.prefixes:
+        if not name.startswith(prefix) or len(name) <= len(prefix):
+            continue
+        rel = name[len(prefix) :]
+        yield base.SubFolder(uri=folder_uri + urllib.parse.quote(rel), rel_prefix=rel_prefix + rel)
+
+
+def _sdk_pages(
+    container: ContainerClient, prefix: str, *, delimiter: str, max_results: int, what: str
+) -> Iterator[_blobget.BlobPage]:
+    """List Blobs pages under ``prefix`` through the SDK (``walk_blobs`` for one level); a page failing
+    transiently is fetched again."""
+    from azure.storage.blob import BlobPrefix
+
     token: str | None = None
 
     @_retry.retry_data_plane
     def page(continuation: str | None) -> tuple[list[Any], str | None]:
         with _errors.translated(_errors.STORAGE, what=what):
-            pages: Any = container.list_blobs(
-                name_starts_with=prefix or None, include=["metadata"], results_per_page=_LIST_PAGE
-            ).by_page(continuation_token=continuation)
+            options: dict[str, Any] = {"include": ["metadata"], "results_per_page": max_results}
+            listing: Any = (
+                container.walk_blobs(prefix or None, delimiter=delimiter, **options)
+                if delimiter
+                else container.list_blobs(prefix or None, **options)
+            )
+            pages: Any = listing.by_page(continuation_token=continuation)
             items = list(next(pages))
             return items, pages.continuation_token
 
     while True:
         items, token = page(token)
-        for blob in items:
-            md5 = blob.content_settings.content_md5 if blob.content_settings else None
-            yield _blobget.ListedBlob(
-                name=blob.name,
-                size=int(blob.size),
-                etag=str(blob.etag),
-                content_md5=bytes(md5) if md5 else None,
-                is_folder=(blob.metadata or {}).get(_FOLDER_MARKER) == "true",
-            )
+        prefixes = tuple(str(item.name) for item in items if isinstance(item, BlobPrefix))
+        blobs = [_listed_blob(item) for item in items if not isinstance(item, BlobPrefix)]
+        yield _blobget.BlobPage(blobs, token or "", prefixes)
         if not token:
             return
+
+
+def _listed_blob(blob: Any) -> _blobget.ListedBlob:
+    md5 = blob.content_settings.content_md5 if blob.content_settings else None
+    return _blobget.ListedBlob(
+        name=blob.name,
+        size=int(blob.size),
+        etag=str(blob.etag),
+        content_md5=bytes(md5) if md5 else None,
+        is_folder=(blob.metadata or {}).get(_FOLDER_MARKER) == "true",
+    )
 
 
 FROM_URL_BLOCK_BYTES = 100 * 1024 * 1024

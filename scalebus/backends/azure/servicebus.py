@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -55,6 +55,7 @@ from azure.servicebus import (
     AutoLockRenewer,
     ServiceBusClient,
     ServiceBusMessage,
+    ServiceBusMessageState,
     ServiceBusReceivedMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
@@ -67,6 +68,9 @@ from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import _cache, _errors, _retry
 from scalebus.settings import QueueSettings
+
+if TYPE_CHECKING:
+    from scalebus.backends.azure import monitor
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +94,10 @@ REQUEUE_WAIT_S = 2.0
 """How long a requeue receiver waits for a dead letter before it takes the dead-letter queue for drained."""
 MAX_REQUEUE_CONCURRENCY = 32
 """Upper bound on requeue receivers (each is a connection with a sender of its own)."""
+PEEK_TIMEOUT_S = 30.0
+"""Longest wait for one peek (a management request on the queue's ``$management`` node)."""
+OLDEST_PEEK_PAGES = 5
+"""Pages ``status`` peeks looking for the oldest active message past scheduled, deferred and locked ones."""
 
 _TRANSIENT_SB = (
     sb_exc.ServiceBusConnectionError,
@@ -446,9 +454,13 @@ class ServiceBusJobQueue:
         self._log.info("servicebus.dead_lettered", message_id=message.message_id, reason=reason)
 
     def peek_dead_letters(self, *, max_count: int) -> list[base.DeadLetter]:
+        """Page through ``<queue>/$deadletterqueue`` (a peek returns at most what is asked, often fewer)."""
+        return base.page_dead_letters(self._peek_dead_letter_page, max_count=max_count)
+
+    def _peek_dead_letter_page(self, from_sequence_number: int, count: int) -> list[base.DeadLetter]:
         with _translated(what=f"peek dead letters of {self._queue_name}"):
             peeked = self._get_dead_letter_receiver().peek_messages(
-                max_message_count=max_count, sequence_number=1, timeout=30
+                max_message_count=count, sequence_number=from_sequence_number, timeout=PEEK_TIMEOUT_S
             )
         return [
             base.DeadLetter(
@@ -457,9 +469,32 @@ class ServiceBusJobQueue:
                 description=m.dead_letter_error_description or "",
                 delivery_count=max(1, int(m.delivery_count or 0) + 1),
                 body=_body(m),
+                sequence_number=int(m.sequence_number or 0),
             )
             for m in peeked
         ]
+
+    def oldest_active_enqueued_at(self, *, now: float) -> tuple[float | None, bool]:
+        """When the oldest active message was enqueued, and whether that is known: ``(None, True)`` when the
+        queue holds no active message, ``(None, False)`` when the first :data:`OLDEST_PEEK_PAGES` pages hold
+        none but more remain. A peek starts at the lowest sequence number and shows scheduled,
+        deferred and locked messages too ("Message browsing",
+        https://learn.microsoft.com/azure/service-bus-messaging/message-browsing): scheduled and deferred ones
+        are skipped by their state, a locked one wherever the broker tells its lock (``x-opt-locked-until``)."""
+        start = 1
+        for _ in range(OLDEST_PEEK_PAGES):
+            with self._receiver_lock, _translated(what=f"peek {self._queue_name}"):
+                page = self._get_receiver().peek_messages(
+                    max_message_count=base.DEAD_LETTER_PAGE, sequence_number=start, timeout=PEEK_TIMEOUT_S
+                )
+            if not page:
+                return None, True
+            for message in page:
+                locked_until = message.locked_until_utc
+                if message.state == ServiceBusMessageState.ACTIVE and _epoch(locked_until) <= now:
+                    return _epoch(message.enqueued_time_utc) or None, True
+            start = max(int(m.sequence_number or 0) for m in page) + 1
+        return None, False
 
     # ------------------------------------------------------------------ requeue dead letters
 
@@ -671,6 +706,79 @@ class ServiceBusAdminDepth:
     def close(self) -> None:
         with contextlib.suppress(core_exc.AzureError, OSError):
             self._admin.close()
+
+
+# --------------------------------------------------------------------------------------------- history
+
+NO_WAIT_PERCENTILES = (
+    "wait and run percentiles: Service Bus keeps no record of each message and Azure Monitor has no wait metric; "
+    "the oldest waiting age is the oldest active message's, which a worker may hold"
+)
+
+
+class ServiceBusHistory:
+    """``base.QueueHistory`` of a Service Bus queue: the last hour's counts from Azure Monitor (when
+    ``queue.namespace_resource_id`` and ``queue.monitor_endpoint`` are set), the oldest active message from a peek.
+    Each part is read on its own: Monitor's counts are optional, so a Monitor query that fails (refused, no
+    identity to ask with, the service down) is said in ``unavailable`` and leaves the peek's figure standing; the
+    peek fails as the queue does (a missing queue is ``QueueNotFoundError``)."""
+
+    def __init__(self, queue: ServiceBusJobQueue, *, metrics: monitor.MonitorHistory | None) -> None:
+        self._queue = queue
+        self._metrics = metrics
+
+    def recent(self, *, since: float) -> base.History:
+        now = time.time()
+        unavailable = [NO_WAIT_PERCENTILES]
+        enqueued_at, known = self._queue.oldest_active_enqueued_at(now=now)
+        if not known:
+            unavailable.append(
+                f"oldest waiting: the first {OLDEST_PEEK_PAGES} peeks (up to {base.DEAD_LETTER_PAGE} messages "
+                "each) found only scheduled, deferred or held messages"
+            )
+        counts = None
+        if self._metrics is None:
+            unavailable.append(
+                "completed, enqueued and dead-lettered: set queue.namespace_resource_id and "
+                "queue.monitor_endpoint to read them from Azure Monitor"
+            )
+        else:
+            try:
+                counts = self._metrics.counts(since=since, until=now)
+            except errors.BackendError as exc:  # a refusal, no identity for Monitor, Monitor down: said, not fatal
+                unavailable.append(f"completed, enqueued and dead-lettered: {type(exc).__name__}: {exc}")
+        return base.History(
+            since=since,
+            until=now if counts is None or counts.newest_at is None else min(counts.newest_at, now),
+            source="servicebus+azure-monitor" if counts is not None else "servicebus",
+            completed=None if counts is None else counts.completed,
+            dead_lettered=None if counts is None else counts.dead_lettered,
+            enqueued=None if counts is None else counts.enqueued,
+            oldest_waiting_s=None if enqueued_at is None else max(now - enqueued_at, 0.0),
+            oldest_includes_locked=True,
+            unavailable=tuple(unavailable),
+        )
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+def open_history(
+    settings: QueueSettings, queue: ServiceBusJobQueue, *, credential: Any = None
+) -> ServiceBusHistory:
+    """The history ``status`` reads for ``queue``; Monitor only where the settings name it (``credential``
+    defaults to ``DefaultAzureCredential``, as for the Monitor depth source)."""
+    metrics = None
+    if settings.namespace_resource_id and settings.monitor_endpoint:
+        from scalebus.backends.azure import monitor
+
+        metrics = monitor.MonitorHistory(
+            monitor.open_monitor_client(settings, credential=credential),
+            namespace_resource_id=settings.namespace_resource_id,
+            queue_name=queue.name,
+        )
+    return ServiceBusHistory(queue, metrics=metrics)
 
 
 # --------------------------------------------------------------------------------------------- wiring

@@ -21,6 +21,9 @@ already checked:
   target name of any legal length still has a temporary name; listings skip such leftovers. Files are created
   with mode 0666 less the umask, never a source's mode.
 
+Listing one folder level (``list_level``, one ``scandir``) keeps every rule of the recursive listing: both go
+through the same per-entry decisions, so a walk of levels sees exactly the files ``list_files`` sees.
+
 Refusals are ``UnsafePathError``: permanent, so the job is dead-lettered with the reason.
 """
 
@@ -111,7 +114,8 @@ class Confinement:
 
 
 class FolderStore:
-    """``base.ObjectStore`` over the local file system, confined to ``roots`` and outside ``reserved``."""
+    """``base.ObjectStore`` and ``base.FolderLister`` over the local file system, confined to ``roots`` and
+    outside ``reserved``."""
 
     _confinement = Confinement()
 
@@ -122,13 +126,7 @@ class FolderStore:
         """Nothing to release."""
 
     def list_files(self, uri: str) -> Iterator[base.RemoteObject]:
-        real = self._confinement.resolve(path_of(uri), shown=uri)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise errors.ObjectNotFoundError(f"{uris.shown(uri)}: not found") from None
-        except OSError as exc:
-            raise errors.StorageError(f"{uris.shown(uri)}: cannot stat ({exc.strerror})") from exc
+        real, st = self._stat_listed(uri)
         if not stat.S_ISDIR(st.st_mode):
             _check_regular(st, uri)
             yield base.RemoteObject(uri=uri, rel_path=path_of(uri).name, size=st.st_size, etag=_etag(st))
@@ -141,6 +139,45 @@ class FolderStore:
                 size=entry_st.st_size,
                 etag=_etag(entry_st),
             )
+
+    def list_level(self, uri: str, rel_prefix: str = "") -> Iterator[base.RemoteObject | base.SubFolder]:
+        """One ``scandir`` of folder ``uri``, sorted by name, with the entry rules of ``list_files``. Only at the
+        top of a walk (``rel_prefix`` empty) may ``uri`` name a file; a sub-folder that is no longer a folder is
+        not found."""
+        real, st = self._stat_listed(uri)
+        if not stat.S_ISDIR(st.st_mode):
+            if rel_prefix:
+                raise errors.ObjectNotFoundError(f"{uris.shown(uri)}: no longer a folder")
+            _check_regular(st, uri)
+            yield base.RemoteObject(uri=uri, rel_path=path_of(uri).name, size=st.st_size, etag=_etag(st))
+            return
+        folder_uri = uri.rstrip("/") + "/"
+        for name, entry_st in _level(Path(real), rel_prefix, self._confinement):
+            if entry_st is None:
+                yield base.SubFolder(
+                    uri=folder_uri + urllib.parse.quote(name) + "/", rel_prefix=f"{rel_prefix}{name}/"
+                )
+            else:
+                yield base.RemoteObject(
+                    uri=folder_uri + urllib.parse.quote(name),
+                    rel_path=rel_prefix + name,
+                    size=entry_st.st_size,
+                    etag=_etag(entry_st),
+                )
+
+    def _stat_listed(self, uri: str) -> tuple[str, os.stat_result]:
+        """The real path of a URI to list (confined) and its ``stat``; ``ObjectNotFoundError`` if nothing is
+        there."""
+        real = self._confinement.resolve(path_of(uri), shown=uri)
+        try:
+            return real, os.stat(real)
+        except FileNotFoundError:
+            raise errors.ObjectNotFoundError(f"{uris.shown(uri)}: not found") from None
+        # ENOTDIR (a file where a folder of the path should be) stays a storage failure, not "not found": on
+        # local disk it means the lake's own folders changed under the store (an outage, a remount), which a
+        # later attempt may not see. (In a blob lake a name below a blob's name is simply not found.)
+        except OSError as exc:
+            raise errors.StorageError(f"{uris.shown(uri)}: cannot stat ({exc.strerror})") from exc
 
     def read_into(
         self, obj: base.RemoteObject, sink: BinaryIO, *, offset: int = 0, length: int | None = None
@@ -231,27 +268,37 @@ def _read_error(obj: base.RemoteObject, exc: OSError) -> errors.StorageError:
 
 
 def _walk(root: Path, rel: str, confinement: Confinement) -> Iterator[tuple[str, os.stat_result]]:
-    """Files under ``root`` in sorted order, with '/'-separated paths; symlinks to directories not followed, a
-    symlink leading out of the confinement refused."""
+    """Files under ``root`` in sorted order, with '/'-separated paths (the rules of :func:`_level`)."""
+    for name, st in _level(root, rel, confinement):
+        if st is None:
+            yield from _walk(root / name, f"{rel}{name}/", confinement)
+        else:
+            yield f"{rel}{name}", st
+
+
+def _level(root: Path, rel: str, confinement: Confinement) -> Iterator[tuple[str, os.stat_result | None]]:
+    """The entries directly in ``root`` in sorted order: ``(name, stat)`` for a file, ``(name, None)`` for a
+    folder. Symlinks to directories are not followed; a symlink leading out of the confinement is refused (named
+    by its path ``rel`` + name); the temporary folder, temporary leftovers, devices, FIFOs and sockets are
+    skipped."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise errors.StorageError(f"{root}: cannot list ({exc.strerror})") from exc
     for entry in entries:
-        child = f"{rel}{entry.name}"
         try:
             if entry.is_dir(follow_symlinks=False):
                 if entry.name != TEMP_DIR_NAME:
-                    yield from _walk(Path(entry.path), child + "/", confinement)
+                    yield entry.name, None
                 continue
             if _TEMP_NAME.fullmatch(entry.name):  # an interrupted write's leftover, never an object
                 continue
             if entry.is_symlink():
                 reason = confinement.refusal(os.path.realpath(entry.path))
                 if reason is not None:
-                    raise errors.UnsafePathError(f"{child!r}: a symlink that {reason}")
+                    raise errors.UnsafePathError(f"{rel + entry.name!r}: a symlink that {reason}")
             if entry.is_file():
-                yield child, entry.stat()
+                yield entry.name, entry.stat()
         except OSError as exc:
             raise errors.StorageError(f"{entry.path}: cannot stat ({exc.strerror})") from exc
 

@@ -12,6 +12,10 @@ counts the release in its own column, ``released``, giving back the delivery it 
 ``max_delivery_count`` is spent only on deliveries that were the job's own (or crashes). A message waiting out
 its delay is reported as ``scheduled`` by the depth, as Service Bus reports a scheduled message.
 
+Every settlement (complete, dead-letter) leaves a row in ``settled`` (enqueued, first and last delivery, settled
+at), written in the transaction that settles and pruned to the last :data:`HISTORY_KEEP_S`: ``status`` reads the
+last hour's throughput and waits from it (``base.QueueHistory``).
+
 URL: ``sqlite:///relative/path.db?queue=name`` or ``sqlite:////absolute/path.db?queue=name``.
 """
 
@@ -48,14 +52,34 @@ CREATE TABLE IF NOT EXISTS messages (
     dl_description TEXT,
     released INTEGER NOT NULL DEFAULT 0,
     visible_at REAL,
+    first_locked_at REAL,
+    locked_at REAL,
     UNIQUE (queue, message_id)
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, dead, seq);
+CREATE TABLE IF NOT EXISTS settled (
+    queue TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    first_locked_at REAL,
+    locked_at REAL,
+    settled_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS settled_by_time ON settled (queue, settled_at);
 """
-_ADDED_COLUMNS = {"released": "INTEGER NOT NULL DEFAULT 0", "visible_at": "REAL"}
+_ADDED_COLUMNS = {
+    "released": "INTEGER NOT NULL DEFAULT 0",
+    "visible_at": "REAL",
+    "first_locked_at": "REAL",
+    "locked_at": "REAL",
+}
 """Columns newer than the first schema, added to a queue file made before them."""
 _POLL_S = 0.05
 _MAX_POLL_S = 0.5
+HISTORY_KEEP_S = 24 * 3600.0
+"""How long the record of settled jobs is kept (``status`` reads the last hour of it)."""
+COMPLETED, DEAD_LETTERED = "completed", "dead_lettered"
+_RECORD_SETTLED = "INSERT INTO settled SELECT queue, ?, enqueued_at, first_locked_at, locked_at, ? FROM messages"
 
 
 def parse_url(url: str) -> tuple[Path, str]:
@@ -72,7 +96,8 @@ def parse_url(url: str) -> tuple[Path, str]:
 
 
 class SqliteJobQueue:
-    """A named queue inside a SQLite file. Implements ``base.JobQueue`` and ``base.QueueDepth``."""
+    """A named queue inside a SQLite file. Implements ``base.JobQueue``, ``base.QueueDepth`` and
+    ``base.QueueHistory``."""
 
     def __init__(self, path: Path, *, queue: str, lock_duration_s: float, max_delivery_count: int) -> None:
         self._db = _sqlite.Database(path, _SCHEMA)
@@ -130,13 +155,14 @@ class SqliteJobQueue:
                     return None
                 seq, message_id, body, enqueued_at, count, released = row
                 if count >= self._max_delivery_count:
-                    _dead_letter_row(conn, seq, "MaxDeliveryCountExceeded", _exceeded(count))
+                    _dead_letter_row(conn, seq, "MaxDeliveryCountExceeded", _exceeded(count), now=now)
                     log.warning("message_dead_lettered", message_id=message_id, reason="MaxDeliveryCountExceeded")
                     continue
                 token, until = str(uuid.uuid4()), now + self._lock_duration_s
                 conn.execute(
-                    "UPDATE messages SET delivery_count = ?, lock_token = ?, locked_until = ? WHERE seq = ?",
-                    (count + 1, token, until, seq),
+                    "UPDATE messages SET delivery_count = ?, lock_token = ?, locked_until = ?, locked_at = ?, "
+                    "first_locked_at = COALESCE(first_locked_at, ?) WHERE seq = ?",
+                    (count + 1, token, until, now, now, seq),
                 )
                 return base.ReceivedMessage(
                     message_id=message_id,
@@ -162,7 +188,7 @@ class SqliteJobQueue:
         )
 
     def complete(self, message: base.ReceivedMessage) -> None:
-        self._update_locked(message, "DELETE FROM messages", ())
+        self._update_locked(message, "DELETE FROM messages", (), settled=COMPLETED)
 
     def abandon(self, message: base.ReceivedMessage) -> None:
         self._update_locked(message, "UPDATE messages SET lock_token = NULL, locked_until = NULL", ())
@@ -182,29 +208,45 @@ class SqliteJobQueue:
             "UPDATE messages SET dead = 1, lock_token = NULL, locked_until = NULL, dl_reason = ?, "
             "dl_description = ?",
             (reason, description),
+            settled=DEAD_LETTERED,
         )
 
-    def _update_locked(self, message: base.ReceivedMessage, statement: str, args: tuple[object, ...]) -> None:
+    def _update_locked(
+        self, message: base.ReceivedMessage, statement: str, args: tuple[object, ...], *, settled: str = ""
+    ) -> None:
+        """Run ``statement`` on the message while this receiver holds its lock (``LockLostError`` otherwise);
+        with ``settled``, record the settlement in the same transaction."""
+        now = time.time()
+        held = (message.sequence_number, message.lock_token, now)
         with self._db.write() as conn:
+            if settled:
+                conn.execute(
+                    f"{_RECORD_SETTLED} WHERE seq = ? AND lock_token = ? AND locked_until >= ?",
+                    (settled, now, *held),
+                )
             cursor = conn.execute(
-                f"{statement} WHERE seq = ? AND lock_token = ? AND locked_until >= ?",
-                (*args, message.sequence_number, message.lock_token, time.time()),
+                f"{statement} WHERE seq = ? AND lock_token = ? AND locked_until >= ?", (*args, *held)
             )
             if cursor.rowcount != 1:
                 raise errors.LockLostError(
                     f"lock on message {message.message_id} expired or is held by another receiver"
                 )
+            if settled:
+                _prune_settled(conn, self._queue, now=now)
 
     def peek_dead_letters(self, *, max_count: int) -> list[base.DeadLetter]:
+        return base.page_dead_letters(self._peek_dead_letter_page, max_count=max_count)
+
+    def _peek_dead_letter_page(self, from_sequence_number: int, count: int) -> list[base.DeadLetter]:
         with self._db.read() as conn:
             rows = conn.execute(
-                "SELECT message_id, dl_reason, dl_description, delivery_count, body FROM messages "
-                "WHERE queue = ? AND dead = 1 ORDER BY seq LIMIT ?",
-                (self._queue, max_count),
+                "SELECT message_id, dl_reason, dl_description, delivery_count, body, seq FROM messages "
+                "WHERE queue = ? AND dead = 1 AND seq >= ? ORDER BY seq LIMIT ?",
+                (self._queue, from_sequence_number, count),
             ).fetchall()
         return [
-            base.DeadLetter(mid, reason or "", desc or "", count, bytes(body))
-            for mid, reason, desc, count, body in rows
+            base.DeadLetter(mid, reason or "", desc or "", count, bytes(body), sequence_number=seq)
+            for mid, reason, desc, count, body, seq in rows
         ]
 
     def requeue_dead_letters(self, *, max_count: int, concurrency: int = 1) -> list[base.Requeued]:
@@ -252,8 +294,77 @@ class SqliteJobQueue:
             source="sqlite",
         )
 
+    def recent(self, *, since: float) -> base.History:
+        """Settlements since ``since``; waits of the jobs first delivered since then (settled or not), runs of
+        the deliveries that completed since then; the oldest job waiting now."""
+        now = time.time()
+        args = {"queue": self._queue, "since": since, "now": now}
+        with self._db.read() as conn:
+            settled = conn.execute(
+                "SELECT outcome, enqueued_at, first_locked_at, locked_at, settled_at FROM settled "
+                "WHERE queue = :queue AND settled_at >= :since",
+                args,
+            ).fetchall()
+            live = conn.execute(
+                "SELECT enqueued_at, first_locked_at FROM messages WHERE queue = :queue AND dead = 0 "
+                "AND (enqueued_at >= :since OR first_locked_at >= :since)",
+                args,
+            ).fetchall()
+            (oldest,) = conn.execute(
+                "SELECT MIN(enqueued_at) FROM messages WHERE queue = :queue AND dead = 0 "
+                "AND (locked_until IS NULL OR locked_until < :now) AND (visible_at IS NULL OR visible_at <= :now)",
+                args,
+            ).fetchone()
+        return _history(settled, live, oldest, since=since, now=now)
+
     def close(self) -> None:
         self._db.close()
+
+
+def _history(
+    settled: list[tuple[str, float, float | None, float | None, float]],
+    live: list[tuple[float, float | None]],
+    oldest: float | None,
+    *,
+    since: float,
+    now: float,
+) -> base.History:
+    """The figures ``recent`` reports, from the rows it read (pure)."""
+    waits = sorted(
+        first - enqueued
+        for enqueued, first in [(row[1], row[2]) for row in settled] + live
+        if first is not None and first >= since
+    )
+    runs = sorted(
+        at - locked for outcome, _, _, locked, at in settled if outcome == COMPLETED and locked is not None
+    )
+    return base.History(
+        since=since,
+        until=now,
+        source="sqlite",
+        completed=sum(1 for row in settled if row[0] == COMPLETED),
+        dead_lettered=sum(1 for row in settled if row[0] == DEAD_LETTERED),
+        enqueued=sum(1 for row in settled if row[1] >= since) + sum(1 for row in live if row[0] >= since),
+        wait_p50_s=percentile(waits, 50),
+        wait_p95_s=percentile(waits, 95),
+        wait_max_s=waits[-1] if waits else None,
+        run_p50_s=percentile(runs, 50),
+        run_p95_s=percentile(runs, 95),
+        oldest_waiting_s=None if oldest is None else max(now - oldest, 0.0),
+    )
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float | None:
+    """The nearest-rank percentile of sorted values (``None`` for none): a value that occurred, never an
+    interpolation between two."""
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+def _prune_settled(conn: sqlite3.Connection, queue: str, *, now: float) -> None:
+    conn.execute("DELETE FROM settled WHERE queue = ? AND settled_at < ?", (queue, now - HISTORY_KEEP_S))
 
 
 def _add_missing_columns(db: _sqlite.Database) -> None:
@@ -279,7 +390,11 @@ def _first_present(conn: sqlite3.Connection, queue: str, ids: list[str]) -> str 
     return None
 
 
-def _dead_letter_row(conn: sqlite3.Connection, seq: int, reason: str, description: str) -> None:
+def _dead_letter_row(conn: sqlite3.Connection, seq: int, reason: str, description: str, *, now: float) -> None:
+    conn.execute(
+        f"{_RECORD_SETTLED} WHERE seq = ?",
+        (DEAD_LETTERED, now, seq),
+    )
     conn.execute(
         "UPDATE messages SET dead = 1, lock_token = NULL, locked_until = NULL, dl_reason = ?, dl_description = ? "
         "WHERE seq = ?",
