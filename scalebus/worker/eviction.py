@@ -15,6 +15,7 @@ is the thin loop that polls the ``NoticeSource``, logs each notice once and hand
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
@@ -112,7 +113,9 @@ class EvictionWatch:
         """Polls that failed (the source unreachable or refusing); each is logged and the next poll retries."""
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="eviction-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._run,), name="eviction-watch", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

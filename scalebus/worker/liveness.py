@@ -16,6 +16,7 @@ nothing published. The worker then ends without self-destroy: the platform is de
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
@@ -47,7 +48,9 @@ class HeartbeatReporter:
 
     def start(self) -> None:
         self._read_hint()
-        self._thread = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._beat_forever,), name="heartbeat", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -29,6 +29,7 @@ with the signal's number and name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import os
@@ -323,7 +324,9 @@ class _StderrPump:
         self._pipe = pipe
         self._path = path
         self._tail = bytearray()
-        self._thread = threading.Thread(target=self._pump, name="analytics-stderr", daemon=True)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._pump,), name="analytics-stderr", daemon=True
+        )
         self._thread.start()
 
     def finish(self) -> str:

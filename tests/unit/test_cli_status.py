@@ -213,6 +213,16 @@ def test_dead_letter_text_is_redacted_in_both_views(
     assert "SECRET0" not in printed and printed.count("sig=***") == 2
 
 
+CTRL_C_WORKS = [
+    sys.executable,
+    "-c",
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'scalebus'; runpy.run_module('scalebus', run_name='__main__', alter_sys=True)",
+]
+"""``python -m scalebus`` with Ctrl-C handled whatever this process inherited: a shell's background job (a CI
+runner's) has SIGINT ignored, every child inherits that, and Python then installs no Ctrl-C handler."""
+
+
 def test_watch_redraws_until_ctrl_c(tmp_path: Path) -> None:
     q = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5)
     q.close()
@@ -222,7 +232,7 @@ def test_watch_redraws_until_ctrl_c(tmp_path: Path) -> None:
         "SCALEBUS_SCALE_SET__STATE_PATH": f"{tmp_path}/pool.db",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scalebus", "status", "--watch", "--interval", "0.2", "-o", "json"],
+        [*CTRL_C_WORKS, "status", "--watch", "--interval", "0.2", "-o", "json"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -381,7 +391,7 @@ def _single(tmp_path: Path) -> Path:
 def test_watch_redraws_every_pool(tmp_path: Path) -> None:
     argv = ["status", "-c", str(_two_pools(tmp_path)), "--watch", "--interval", "0.2", "-o", "json"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scalebus", *argv],
+        [*CTRL_C_WORKS, *argv],
         cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if not k.startswith("SCALEBUS_")},
         stdout=subprocess.PIPE,

@@ -89,3 +89,32 @@ def test_the_controllers_hint_keeps_the_list_a_rollout_stored(tmp_path: Path) ->
     beats.publish_hint(base.FleetHint(idle_grace_s=9.0, at=3.0, retire_instance_ids=()))
     cleared = beats.read_hint()
     assert cleared is not None and cleared.retire_instance_ids == ()
+
+
+def test_the_heartbeat_threads_log_lines_carry_the_ids_bound_where_it_started() -> None:
+    import structlog
+    import structlog.contextvars
+    import structlog.testing
+
+    from scalebus import errors
+    from scalebus.worker import liveness
+
+    class Failing:
+        def beat(self, heartbeat: object) -> None:
+            raise errors.TransientBackendError("down")
+
+        def read_hint(self) -> None:
+            return None
+
+    reporter = liveness.HeartbeatReporter(Failing(), instance_id="vm-1", interval_s=0.01)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+        with structlog.contextvars.bound_contextvars(pool="long", instance_id="vm-1"):
+            reporter.start()
+        try:
+            deadline = time.monotonic() + 5
+            while not any(e["event"] == "heartbeat_failed" for e in events) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            reporter.stop()
+    failed = [e for e in events if e["event"] == "heartbeat_failed"]
+    assert failed and all(e.get("pool") == "long" and e.get("instance_id") == "vm-1" for e in failed)
