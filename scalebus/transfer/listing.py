@@ -86,6 +86,7 @@ class SourceListing:
         self._stopped = threading.Event()
         self._failure: BaseException | None = None
         self._finished = False
+        self._all_listed = False
         self.listed_files = 0
         """Files listed so far (queued or handed on)."""
 
@@ -102,6 +103,12 @@ class SourceListing:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("staging.list.still_running", thread=thread.name, waited_s=STOP_WAIT_S)
+
+    @property
+    def all_listed(self) -> bool:
+        """Whether every listing thread is done (all pages are queued, ``listed_files`` is the total), which can
+        be long before the pages are all handed on."""
+        return self._all_listed
 
     @property
     def finished(self) -> bool:
@@ -159,6 +166,7 @@ class SourceListing:
             self._exited += 1
             last = self._exited == self._threads
         if last:
+            self._all_listed = True
             self._put(_END, final=True)
 
     def _take(self) -> _Folder | None:

@@ -249,12 +249,12 @@ class _Feed:
 
     def files_left(self) -> int:
         """Files still to hand out, as far as can be told: those planned and waiting, plus those listed and not
-        planned yet in the proportion fetched so far (a resume fetches few); while the listing continues and
+        planned yet in the proportion fetched so far (a resume fetches few); while listing threads still run and
         files are being fetched, at least :data:`scalebus.transfer.plan.AUTO_MIN_FILES` (more are coming)."""
         planner = self._planner
         unplanned = max(0, self._listed.listed_files - planner.listed_files)
         left = self._ready_files + unplanned * planner.fetch_files // max(1, planner.listed_files)
-        if self._listed.finished or not planner.fetch_files:
+        if self._listed.all_listed or not planner.fetch_files:
             return left
         return max(left, plan.AUTO_MIN_FILES)
 

@@ -181,3 +181,17 @@ def test_leaving_early_stops_the_listing_threads() -> None:
     while any(t.name.startswith("stage-list") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("stage-list")]
+
+
+def test_all_listed_is_known_before_the_pages_are_taken() -> None:
+    """A small listing is complete long before a busy download takes its last page: whoever decides whether
+    more files are coming (a helper process for the rest?) must see that, not wait for the last page."""
+    files = tree(folders=2, per_folder=3)
+    with listing.SourceListing([TreeStore(files)], [ROOT], concurrency=2) as listed:
+        deadline = time.monotonic() + 5
+        while not listed.all_listed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listed.all_listed and listed.listed_files == len(files)
+        assert not listed.finished, "no page has been taken yet"
+        read_all(listed)
+    assert listed.finished
