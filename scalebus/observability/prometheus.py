@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import core as prometheus_core
@@ -300,40 +300,27 @@ class WorkerExporter(_Exporter):
             ["pool", "outcome", "reason"],
             registry=r,
         )
-        self.wait = prometheus_client.Histogram(
+
+        def timing(name: str, doc: str, buckets: Sequence[float]) -> Any:
+            return prometheus_client.Histogram(name, doc, ["pool"], buckets=buckets, registry=r).labels(pool)
+
+        def count(name: str, doc: str) -> Any:
+            return prometheus_client.Counter(name, doc, ["pool"], registry=r).labels(pool)
+
+        self.wait = timing(
             "scalebus_worker_job_wait_seconds",
             "From enqueue to first receipt (first deliveries only).",
-            ["pool"],
-            buckets=JOB_BUCKETS,
-            registry=r,
-        ).labels(pool)
-        self.duration = prometheus_client.Histogram(
-            "scalebus_worker_job_duration_seconds",
-            "From receipt to settlement.",
-            ["pool"],
-            buckets=JOB_BUCKETS,
-            registry=r,
-        ).labels(pool)
-        self.analytics = prometheus_client.Histogram(
-            "scalebus_worker_analytics_duration_seconds",
-            "How long the analytics ran.",
-            ["pool"],
-            buckets=JOB_BUCKETS,
-            registry=r,
-        ).labels(pool)
-        self.staging = prometheus_client.Histogram(
-            "scalebus_worker_staging_duration_seconds",
-            "How long staging a job's inputs took.",
-            ["pool"],
-            buckets=QUICK_BUCKETS,
-            registry=r,
-        ).labels(pool)
-        self.staged_bytes = prometheus_client.Counter(
-            "scalebus_worker_staged_bytes_total", "Input bytes staged.", ["pool"], registry=r
-        ).labels(pool)
-        self.staged_files = prometheus_client.Counter(
-            "scalebus_worker_staged_files_total", "Input files staged.", ["pool"], registry=r
-        ).labels(pool)
+            JOB_BUCKETS,
+        )
+        self.duration = timing("scalebus_worker_job_duration_seconds", "From receipt to settlement.", JOB_BUCKETS)
+        self.analytics = timing(
+            "scalebus_worker_analytics_duration_seconds", "How long the analytics ran.", JOB_BUCKETS
+        )
+        self.staging = timing(
+            "scalebus_worker_staging_duration_seconds", "How long staging a job's inputs took.", QUICK_BUCKETS
+        )
+        self.staged_bytes = count("scalebus_worker_staged_bytes_total", "Input bytes staged.")
+        self.staged_files = count("scalebus_worker_staged_files_total", "Input files staged.")
         self._notices = prometheus_client.Counter(
             "scalebus_worker_eviction_notices_total",
             "Eviction or deletion notices seen, by kind.",

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rich.console
@@ -223,6 +224,23 @@ CTRL_C_WORKS = [
 runner's) has SIGINT ignored, every child inherits that, and Python then installs no Ctrl-C handler."""
 
 
+def _watch(argv: list[str], *, cwd: Path, env: dict[str, str], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` JSON readings of ``scalebus <argv>`` (a ``--watch``), then Ctrl-C: it must exit 0."""
+    proc = subprocess.Popen(
+        [*CTRL_C_WORKS, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        readings = [json.loads(proc.stdout.readline()) for _ in range(count)]
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    return readings
+
+
 def test_watch_redraws_until_ctrl_c(tmp_path: Path) -> None:
     q = sqlite_queue.SqliteJobQueue(tmp_path / "q.db", queue="jobs", lock_duration_s=30, max_delivery_count=5)
     q.close()
@@ -231,23 +249,7 @@ def test_watch_redraws_until_ctrl_c(tmp_path: Path) -> None:
         "SCALEBUS_QUEUE__URL": f"sqlite:///{tmp_path}/q.db?queue=jobs",
         "SCALEBUS_SCALE_SET__STATE_PATH": f"{tmp_path}/pool.db",
     }
-    proc = subprocess.Popen(
-        [*CTRL_C_WORKS, "status", "--watch", "--interval", "0.2", "-o", "json"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        readings = [json.loads(proc.stdout.readline()) for _ in range(3)]
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    readings = _watch(["status", "--watch", "--interval", "0.2", "-o", "json"], cwd=tmp_path, env=env, count=3)
     times = [r["read_at"] for r in readings]
     assert all([p["queue"] for p in r["pools"]] == ["jobs"] for r in readings) and times == sorted(times)
     assert time.time() - datetime.datetime.fromisoformat(times[-1]).timestamp() < 30
@@ -390,21 +392,6 @@ def _single(tmp_path: Path) -> Path:
 
 def test_watch_redraws_every_pool(tmp_path: Path) -> None:
     argv = ["status", "-c", str(_two_pools(tmp_path)), "--watch", "--interval", "0.2", "-o", "json"]
-    proc = subprocess.Popen(
-        [*CTRL_C_WORKS, *argv],
-        cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SCALEBUS_")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        readings = [json.loads(proc.stdout.readline()) for _ in range(2)]
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEBUS_")}
+    readings = _watch(argv, cwd=tmp_path, env=env, count=2)
     assert all([p["pool"] for p in r["pools"]] == ["short", "long"] for r in readings)

@@ -12,6 +12,7 @@ import pytest
 from scalebus import errors
 from scalebus.backends import base
 from scalebus.backends.azure import _blobget, datalake
+from tests.contract.test_store_levels_contract import walk
 from tests.fakes.azurite_plugin import ACCOUNT, ACCOUNT_KEY, AzuriteServer
 
 pytest_azurite = pytest.mark.azurite
@@ -117,18 +118,6 @@ def upload(azurite: AzuriteServer, blobs: dict[str, bytes | None]) -> tuple[str,
             metadata = MARKER if data is None else None
             client.get_blob_client(container, name).upload_blob(data or b"", metadata=metadata)
     return container, f"abfss://{container}@{ACCOUNT}.dfs.core.windows.net/"
-
-
-def walk(store: datalake.AdlsStore, uri: str) -> list[base.RemoteObject]:
-    pending, files = [(uri, "")], []
-    while pending:
-        folder, rel_prefix = pending.pop()
-        for entry in store.list_level(folder, rel_prefix):
-            if isinstance(entry, base.SubFolder):
-                pending.append((entry.uri, entry.rel_prefix))
-            else:
-                files.append(entry)
-    return files
 
 
 def compared(objects: list[base.RemoteObject]) -> list[tuple[str, str, int, str, bytes | None]]:
